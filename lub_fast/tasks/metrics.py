@@ -1,0 +1,380 @@
+"""Task metrics: accuracy, macro-F1, Pearson/Spearman, entity-level F1 and the CMRC 2018 scorer.
+
+- `entity_f1` is seqeval's default (CoNLL-eval) mode (https://github.com/chakki-works/seqeval):
+  entities are decoded by `lub_fast.tasks.ner.tags_to_spans`, an entity counts when its type,
+  start and end all match, precision/recall/F1 are micro-averaged over all entities.
+- `cmrc2018_score` is the official CMRC 2018 scorer (ymcui/cmrc2018,
+  `squad-style-data/cmrc2018_evaluate.py`, v5, Python 2) rewritten for Python 3 with the same
+  numbers: lower-case and strip; each character in U+4E00..U+9FA5 and each listed punctuation
+  mark is one token, other runs go through NLTK's `word_tokenize`; F1 from the longest common
+  contiguous token run with punctuation removed, EM on the punctuation-free strings, each the
+  best over the gold answers, x100, averaged over all questions (an unanswered question scores 0).
+  `word_tokenize` is ported from NLTK 3.4.5 (the last release for Python 2): Punkt sentence
+  splitting, then the Treebank regexes with NLTK's improvements. Punkt uses NLTK's trained English
+  model when `nltk` and its punkt data are installed, as the official run does; otherwise an
+  untrained Punkt (no abbreviation list), which differs from the trained one only when an English
+  run holds an abbreviation followed by a space ("dr. who": 3 tokens instead of 2).
+"""
+
+import functools
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# Classification and regression
+
+
+def accuracy(predictions, golds):
+    """Fraction of equal items. Both sequences have the same length (> 0)."""
+    if len(predictions) != len(golds) or not golds:
+        raise ValueError(f"need equal non-empty lengths, got {len(predictions)} and {len(golds)}")
+    return sum(p == g for p, g in zip(predictions, golds)) / len(golds)
+
+
+def macro_f1(predictions, golds):
+    """Unweighted mean of per-class F1 over the classes seen in golds or predictions.
+
+    Same as scikit-learn's `f1_score(golds, predictions, average="macro")` (a class with no
+    true positives scores 0).
+    """
+    if len(predictions) != len(golds) or not golds:
+        raise ValueError(f"need equal non-empty lengths, got {len(predictions)} and {len(golds)}")
+    scores = []
+    for c in set(golds) | set(predictions):
+        tp = sum(p == c and g == c for p, g in zip(predictions, golds))
+        n_pred = sum(p == c for p in predictions)
+        n_gold = sum(g == c for g in golds)
+        scores.append(2 * tp / (n_pred + n_gold) if tp else 0.0)
+    return sum(scores) / len(scores)
+
+
+def pearson(x, y):
+    """Pearson correlation of two equal-length float sequences (nan when either is constant)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or len(x) < 2:
+        raise ValueError(f"need two 1-D sequences of the same length >= 2, got {x.shape} and {y.shape}")
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = math.sqrt(float(dx @ dx) * float(dy @ dy))
+    return float(dx @ dy) / denom if denom else float("nan")
+
+
+def average_ranks(x):
+    """1-based ranks, ties sharing their average rank (scipy's `rankdata(method="average")`)."""
+    x = np.asarray(x, dtype=np.float64)
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # group boundaries of equal values; each group gets the mean of its 1-based positions
+    starts = np.flatnonzero(np.r_[True, sorted_x[1:] != sorted_x[:-1]])
+    ends = np.r_[starts[1:], len(x)]
+    group_rank = (starts + ends + 1) / 2.0
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.repeat(group_rank, ends - starts)
+    return ranks
+
+
+def spearman(x, y):
+    """Spearman rank correlation: Pearson on average ranks (ties handled as scipy does)."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+# ---------------------------------------------------------------------------------------------
+# NER
+
+
+def entity_f1(gold_tags, pred_tags):
+    """Entity-level micro precision/recall/F1 with exact span match, as seqeval's default mode.
+
+    `gold_tags`, `pred_tags`: lists of tag sequences (one per sentence, equal lengths) in BIO,
+    BIOES or BMES. Returns `{"precision", "recall", "f1"}` as fractions (0 when undefined) and
+    the counts `gold`, `pred`, `correct`.
+    """
+    from lub_fast.tasks.ner import tags_to_spans
+
+    if len(gold_tags) != len(pred_tags):
+        raise ValueError(f"{len(gold_tags)} gold sentences but {len(pred_tags)} predicted")
+    gold, pred = set(), set()
+    for k, (g, p) in enumerate(zip(gold_tags, pred_tags)):
+        if len(g) != len(p):
+            raise ValueError(f"sentence {k}: {len(g)} gold tags but {len(p)} predicted")
+        gold.update((k,) + span for span in tags_to_spans(g))
+        pred.update((k,) + span for span in tags_to_spans(p))
+    correct = len(gold & pred)
+    precision = correct / len(pred) if pred else 0.0
+    recall = correct / len(gold) if gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "gold": len(gold), "pred": len(pred), "correct": correct}
+
+
+# ---------------------------------------------------------------------------------------------
+# NLTK 3.4.5 word_tokenize, ported. Regexes that NLTK compiles without re.U ran ASCII-only under
+# Python 2 (\d, \w, \s, \b), hence re.ASCII; those compiled with re.U keep Unicode classes.
+
+_A = re.ASCII
+_U = re.UNICODE
+_STARTING_QUOTES = [
+    (re.compile("([«“‘„]|[`]+)", _U), r" \1 "),
+    (re.compile(r"^\"", _A), r"``"),
+    (re.compile(r"(``)", _A), r" \1 "),
+    (re.compile(r"([ \(\[{<])(\"|\'{2})", _A), r"\1 `` "),
+    (re.compile(r"(?i)(\')(?!re|ve|ll|m|t|s|d)(\w)\b", _U), r"\1 \2"),
+]
+_PUNCTUATION = [
+    (re.compile(r"([^\.])(\.)([\]\)}>\"\'»”’ ]*)\s*$", _U), r"\1 \2 \3 "),
+    (re.compile(r"([:,])([^\d])", _A), r" \1 \2"),
+    (re.compile(r"([:,])$", _A), r" \1 "),
+    (re.compile(r"\.\.\.", _A), r" ... "),
+    (re.compile(r"[;@#$%&]", _A), r" \g<0> "),
+    (re.compile(r"([^\.])(\.)([\]\)}>\"\']*)\s*$", _A), r"\1 \2\3 "),
+    (re.compile(r"[?!]", _A), r" \g<0> "),
+    (re.compile(r"([^'])' ", _A), r"\1 ' "),
+]
+_PARENS_BRACKETS = (re.compile(r"[\]\[\(\)\{\}\<\>]", _A), r" \g<0> ")
+_DOUBLE_DASHES = (re.compile(r"--", _A), r" -- ")
+_ENDING_QUOTES = [
+    (re.compile("([»”’])", _U), r" \1 "),
+    (re.compile(r'"', _A), " '' "),
+    (re.compile(r"(\S)(\'\')", _A), r"\1 \2 "),
+    (re.compile(r"([^' ])('[sS]|'[mM]|'[dD]|') ", _A), r"\1 \2 "),
+    (re.compile(r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) ", _A), r"\1 \2 "),
+]
+_CONTRACTIONS = [
+    re.compile(p, _A)
+    for p in (
+        r"(?i)\b(can)(?#X)(not)\b",
+        r"(?i)\b(d)(?#X)('ye)\b",
+        r"(?i)\b(gim)(?#X)(me)\b",
+        r"(?i)\b(gon)(?#X)(na)\b",
+        r"(?i)\b(got)(?#X)(ta)\b",
+        r"(?i)\b(lem)(?#X)(me)\b",
+        r"(?i)\b(mor)(?#X)('n)\b",
+        r"(?i)\b(wan)(?#X)(na)\s",
+        r"(?i) ('t)(?#X)(is)\b",
+        r"(?i) ('t)(?#X)(was)\b",
+    )
+]
+
+
+def treebank_tokenize(text):
+    """NLTK 3.4.5's `word_tokenize` on one sentence (`preserve_line=True`)."""
+    for regexp, sub in _STARTING_QUOTES + _PUNCTUATION + [_PARENS_BRACKETS, _DOUBLE_DASHES]:
+        text = regexp.sub(sub, text)
+    text = " " + text + " "
+    for regexp, sub in _ENDING_QUOTES:
+        text = regexp.sub(sub, text)
+    for regexp in _CONTRACTIONS:
+        text = regexp.sub(r" \1 \2 ", text)
+    return text.split()
+
+
+# Punkt (Kiss & Strunk 2006) as NLTK 3.4.5 runs it with empty parameters (no trained model).
+_PUNKT_NON_WORD = r"(?:[?!)\";}\]\*:@\'\({\[])"
+_PUNKT_MULTI = r"(?:\-{2,}|\.{2,}|(?:\.\s){2,}\.)"
+_PUNKT_WORD = re.compile(
+    rf"({_PUNKT_MULTI}|(?=[^\(\"\`{{\[:;&\#\*@\)}}\]\-,])\S+?"
+    rf"(?=\s|$|{_PUNKT_NON_WORD}|{_PUNKT_MULTI}|,(?=$|\s|{_PUNKT_NON_WORD}|{_PUNKT_MULTI}))|\S)",
+    _U,
+)
+_PUNKT_CONTEXT = re.compile(rf"\S*[\.\?!](?=(?P<after_tok>{_PUNKT_NON_WORD}|\s+(?P<next_tok>\S+)))", _U)
+_PUNKT_REALIGN = re.compile(r"[\"\')\]}]+?(?:\s+|(?=--)|$)", re.MULTILINE | _A)
+_PUNKT_NUMBER = re.compile(r"^-?[\.,]?\d[\d,\.-]*\.?$", _A)
+_PUNKT_INITIAL = re.compile(r"[^\W\d]\.$", _U)
+_PUNKT_ELLIPSIS = re.compile(r"\.\.+$", _U)
+
+
+def _punkt_breaks(words):
+    """Sentence-break flags of Punkt's two annotation passes with empty parameters."""
+    breaks = []
+    for tok in words:
+        ends_period = tok.endswith(".")
+        breaks.append(tok in (".", "?", "!") or (ends_period and not _PUNKT_ELLIPSIS.match(tok) and not tok.endswith("..")))
+    for i, tok in enumerate(words[:-1]):
+        if not tok.endswith("."):
+            continue
+        typ = _PUNKT_NUMBER.sub("##number##", tok.lower())
+        typ = typ[:-1] if typ.endswith(".") and len(typ) > 1 else typ
+        if _PUNKT_INITIAL.match(tok) or typ == "##number##":
+            nxt = words[i + 1]
+            # orthographic heuristic with no statistics: punctuation or a lower-case word
+            # cannot start a sentence; anything else is "unknown"
+            if nxt in ";:,.!?" or nxt[0].islower():
+                breaks[i] = False
+            elif _PUNKT_INITIAL.match(tok) and nxt[0].isupper():
+                breaks[i] = False
+    return breaks
+
+
+def _punkt_contains_break(context):
+    words = [w for line in context.split("\n") if line.strip() for w in _PUNKT_WORD.findall(line)]
+    return any(_punkt_breaks(words)[:-1])
+
+
+def punkt_untrained_sentences(text):
+    """NLTK 3.4.5 `PunktSentenceTokenizer().tokenize(text)` with empty (untrained) parameters."""
+    slices, last = [], 0
+    for m in _PUNKT_CONTEXT.finditer(text):
+        if _punkt_contains_break(m.group() + m.group("after_tok")):
+            slices.append((last, m.end()))
+            last = m.start("next_tok") if m.group("next_tok") else m.end()
+    slices.append((last, len(text.rstrip())))
+    sentences, realign = [], 0
+    for k, (start, stop) in enumerate(slices):
+        start += realign
+        if k + 1 == len(slices):
+            if text[start:stop]:
+                sentences.append(text[start:stop])
+            continue
+        nxt = slices[k + 1]
+        m = _PUNKT_REALIGN.match(text[nxt[0] : nxt[1]])
+        if m:
+            sentences.append(text[start : nxt[0] + len(m.group(0).rstrip())])
+            realign = m.end()
+        else:
+            realign = 0
+            if text[start:stop]:
+                sentences.append(text[start:stop])
+    return sentences
+
+
+@functools.lru_cache(maxsize=1)
+def _sentence_splitter():
+    """NLTK's trained English Punkt when nltk and its data are installed, else untrained Punkt."""
+    try:
+        import nltk
+
+        nltk.sent_tokenize("a")
+    except (ImportError, LookupError, OSError):
+        return punkt_untrained_sentences
+    return nltk.sent_tokenize
+
+
+def word_tokenize(text):
+    """NLTK's `word_tokenize(text)` as of 3.4.5 (see the module docstring for Punkt)."""
+    return [tok for sentence in _sentence_splitter()(text) for tok in treebank_tokenize(sentence)]
+
+
+# ---------------------------------------------------------------------------------------------
+# CMRC 2018
+
+# The scorer's list, in its order. '……' is two characters, so it never equals one character:
+# a lone '…' is not punctuation to the scorer, and neither is '‘' (only '’' is listed).
+CMRC_PUNCTUATION = [
+    "-", ":", "_", "*", "^", "/", "\\", "~", "`", "+", "=",
+    "，", "。", "：", "？", "！", "“", "”", "；", "’", "《", "》", "……", "·", "、",
+    "「", "」", "（", "）", "－", "～", "『", "』",
+]  # fmt: skip
+_CJK = re.compile("[\u4e00-\u9fa5]")
+
+
+def _py2_lower_strip(text):
+    # Python 2's unicode.lower() maps U+0130 to 'i'; Python 3 gives 'i' + U+0307.
+    return text.replace("\u0130", "i").lower().strip()
+
+
+def mixed_segmentation(text, rm_punc=False):
+    """The scorer's tokens: CJK characters and listed punctuation alone, other runs by NLTK.
+
+    With `rm_punc` the listed punctuation is dropped without ending the current run.
+    """
+    text = _py2_lower_strip(text)
+    segs, run = [], ""
+    for char in text:
+        if rm_punc and char in CMRC_PUNCTUATION:
+            continue
+        if _CJK.search(char) or char in CMRC_PUNCTUATION:
+            if run:
+                segs.extend(word_tokenize(run))
+                run = ""
+            segs.append(char)
+        else:
+            run += char
+    if run:
+        segs.extend(word_tokenize(run))
+    return segs
+
+
+def remove_punctuation(text):
+    """Lower-cased, stripped `text` without the listed punctuation (the EM comparison form)."""
+    return "".join(c for c in _py2_lower_strip(text) if c not in CMRC_PUNCTUATION)
+
+
+def find_lcs(s1, s2):
+    """Longest common contiguous run of two token lists: `(run, length)`, first maximum in s1."""
+    prev = [0] * (len(s2) + 1)
+    best, end = 0, 0
+    for i in range(len(s1)):
+        cur = [0] * (len(s2) + 1)
+        for j in range(len(s2)):
+            if s1[i] == s2[j]:
+                cur[j + 1] = prev[j] + 1
+                if cur[j + 1] > best:
+                    best, end = cur[j + 1], i + 1
+        prev = cur
+    return s1[end - best : end], best
+
+
+def cmrc2018_f1(answers, prediction):
+    """Best F1 (0..1) of `prediction` over the gold `answers` by the scorer's token LCS."""
+    scores = []
+    prediction_segs = mixed_segmentation(prediction, rm_punc=True)
+    for answer in answers:
+        answer_segs = mixed_segmentation(answer, rm_punc=True)
+        _, lcs_len = find_lcs(answer_segs, prediction_segs)
+        if lcs_len == 0:
+            scores.append(0.0)
+            continue
+        precision = lcs_len / len(prediction_segs)
+        recall = lcs_len / len(answer_segs)
+        scores.append(2 * precision * recall / (precision + recall))
+    return max(scores)
+
+
+def cmrc2018_em(answers, prediction):
+    """1 when `prediction` equals one of `answers` after `remove_punctuation`, else 0."""
+    prediction = remove_punctuation(prediction)
+    return int(any(remove_punctuation(a) == prediction for a in answers))
+
+
+def _gold_questions(gold):
+    if isinstance(gold, (str, os.PathLike)):
+        with open(gold, encoding="utf-8") as f:
+            gold = json.load(f)
+    if isinstance(gold, dict):
+        for article in gold["data"]:
+            for paragraph in article["paragraphs"]:
+                for qa in paragraph["qas"]:
+                    yield qa["id"].strip(), [a["text"] for a in qa["answers"]]
+    else:
+        for example in gold:
+            yield example.id.strip(), list(example.answers)
+
+
+def cmrc2018_score(gold, predictions):
+    """Official CMRC 2018 scores of `predictions` (`{question_id: answer}`) against `gold`.
+
+    `gold`: a SQuAD-v1 json path, its parsed dict, or `cmrc2018.QAExample`s. Returns
+    `{"f1", "em", "average", "total", "skipped"}` with f1/em/average in 0..100 over all `total`
+    questions; `skipped` counts questions without a prediction (each scores 0).
+    """
+    f1 = em = 0.0
+    total = skipped = 0
+    for qid, answers in _gold_questions(gold):
+        total += 1
+        if qid not in predictions:
+            skipped += 1
+            continue
+        if not answers:
+            raise ValueError(f"question {qid!r} has no gold answer")
+        prediction = predictions[qid]
+        # the scorer applies str() to non-string json values (numbers)
+        prediction = prediction if isinstance(prediction, str) else str(prediction)
+        f1 += cmrc2018_f1(answers, prediction)
+        em += cmrc2018_em(answers, prediction)
+    if not total:
+        raise ValueError("no questions in the gold data")
+    f1, em = 100.0 * f1 / total, 100.0 * em / total
+    return {"f1": f1, "em": em, "average": (f1 + em) / 2, "total": total, "skipped": skipped}

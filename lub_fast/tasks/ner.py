@@ -1,0 +1,331 @@
+"""Chinese NER data: readers, tagging schemes, spans, and label alignment to WordPiece tokens.
+
+Readers (chosen from the file's content):
+- CLUENER 2020 json lines (https://github.com/CLUEbenchmark/CLUENER2020): `{"text", "label":
+  {type: {entity: [[start, end], ...]}}}`, `end` inclusive; converted to tags (BIO by default).
+- CoNLL, one character and its tag a line (`char tag` or `char\\ttag`), a blank line between
+  sentences (People's Daily); Weibo NER (Peng & Dredze 2015, hltcoe/golden-horse) writes each
+  character followed by its position in the word (`科0`, `p10`): the digits are dropped.
+- Sentence/tag line pairs (MSRA as split by lemonhu): space-separated characters on one line and
+  their tags on the matching line, either in two files (`sentences.txt`, `tags.txt`; pass either
+  file or their folder) or alternating in one file.
+
+Schemes: BIO, BIOES and BMES (M = I) and BIOS all decode through `tags_to_spans`, which is
+seqeval's default-mode chunker (https://github.com/chakki-works/seqeval), so metrics match it.
+"""
+
+import os
+import re
+from dataclasses import dataclass
+
+from lub_fast.tasks.io import BadLines, TaskData, TaskDataError, first_content_line, read_json_lines, read_lines
+
+SCHEMES = ("bio", "bioes", "bmes")
+_TAG = re.compile(r"^(O|[BIMES]-.+)$")
+
+
+@dataclass(frozen=True)
+class NerExample:
+    """One sentence: `tokens` (one character each, bar rare data glitches), `tags` (None when
+    unlabelled), `line`: 1-based line where the sentence starts."""
+
+    id: object
+    tokens: tuple
+    tags: tuple | None
+    line: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Schemes and spans
+
+
+def tags_to_spans(tags):
+    """Entities of a tag sequence as `(type, start, end)`, `end` inclusive, in order.
+
+    seqeval's default-mode `get_entities` with BMES's `M` read as `I`: an `I` after `O` or after
+    another type starts an entity, a type change ends one, `E`/`S` end one.
+    """
+    spans = []
+    prev_tag, prev_type, begin = "O", "", 0
+    for i, chunk in enumerate(list(tags) + ["O"]):
+        tag = chunk[0]
+        if tag == "M":
+            tag = "I"
+        kind = chunk[1:].split("-", maxsplit=1)[-1] or "_"
+        if _chunk_end(prev_tag, tag, prev_type, kind):
+            spans.append((prev_type, begin, i - 1))
+        if _chunk_start(prev_tag, tag, prev_type, kind):
+            begin = i
+        prev_tag, prev_type = tag, kind
+    return spans
+
+
+def _chunk_end(prev_tag, tag, prev_type, kind):
+    if prev_tag in ("E", "S"):
+        return True
+    if prev_tag in ("B", "I") and tag in ("B", "S", "O"):
+        return True
+    return prev_tag not in ("O", ".") and prev_type != kind
+
+
+def _chunk_start(prev_tag, tag, prev_type, kind):
+    if tag in ("B", "S"):
+        return True
+    if prev_tag in ("E", "S", "O") and tag in ("E", "I"):
+        return True
+    return tag not in ("O", ".") and prev_type != kind
+
+
+def spans_to_tags(length, spans, scheme="bio"):
+    """Tags for `length` tokens from `(type, start, end)` spans (`end` inclusive, no overlaps).
+
+    `scheme`: "bio" (B, I), "bioes" (B, I, E, S) or "bmes" (B, M, E, S).
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    tags = ["O"] * length
+    for kind, start, end in sorted(spans, key=lambda s: s[1]):
+        if not 0 <= start <= end < length:
+            raise ValueError(f"span {(kind, start, end)} outside 0..{length - 1}")
+        if any(t != "O" for t in tags[start : end + 1]):
+            raise ValueError(f"span {(kind, start, end)} overlaps another entity")
+        inside = "M" if scheme == "bmes" else "I"
+        if scheme == "bio":
+            tags[start : end + 1] = [f"B-{kind}"] + [f"I-{kind}"] * (end - start)
+        elif start == end:
+            tags[start] = f"S-{kind}"
+        else:
+            tags[start : end + 1] = [f"B-{kind}"] + [f"{inside}-{kind}"] * (end - start - 1) + [f"E-{kind}"]
+    return tags
+
+
+def convert_tags(tags, scheme):
+    """Re-tag a sequence in another scheme (through its spans)."""
+    return spans_to_tags(len(tags), tags_to_spans(tags), scheme)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers
+
+
+def _check_tags(bad, line, tags):
+    wrong = [t for t in tags if not _TAG.match(t)]
+    if wrong:
+        bad.bad(line, "malformed tag (want O or B-/I-/M-/E-/S-TYPE)", repr(wrong[0]))
+        return False
+    return True
+
+
+def _outermost(spans, bad):
+    """Tags cannot nest: keep the longer of overlapping spans (earlier on ties), count the rest."""
+    kept = []
+    for span in sorted(spans, key=lambda s: (s[1], s[1] - s[2])):
+        if kept and span[1] <= kept[-1][2]:
+            bad.drop("nested entity dropped (tags cannot nest)")
+            continue
+        kept.append(span)
+    return kept
+
+
+def _read_cluener(path, bad, scheme):
+    examples, labelled = [], None
+    for number, obj in read_json_lines(path, bad):
+        if labelled is None:
+            labelled = "label" in obj
+        text = obj.get("text")
+        if not isinstance(text, str) or not text.strip():
+            bad.bad(number, "missing or empty field 'text'")
+            continue
+        ident = obj.get("id", len(examples))
+        if not labelled:
+            examples.append(NerExample(ident, tuple(text), None, number))
+            continue
+        spans = []
+        label = obj.get("label")
+        try:
+            for kind, entities in (label or {}).items():
+                for entity, positions in entities.items():
+                    for start, end in positions:
+                        if text[start : end + 1] != entity:
+                            raise ValueError(f"[{start}, {end}] is {text[start:end + 1]!r}, not {entity!r}")
+                        spans.append((kind, start, end))
+            tags = spans_to_tags(len(text), _outermost(spans, bad), scheme)
+        except (AttributeError, TypeError, ValueError) as exc:
+            bad.bad(number, "bad entity label", str(exc))
+            continue
+        examples.append(NerExample(ident, tuple(text), tuple(tags), number))
+    return examples, bool(labelled)
+
+
+def _split_conll(line):
+    """`(token, tag)` of a CoNLL line; a token that is a space character survives."""
+    m = re.match(r"^(.+)[ \t](\S+)$", line.rstrip())
+    if m is None:
+        return None
+    return m.group(1).strip(" \t") or " ", m.group(2)
+
+
+def _read_conll(path, bad):
+    sentences, tokens, tags, start = [], [], [], None
+    for number, text in list(read_lines(path)) + [(None, "")]:
+        if not text.strip() or text.startswith("-DOCSTART-"):
+            if tokens:
+                sentences.append((start, tokens, tags))
+            tokens, tags, start = [], [], None
+            continue
+        pair = _split_conll(text)
+        if pair is None:
+            bad.bad(number, "expected 'token tag' or 'token\\ttag'", repr(text))
+            continue
+        start = start or number
+        tokens.append(pair[0])
+        tags.append(pair[1])
+    # Weibo NER: every token is a character plus its ASCII position digits ('p10' = 'p', 10)
+    weibo = sentences and all(len(t) >= 2 and t[-1] in "0123456789" for _, toks, _ in sentences for t in toks)
+    examples = []
+    for start, toks, sentence_tags in sentences:
+        if weibo:
+            toks = [t.rstrip("0123456789") or t[0] for t in toks]
+        if _check_tags(bad, start, sentence_tags):
+            examples.append(NerExample(len(examples), tuple(toks), tuple(sentence_tags), start))
+    return examples
+
+
+def _pair_files(path):
+    if os.path.isdir(path):
+        return os.path.join(path, "sentences.txt"), os.path.join(path, "tags.txt")
+    folder, name = os.path.split(path)
+    if name == "sentences.txt" and os.path.exists(os.path.join(folder, "tags.txt")):
+        return path, os.path.join(folder, "tags.txt")
+    return None
+
+
+def _looks_like_tag_line(text):
+    return all(_TAG.match(t) for t in text.split())
+
+
+def _is_alternating(path):
+    lines = [t for _, t in read_lines(path) if t.strip()][:2]
+    return len(lines) == 2 and len(lines[0].split()) > 1 and _looks_like_tag_line(lines[1]) and not _looks_like_tag_line(lines[0])
+
+
+def _read_pairs(sentence_lines, tag_lines, bad):
+    examples = []
+    for (number, sentence), tag_entry in zip(sentence_lines, tag_lines):
+        tokens = sentence.split()
+        if tag_entry is None:
+            examples.append(NerExample(len(examples), tuple(tokens), None, number))
+            continue
+        tag_number, tag_text = tag_entry
+        tags = tag_text.split()
+        if not tokens:
+            bad.bad(number, "empty sentence")
+            continue
+        if len(tags) != len(tokens):
+            bad.bad(tag_number, f"{len(tags)} tags for {len(tokens)} characters")
+            continue
+        if _check_tags(bad, tag_number, tags):
+            examples.append(NerExample(len(examples), tuple(tokens), tuple(tags), number))
+    return examples
+
+
+def load_ner(path, labels=None, scheme=None, skip_bad=False):
+    """Read NER data (format detected, see the module docstring) into `TaskData`.
+
+    `labels`: the tag set (a sequence, or a file with one tag a line); None takes the file's own
+    tags ('O' first, then sorted). `scheme`: re-tag every sentence in "bio", "bioes" or "bmes";
+    None keeps the file's tags (CLUENER json, which has spans, becomes BIO). Examples keep
+    `tokens`; a tag outside `labels` raises `TaskDataError` with its line.
+    """
+    path = os.fspath(path)
+    if scheme is not None and scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    pair_files = _pair_files(path)
+    bad = BadLines(pair_files[1] if pair_files else path, skip_bad)
+    labelled = True
+    if pair_files is not None:
+        sentences = [(n, t) for n, t in read_lines(pair_files[0]) if t.strip()]
+        if os.path.exists(pair_files[1]):
+            tag_lines = [(n, t) for n, t in read_lines(pair_files[1]) if t.strip()]
+            if len(tag_lines) != len(sentences):
+                raise TaskDataError(pair_files[1], 0, f"{len(tag_lines)} tag lines for {len(sentences)} sentences")
+        else:
+            tag_lines, labelled = [None] * len(sentences), False
+        examples = _read_pairs(sentences, tag_lines, bad)
+    elif first_content_line(path).startswith("{"):
+        examples, labelled = _read_cluener(path, bad, scheme or "bio")
+    elif _is_alternating(path):
+        lines = [(n, t) for n, t in read_lines(path) if t.strip()]
+        if len(lines) % 2:
+            raise TaskDataError(path, lines[-1][0], "odd number of lines in a sentence/tag pair file")
+        examples = _read_pairs(lines[0::2], lines[1::2], bad)
+    else:
+        examples = _read_conll(path, bad)
+    if scheme is not None and labelled:
+        examples = [NerExample(e.id, e.tokens, tuple(convert_tags(e.tags, scheme)), e.line) for e in examples]
+    if labels is None:
+        if not labelled:
+            raise TaskDataError(path, 0, "an unlabelled file needs a tag set (labels=...)")
+        seen = {t for e in examples for t in e.tags}
+        names = ("O",) + tuple(sorted(seen - {"O"}))
+    else:
+        if isinstance(labels, (str, os.PathLike)):
+            labels = [t.strip() for _, t in read_lines(labels) if t.strip()]
+        names = tuple(labels)
+        if labelled:
+            known, kept = set(names), []
+            for e in examples:
+                unknown = [t for t in e.tags if t not in known]
+                if unknown:
+                    bad.bad(e.line, "tag outside the label set", f"{unknown[0]!r} not in {list(names)}")
+                    continue
+                kept.append(e)
+            examples = kept
+    return TaskData("ner", path, examples, names, labelled, dict(bad.skipped))
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment to WordPiece tokens
+
+
+def encode_tokens(tokens, tokenizer, max_seq_len=512):
+    """WordPiece ids for a pre-split sentence, and the sentence position of each id.
+
+    `[CLS] pieces [SEP]`; each input token (a character) maps to its tokenizer pieces; a token
+    the tokenizer drops (a space, a control character) becomes one [UNK] so that every token gets
+    a prediction. Returns `(input_ids, positions)`: `positions[k]` is the token index whose first
+    piece is id k, or -1 for specials and continuation pieces. Tokens past `max_seq_len - 2`
+    pieces are cut (`decode_tags` gives them "O").
+    """
+    from lub_fast.tasks.cmrc2018 import backend_tokenizer, special_id
+
+    backend = backend_tokenizer(tokenizer)
+    unk = special_id(tokenizer, "[UNK]")
+    encoding = backend.encode(list(tokens), is_pretokenized=True, add_special_tokens=False)
+    pieces = [[] for _ in tokens]
+    for piece, word in zip(encoding.ids, encoding.word_ids):
+        pieces[word].append(piece)
+    ids, positions = [special_id(tokenizer, "[CLS]")], [-1]
+    for i, token_pieces in enumerate(pieces):
+        token_pieces = token_pieces or [unk]
+        if len(ids) + len(token_pieces) > max_seq_len - 1:
+            break
+        ids.extend(token_pieces)
+        positions.extend([i] + [-1] * (len(token_pieces) - 1))
+    ids.append(special_id(tokenizer, "[SEP]"))
+    positions.append(-1)
+    return ids, positions
+
+
+def label_ids(positions, tags, label_to_id, ignore_index=-100):
+    """Training labels aligned to `encode_tokens` output: a token's tag on its first piece."""
+    return [label_to_id[tags[p]] if p >= 0 else ignore_index for p in positions]
+
+
+def decode_tags(positions, predicted_ids, n_tokens, id_to_label):
+    """Per-token tags from per-piece predicted label ids; cut tokens get "O"."""
+    tags = ["O"] * n_tokens
+    for p, label in zip(positions, predicted_ids):
+        if p >= 0:
+            tags[p] = id_to_label[int(label)]
+    return tags

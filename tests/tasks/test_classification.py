@@ -1,0 +1,183 @@
+"""Classification/regression readers on the real files in ../shared/data (skipped when absent)
+and on small synthetic files for every bad-input rule."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lub_fast.tasks import TASKS, TaskDataError, load_task
+from lub_fast.tasks.classification import wsc_marked_text
+from lub_fast.tasks.io import write_clue_predictions
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
+
+
+# (task, file, labels file, examples, labels, dropped)
+REAL_FILES = [
+    ("afqmc", "afqmc/train.txt", None, 34334, 2, 0),
+    ("afqmc", "afqmc/dev.txt", "afqmc/labels.txt", 4316, 2, 0),
+    ("tnews", "tnews/train.tsv", "tnews/labels.json", 53360, 15, 0),
+    ("tnews", "tnews/dev.json", "tnews/labels.json", 10000, 15, 0),
+    ("tnews", "tnews/dev.tsv", "tnews/labels.txt", 10000, 15, 0),
+    ("ocnli", "ocnli/train.3k.json", None, 2994, 3, 6),
+    ("ocnli", "ocnli/train.10k.json", None, 9985, 3, 15),
+    ("ocnli", "ocnli/dev.json", None, 2950, 3, 50),
+    ("lcqmc", "lcqmc/dev.txt", None, 8802, 2, 0),
+    ("bq", "bq_corpus/dev.tsv", None, 10000, 2, 0),
+    ("chnsenticorp", "chnsenticorp/train.tsv", None, 9600, 2, 0),
+    ("chnsenticorp", "chnsenticorp/dev.tsv", None, 1200, 2, 0),
+    ("stsb", "sts_b_zh/STS-B.train.data", None, 5231, None, 0),
+    ("stsb", "sts_b_zh/STS-B.valid.data", None, 1458, None, 0),
+]
+
+
+@needs_data
+@pytest.mark.parametrize("task,name,labels,n_examples,n_labels,n_dropped", REAL_FILES)
+def test_classification_real_files_counts(task, name, labels, n_examples, n_labels, n_dropped):
+    data = load_task(task, DATA / name, labels=None if labels is None else DATA / labels)
+    assert len(data.examples) == n_examples, f"{name}: {len(data.examples)} examples"
+    assert (None if data.labels is None else len(data.labels)) == n_labels
+    assert sum(data.skipped.values()) == n_dropped, f"{name}: dropped {data.skipped}"
+    assert data.has_labels
+    pair = task not in ("tnews", "chnsenticorp")
+    for e in data.examples:
+        assert e.text_a.strip() and (e.text_b is not None) == pair
+        if n_labels is None:
+            assert 0.0 <= e.label <= 5.0
+        else:
+            assert e.label in data.labels
+
+
+@needs_data
+def test_classification_tnews_descriptions_resolve_to_codes():
+    train = load_task("tnews", DATA / "tnews/train.tsv", labels=DATA / "tnews/labels.json")
+    assert train.examples[0].label == "108"  # news_edu in labels.json
+    by_desc = load_task("tnews", DATA / "tnews/train.tsv")  # no labels file: descriptions
+    dev = load_task("tnews", DATA / "tnews/dev.json", labels=by_desc.labels)
+    assert dev.examples[0].label == "news_entertainment"
+    assert dev.labels == tuple(sorted(dev.labels))
+
+
+@needs_data
+def test_classification_labels_sorted_numerically_and_ocnli_dash_dropped():
+    ocnli = load_task("ocnli", DATA / "ocnli/dev.json")
+    assert ocnli.labels == ("contradiction", "entailment", "neutral")
+    assert ocnli.skipped == {"label '-' (no annotator consensus)": 50}
+
+
+def _write(tmp_path, name, lines):
+    path = tmp_path / name
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def _json(**obj):
+    return json.dumps(obj, ensure_ascii=False)
+
+
+def test_classification_unknown_label_names_file_and_line(tmp_path):
+    dev = _write(tmp_path, "dev.json", [_json(sentence1="你好", sentence2="您好", label="1"), _json(sentence1="a", sentence2="b", label="7")])
+    with pytest.raises(TaskDataError) as info:
+        load_task("afqmc", dev, labels=["0", "1"])
+    assert info.value.line == 2 and str(dev) in str(info.value) and "label outside the label set" in str(info.value)
+    data = load_task("afqmc", dev, labels=["0", "1"], skip_bad=True)
+    assert len(data.examples) == 1 and data.skipped == {"label outside the label set": 1}
+
+
+@pytest.mark.parametrize(
+    "line,rule",
+    [
+        ('{"sentence": "好", "label": "1"', "malformed json"),
+        (_json(text="好", label="1"), "missing field 'sentence'"),
+        (_json(sentence="  ", label="1"), "empty text"),
+        ('["not", "an", "object"]', "json line is not an object"),
+    ],
+)
+def test_classification_bad_json_lines(tmp_path, line, rule):
+    path = _write(tmp_path, "train.json", [_json(sentence="很好", label="1"), line, _json(sentence="不好", label="0")])
+    with pytest.raises(TaskDataError) as info:
+        load_task("tnews", path)
+    assert info.value.line == 2 and info.value.rule == rule
+    data = load_task("tnews", path, skip_bad=True)
+    assert [e.label for e in data.examples] == ["1", "0"] and data.skipped == {rule: 1}
+
+
+def test_classification_bad_tsv_rows(tmp_path):
+    path = _write(tmp_path, "train.txt", ["问一\t问二\t1", "只有一列", "问三\t\t0", "问四\t问五\t0"])
+    with pytest.raises(TaskDataError, match=r"train.txt:2: expected 3 tab-separated fields"):
+        load_task("lcqmc", path)
+    data = load_task("lcqmc", path, skip_bad=True)
+    assert len(data.examples) == 2
+    assert data.skipped == {"expected 3 tab-separated fields, found 1": 1, "empty text": 1}
+
+
+def test_classification_unlabelled_test_files(tmp_path):
+    test_json = _write(tmp_path, "test.json", [_json(id=7, sentence1="甲", sentence2="乙"), _json(id=8, sentence1="丙", sentence2="丁")])
+    data = load_task("afqmc", test_json, labels=["0", "1"])
+    assert not data.has_labels and [e.id for e in data.examples] == [7, 8] and data.examples[0].label is None
+    test_tsv = _write(tmp_path, "test.tsv", ["甲\t乙", "丙\t丁"])
+    data = load_task("lcqmc", test_tsv, labels=["0", "1"])
+    assert not data.has_labels and data.examples[1].text_b == "丁"
+    senti = _write(tmp_path, "senti_test.tsv", ["qid\ttext_a", "0\t很好", "1\t太差"])
+    data = load_task("chnsenticorp", senti, labels=["0", "1"])
+    assert [e.id for e in data.examples] == ["0", "1"] and data.examples[1].text_a == "太差"
+    with pytest.raises(TaskDataError, match="needs a label set"):
+        load_task("afqmc", test_json)
+
+
+def test_classification_stsb_score_range(tmp_path):
+    path = _write(tmp_path, "sts.txt", ["甲\t乙\t4.5", "甲\t乙\t5.5", "甲\t乙\tx"])
+    with pytest.raises(TaskDataError, match=r"sts.txt:2: score outside \[0, 5\]"):
+        load_task("stsb", path)
+    data = load_task("stsb", path, skip_bad=True)
+    assert [e.label for e in data.examples] == [4.5] and data.labels is None
+    assert data.skipped == {"score outside [0, 5]": 1, "score is not a number": 1}
+
+
+def test_classification_generic_fields(tmp_path):
+    jsonl = _write(tmp_path, "own.json", [_json(title="标题", body="正文", tag="体育"), _json(title="二", body="三", tag="财经")])
+    data = load_task("classification", jsonl, text_fields=["title", "body"], label_field="tag")
+    assert data.labels == ("体育", "财经") and data.examples[0].text_b == "正文"
+    headed = _write(tmp_path, "own.tsv", ["id\tcategory\tcontent", "a1\tx\t文本一", "a2\ty\t文本二"])
+    data = load_task("classification", headed, text_fields=["content"], label_field="category")
+    assert [(e.id, e.text_a, e.label) for e in data.examples] == [("a1", "文本一", "x"), ("a2", "文本二", "y")]
+    positional = _write(tmp_path, "own2.tsv", ["y\t文本"])
+    data = load_task("classification", positional, text_fields=[1], label_field=0)
+    assert data.examples[0].text_a == "文本" and data.examples[0].label == "y"
+    with pytest.raises(ValueError, match="generic"):
+        load_task("tnews", jsonl, text_fields=["title"])
+
+
+def test_classification_csl_and_cluewsc(tmp_path):
+    csl = _write(tmp_path, "csl.json", [_json(id=1, abst="摘要文本", keyword=["关键词", "词二"], label="1")])
+    example = load_task("csl", csl).examples[0]
+    assert (example.text_a, example.text_b, example.label) == ("关键词 词二", "摘要文本", "1")
+    text = "小橙想要买玩具，它很开心"
+    target = {"span1_index": 0, "span1_text": "小橙", "span2_index": 8, "span2_text": "它"}
+    wsc = _write(tmp_path, "wsc.json", [_json(target=target, idx=3, label="true", text=text)])
+    example = load_task("cluewsc", wsc).examples[0]
+    assert example.text_a == "_小橙_想要买玩具，[它]很开心" and example.id == 3
+    assert wsc_marked_text("它说小橙来了", 2, "小橙", 0, "它") == "[它]说_小橙_来了"
+    broken = dict(target, span2_index=7)
+    path = _write(tmp_path, "wsc_bad.json", [_json(target=broken, idx=4, label="false", text=text)])
+    with pytest.raises(TaskDataError, match="wsc_bad.json:1: target span text"):
+        load_task("cluewsc", path)
+
+
+def test_classification_task_specs_cover_every_task():
+    kinds = {spec.kind for spec in TASKS.values()}
+    assert kinds == {"classification", "regression", "span", "ner"}
+    assert all(spec.max_seq_len > 0 and spec.lr > 0 and spec.epochs > 0 for spec in TASKS.values())
+    with pytest.raises(ValueError, match="unknown task"):
+        load_task("mnli", "x")
+
+
+def test_write_clue_predictions_json_lines(tmp_path):
+    out = tmp_path / "sub" / "afqmc_predict.json"
+    write_clue_predictions(out, [0, 1], ["1", "0"])
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [
+        {"id": 0, "label": "1"},
+        {"id": 1, "label": "0"},
+    ]

@@ -1,0 +1,172 @@
+"""Metrics: hand-checked values, scipy/scikit-learn/seqeval cross-checks when installed, and the
+CMRC 2018 scorer on cases worked out by hand from the official script's rules."""
+
+import random
+
+import numpy as np
+import pytest
+
+from lub_fast.tasks import metrics as M
+
+
+def test_accuracy_macro_f1_hand_values():
+    golds = ["a", "a", "b", "c"]
+    preds = ["a", "b", "b", "b"]
+    assert M.accuracy(preds, golds) == 0.5
+    # F1 per class: a = 2*1/(1+2) = 2/3, b = 2*1/(3+1) = 1/2, c = 0
+    assert M.macro_f1(preds, golds) == pytest.approx((2 / 3 + 1 / 2 + 0) / 3)
+    with pytest.raises(ValueError):
+        M.accuracy(["a"], ["a", "b"])
+
+
+def test_macro_f1_matches_sklearn():
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = random.Random(0)
+    for _ in range(20):
+        golds = [rng.choice("abcd") for _ in range(50)]
+        preds = [rng.choice("abcde") for _ in range(50)]
+        ours = M.macro_f1(preds, golds)
+        theirs = sklearn_metrics.f1_score(golds, preds, average="macro", zero_division=0)
+        assert ours == pytest.approx(theirs), f"{ours} vs sklearn {theirs}"
+
+
+def test_pearson_spearman_hand_values_and_ties():
+    assert M.pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert M.pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert M.average_ranks([10, 20, 20, 5]).tolist() == [2.0, 3.5, 3.5, 1.0]
+    # monotone but non-linear: Spearman 1, Pearson below 1
+    x, y = [1, 2, 3, 4], [1, 10, 100, 1000]
+    assert M.spearman(x, y) == pytest.approx(1.0)
+    assert M.pearson(x, y) < 0.9
+    assert np.isnan(M.pearson([1, 1, 1], [1, 2, 3]))
+
+
+def test_pearson_spearman_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        x = rng.integers(0, 6, size=200).astype(float)  # many ties, as STS-B scores have
+        y = x + rng.normal(0, 1.5, size=200)
+        assert M.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], abs=1e-12)
+        assert M.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
+
+
+def test_entity_f1_hand_case():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG", "I-ORG"]]
+    pred = [["B-PER", "I-PER", "O", "O"], ["O", "B-ORG", "O"]]
+    scores = M.entity_f1(gold, pred)
+    # gold 3 entities, predicted 2, 1 exact (PER); ORG predicted too short
+    assert (scores["gold"], scores["pred"], scores["correct"]) == (3, 2, 1)
+    assert scores["precision"] == pytest.approx(0.5)
+    assert scores["recall"] == pytest.approx(1 / 3)
+    assert scores["f1"] == pytest.approx(0.4)
+    empty = M.entity_f1([["O"]], [["O"]])
+    assert empty["f1"] == 0.0
+
+
+def _random_tags(rng, n, prefixes):
+    return [rng.choice(["O"] + [f"{p}-{t}" for p in prefixes for t in ("PER", "LOC")]) for _ in range(n)]
+
+
+@pytest.mark.parametrize("prefixes", ["BI", "BIES"])
+def test_entity_f1_matches_seqeval(prefixes):
+    seqeval = pytest.importorskip("seqeval.metrics")
+    rng = random.Random(1)
+    for _ in range(30):
+        lengths = [rng.randint(1, 12) for _ in range(8)]
+        gold = [_random_tags(rng, n, prefixes) for n in lengths]
+        pred = [_random_tags(rng, n, prefixes) for n in lengths]
+        ours = M.entity_f1(gold, pred)
+        assert ours["precision"] == pytest.approx(seqeval.precision_score(gold, pred, zero_division=0))
+        assert ours["recall"] == pytest.approx(seqeval.recall_score(gold, pred, zero_division=0))
+        assert ours["f1"] == pytest.approx(seqeval.f1_score(gold, pred, zero_division=0))
+
+
+# NLTK 3.4.5 outputs (the last NLTK for Python 2, which the official scorer ran on), recorded
+# from that release: word_tokenize(s, preserve_line=True) and untrained Punkt sentences.
+NLTK_345_WORDS = [
+    ("hello world", ["hello", "world"]),
+    ("3.5%", ["3.5", "%"]),
+    ("u.s.", ["u.s", "."]),
+    ("don't stop", ["do", "n't", "stop"]),
+    ('"quoted" text', ["``", "quoted", "''", "text"]),
+    ("(dr. who) 2005", ["(", "dr.", "who", ")", "2005"]),
+    ("1,000,000", ["1,000,000"]),
+    ("a, b", ["a", ",", "b"]),
+    ("it's 5:30", ["it", "'s", "5:30"]),
+    ("cannot", ["can", "not"]),
+    ("rock'n'roll", ["rock", "'", "n'roll"]),
+    ("2000–01", ["2000–01"]),  # NLTK >= 3.6 would split the en dash: 3 tokens
+    ("«x»", ["«", "x", "»"]),
+]
+NLTK_345_SENTENCES = [
+    ("hey! say! jump", ["hey!", "say!", "jump"]),
+    ("end. next", ["end.", "next"]),
+    ("w. mellon", ["w. mellon"]),
+    ("s.g. tallentyre", ["s.g.", "tallentyre"]),
+    ("(dr. who) 2005", ["(dr.", "who) 2005"]),
+    ("3. apples", ["3. apples"]),
+]
+
+
+@pytest.mark.parametrize("text,tokens", NLTK_345_WORDS)
+def test_treebank_tokenize_matches_nltk_345(text, tokens):
+    assert M.treebank_tokenize(text) == tokens
+
+
+@pytest.mark.parametrize("text,sentences", NLTK_345_SENTENCES)
+def test_punkt_untrained_matches_nltk_345(text, sentences):
+    assert M.punkt_untrained_sentences(text) == sentences
+
+
+def test_cmrc_mixed_segmentation_rules():
+    assert M.mixed_segmentation("在2018年，IPhone X发布") == ["在", "2018", "年", "，", "iphone", "x", "发", "布"]
+    # with rm_punc the listed marks vanish without splitting the run around them
+    assert M.mixed_segmentation("covid-19疫情", rm_punc=True) == ["covid19", "疫", "情"]
+    assert M.remove_punctuation(" 《红楼梦》… ") == "红楼梦…"
+
+
+# (gold answers, prediction, F1 in 0..1, EM), each worked out by hand from the scorer's rules
+CMRC_CASES = [
+    (["北京大学"], "北京大学", 1.0, 1),
+    (["北京大学"], "在北京大", 0.75, 0),  # LCS 北京大: P = R = 3/4
+    (["Apple Inc."], "apple", 0.5, 0),  # gold tokens apple / inc / . : P 1, R 1/3
+    (["1,000元"], "1000元", 0.5, 0),  # '1,000' != '1000', only 元 shared
+    (["《红楼梦》"], "红楼梦", 1.0, 1),  # 《》 are listed punctuation
+    (["1998年", "1998"], "1998", 1.0, 1),  # best over gold answers
+    (["好…"], "好", 2 / 3, 0),  # '…' is not listed ('……' is, as one string): R 1/2
+    (["covid-19"], "COVID19", 1.0, 1),
+    (["约翰·史密斯"], "史密斯", 0.75, 0),  # · removed: gold 5 tokens, LCS 3: P 1, R 3/5
+    (["中国"], "", 0.0, 0),
+]
+
+
+@pytest.mark.parametrize("answers,prediction,f1,em", CMRC_CASES)
+def test_cmrc2018_f1_em_hand_cases(answers, prediction, f1, em):
+    assert M.cmrc2018_f1(answers, prediction) == pytest.approx(f1)
+    assert M.cmrc2018_em(answers, prediction) == em
+
+
+def test_cmrc2018_score_averages_over_all_questions():
+    gold = {
+        "data": [
+            {
+                "paragraphs": [
+                    {
+                        "context": "北京大学在北京。Apple Inc. 成立。",
+                        "qas": [
+                            {"id": "q1 ", "question": "?", "answers": [{"text": "北京大学", "answer_start": 0}]},
+                            {"id": "q2", "question": "?", "answers": [{"text": "北京大学", "answer_start": 0}]},
+                            {"id": "q3", "question": "?", "answers": [{"text": "Apple Inc.", "answer_start": 8}]},
+                            {"id": "q4", "question": "?", "answers": [{"text": "北京", "answer_start": 5}]},
+                        ],
+                    }
+                ]
+            }
+        ]
+    }
+    scores = M.cmrc2018_score(gold, {"q1": "北京大学", "q2": "在北京大", "q3": "apple"})
+    assert scores["total"] == 4 and scores["skipped"] == 1
+    assert scores["f1"] == pytest.approx(100 * (1 + 0.75 + 0.5 + 0) / 4)
+    assert scores["em"] == pytest.approx(25.0)
+    assert scores["average"] == pytest.approx((56.25 + 25) / 2)

@@ -1,0 +1,163 @@
+"""NER readers on the real files in ../shared/data (skipped when absent), scheme conversion,
+seqeval-equivalent span decoding and alignment to WordPiece tokens."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from tokenizers import BertWordPieceTokenizer
+
+from lub_fast.tasks import TaskDataError, load_task
+from lub_fast.tasks.io import write_ner_predictions
+from lub_fast.tasks.ner import convert_tags, decode_tags, encode_tokens, label_ids, spans_to_tags, tags_to_spans
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
+
+# (file, sentences, characters, tags, entities, nested spans dropped)
+REAL_FILES = [
+    ("cluener2020/train.json", 10748, 401764, 21, None, 2),
+    ("weibo_ner/weiboNER_2nd_conll.train", 1350, 73778, 17, 1895, 0),  # 1885 B- tags + 10 I- starts
+    ("weibo_ner/weiboNER_2nd_conll.dev", 270, 14509, 17, None, 0),
+    ("peoples_daily_ner/example.dev", 2318, 109870, 7, 3819, 0),
+    ("msra_ner/val", 3000, 142980, 7, None, 0),
+]
+
+
+@needs_data
+@pytest.mark.parametrize("name,n_sentences,n_chars,n_tags,n_entities,n_nested", REAL_FILES)
+def test_ner_real_files_counts(name, n_sentences, n_chars, n_tags, n_entities, n_nested):
+    data = load_task("ner", DATA / name)
+    assert len(data.examples) == n_sentences
+    assert sum(len(e.tokens) for e in data.examples) == n_chars
+    assert len(data.labels) == n_tags and data.labels[0] == "O"
+    assert sum(data.skipped.values()) == n_nested, data.skipped
+    if n_entities is not None:  # seqeval chunks; B- tag counts from `cut -f2 | sort | uniq -c`
+        assert sum(len(tags_to_spans(e.tags)) for e in data.examples) == n_entities
+
+
+@needs_data
+def test_ner_cluener_spans_round_trip():
+    path = DATA / "cluener2020/train.json"
+    data = load_task("ner", path)
+    with open(path, encoding="utf-8") as f:
+        first = json.loads(f.readline())
+    spans = sorted((kind, s, e) for kind, ents in first["label"].items() for pos in ents.values() for s, e in pos)
+    assert sorted(tags_to_spans(data.examples[0].tags)) == spans
+    assert "".join(data.examples[0].tokens) == first["text"]
+
+
+@needs_data
+def test_ner_weibo_position_digits_stripped():
+    data = load_task("ner", DATA / "weibo_ner/weiboNER_2nd_conll.train")
+    tokens = [t for e in data.examples for t in e.tokens]
+    assert "".join(data.examples[0].tokens[:4]) == "科技全方"
+    # 'p10' is 'p' at position 10, '310' is '3' at position 10; no digits survive on letters
+    assert "p" in tokens and "3" in tokens
+    assert all(len(t) == 1 for t in tokens if t != "\ufffd\ufffd")
+
+
+@needs_data
+def test_ner_msra_two_files_with_labels_file_and_bmes():
+    data = load_task("ner", DATA / "msra_ner/val/sentences.txt", labels=DATA / "msra_ner/tags.txt")
+    assert data.labels == ("O", "B-ORG", "I-ORG", "B-PER", "I-PER", "B-LOC", "I-LOC")
+    bmes = load_task("ner", DATA / "msra_ner/val", scheme="bmes")
+    assert bmes.examples[0].tags[3:5] == ("B-LOC", "E-LOC")
+    assert [tags_to_spans(e.tags) for e in bmes.examples] == [tags_to_spans(e.tags) for e in data.examples]
+
+
+@pytest.mark.parametrize("scheme", ["bio", "bioes", "bmes"])
+def test_ner_spans_tags_round_trip(scheme):
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(1, 15)
+        spans, pos = [], 0
+        while pos < n:
+            start = pos + rng.randint(0, 3)
+            end = start + rng.randint(0, 3)
+            if end >= n:
+                break
+            spans.append((rng.choice(["PER", "LOC.NAM"]), start, end))
+            pos = end + 1
+        tags = spans_to_tags(n, spans, scheme)
+        assert tags_to_spans(tags) == spans, (scheme, tags)
+    assert spans_to_tags(3, [("X", 0, 0), ("X", 1, 2)], "bmes") == ["S-X", "B-X", "E-X"]
+    assert spans_to_tags(4, [("X", 0, 3)], "bmes") == ["B-X", "M-X", "M-X", "E-X"]
+    assert convert_tags(["S-X", "B-Y", "E-Y"], "bio") == ["B-X", "B-Y", "I-Y"]
+
+
+def test_ner_tags_to_spans_matches_seqeval_on_ill_formed_tags():
+    get_entities = pytest.importorskip("seqeval.metrics.sequence_labeling").get_entities
+    rng = random.Random(2)
+    pool = ["O", "B-A", "I-A", "E-A", "S-A", "B-B", "I-B", "E-B", "S-B"]
+    for _ in range(500):
+        tags = [rng.choice(pool) for _ in range(rng.randint(1, 12))]
+        assert tags_to_spans(tags) == get_entities(tags), tags
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_ner_conll_space_tokens_and_bad_lines(tmp_path):
+    path = _write(tmp_path, "a.txt", "张 B-PER\n三 I-PER\n  O\n好\tO\n\n-DOCSTART- O\n\n北 B-LOC\n")
+    data = load_task("ner", path)
+    assert [e.tokens for e in data.examples] == [("张", "三", " ", "好"), ("北",)]
+    assert data.examples[1].line == 8
+    bad = _write(tmp_path, "b.txt", "张 B-PER\n三\n")
+    with pytest.raises(TaskDataError, match=r"b.txt:2: expected 'token tag'"):
+        load_task("ner", bad)
+    wrong = _write(tmp_path, "c.txt", "张 PER\n")
+    with pytest.raises(TaskDataError, match=r"c.txt:1: malformed tag"):
+        load_task("ner", wrong)
+    unknown = _write(tmp_path, "d.txt", "张 B-PER\n\n北 B-LOC\n")
+    with pytest.raises(TaskDataError, match=r"d.txt:3: tag outside the label set"):
+        load_task("ner", unknown, labels=["O", "B-PER", "I-PER"])
+    assert len(load_task("ner", unknown, labels=["O", "B-PER"], skip_bad=True).examples) == 1
+
+
+def test_ner_alternating_pairs_and_cluener_errors(tmp_path):
+    pairs = _write(tmp_path, "pairs.txt", "张 三 来 了\nB-PER I-PER O O\n北 京\nB-LOC I-LOC\n")
+    data = load_task("ner", pairs)
+    assert [tags_to_spans(e.tags) for e in data.examples] == [[("PER", 0, 1)], [("LOC", 0, 1)]]
+    short = _write(tmp_path, "short.txt", "张 三 来\nB-PER I-PER\n")
+    with pytest.raises(TaskDataError, match="short.txt:2: 2 tags for 3 characters"):
+        load_task("ner", short)
+    mismatch = json.dumps({"text": "张三来了", "label": {"name": {"李四": [[0, 1]]}}}, ensure_ascii=False)
+    path = _write(tmp_path, "c.json", mismatch + "\n")
+    with pytest.raises(TaskDataError, match="c.json:1: bad entity label"):
+        load_task("ner", path)
+    test_file = _write(tmp_path, "test.json", json.dumps({"id": 5, "text": "张三"}, ensure_ascii=False) + "\n")
+    data = load_task("ner", test_file, labels=["O", "B-name", "I-name"])
+    assert not data.has_labels and data.examples[0].tags is None and data.examples[0].id == 5
+
+
+def _tokenizer(chars):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "ab", "##c"] + sorted(chars)
+    return BertWordPieceTokenizer({t: i for i, t in enumerate(vocab)}, lowercase=True)
+
+
+def test_ner_encode_tokens_alignment():
+    tokens = ["张", " ", "abc", "三", "\u200b"]
+    tags = ["B-PER", "I-PER", "I-PER", "O", "O"]
+    tok = _tokenizer("张三")
+    ids, positions = encode_tokens(tokens, tok, max_seq_len=16)
+    assert [tok.id_to_token(i) for i in ids] == ["[CLS]", "张", "[UNK]", "ab", "##c", "三", "[UNK]", "[SEP]"]
+    assert positions == [-1, 0, 1, 2, -1, 3, 4, -1]
+    label_to_id = {"O": 0, "B-PER": 1, "I-PER": 2}
+    assert label_ids(positions, tags, label_to_id) == [-100, 1, 2, 2, -100, 0, 0, -100]
+    predicted = [0, 1, 2, 2, 0, 0, 0, 0]
+    assert decode_tags(positions, predicted, len(tokens), ["O", "B-PER", "I-PER"]) == tags
+    ids, positions = encode_tokens(tokens, tok, max_seq_len=5)
+    # 'abc' needs 2 pieces and only 1 place is left before [SEP]: cut with everything after it
+    assert len(ids) == 4 and decode_tags(positions, [1] * 4, len(tokens), ["O", "B-PER"]) == ["B-PER"] * 2 + ["O"] * 3
+
+
+def test_write_ner_predictions_cluener_layout(tmp_path):
+    out = tmp_path / "ner.json"
+    write_ner_predictions(out, [0], [list("张三在北京")], [[("name", 0, 1), ("address", 3, 4)]])
+    row = json.loads(out.read_text(encoding="utf-8"))
+    assert row == {"id": 0, "text": "张三在北京", "label": {"name": {"张三": [[0, 1]]}, "address": {"北京": [[3, 4]]}}}
