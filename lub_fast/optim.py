@@ -53,9 +53,14 @@ def build_optimizer(
     weight_decay: float,
     betas: tuple[float, float],
     eps: float,
+    groups: list[dict] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW (fused when every parameter is on CUDA or CPU) or ``Lamb`` over ``param_groups``."""
-    groups = [g for g in param_groups(model, weight_decay) if g["params"]]
+    """AdamW (fused when every parameter is on CUDA or CPU) or ``Lamb`` over ``param_groups``, or
+    over ``groups`` (e.g. layer-wise learning rates; a group's ``lr`` is its peak rate, which the
+    schedule scales like the others)."""
+    if groups is None:
+        groups = param_groups(model, weight_decay)
+    groups = [g for g in groups if g["params"]]
     if not groups:
         raise ValueError(f"{type(model).__name__} has no trainable parameters")
     if name == "adamw":

@@ -16,6 +16,10 @@ What it is given:
 - ``eval_fn(objective) -> dict``: held-out metrics (MLM loss, masked-token accuracy), called on
   every rank every ``eval_every`` steps and at the end, in eval mode under ``no_grad`` and the
   run's autocast, with the RNG states restored afterwards (so evaluation never changes training).
+  A true ``"stop"`` entry (the same on every rank, e.g. early stopping on a dev metric) ends
+  training after that step's checkpoint; ``TrainResult.stopped_early`` says so.
+- ``param_groups``: optimizer parameter groups to use instead of the default two (weight decay or
+  not), e.g. layer-wise learning-rate decay; each group's ``lr`` is its peak rate.
 
 One optimizer step = ``grad_accum_steps`` micro-batches per rank; the loss of each is divided by
 ``grad_accum_steps`` and DDP averages over ranks, so the gradient is the mean over the global
@@ -144,7 +148,8 @@ class DistEnv:
 class TrainResult:
     """Where training stopped. ``metrics``: the last training record; ``eval_metrics``: the last
     evaluation (empty without ``eval_fn``); ``checkpoint``: the last checkpoint written or
-    resumed from; ``interrupted``: stopped early by SIGTERM (after saving)."""
+    resumed from; ``interrupted``: stopped early by SIGTERM (after saving); ``stopped_early``:
+    ``eval_fn`` asked to stop."""
 
     step: int
     micro_step: int
@@ -154,6 +159,7 @@ class TrainResult:
     eval_metrics: dict
     checkpoint: Path | None
     interrupted: bool
+    stopped_early: bool = False
 
 
 class NonFiniteError(FloatingPointError):
@@ -236,6 +242,7 @@ def train(
     eval_fn: EvalFn | None = None,
     resume: str | os.PathLike | None = None,
     run_config: Any = None,
+    param_groups: list[dict] | None = None,
 ) -> TrainResult:
     """Train ``objective`` for ``config.total_steps`` optimizer steps (see the module docstring).
 
@@ -252,7 +259,7 @@ def train(
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_tmp(run_dir)
-    loop = _Loop(objective, config, env, run_dir, eval_fn)
+    loop = _Loop(objective, config, env, run_dir, eval_fn, param_groups)
     resume_from = _resume_path(run_dir, resume, env)
     if resume_from is not None:
         loop.restore(resume_from)
@@ -283,18 +290,20 @@ def train(
         eval_metrics=loop.last_eval,
         checkpoint=loop.last_checkpoint,
         interrupted=interrupted,
+        stopped_early=loop.stopped_early,
     )
 
 
 class _Loop:
     """The state of one ``train`` call; ``run`` is the loop itself."""
 
-    def __init__(self, objective: nn.Module, config: TrainConfig, env: DistEnv, run_dir: Path, eval_fn):
+    def __init__(self, objective: nn.Module, config: TrainConfig, env: DistEnv, run_dir: Path, eval_fn, param_groups):
         self.objective = self.model = objective  # model: the DDP wrapper when distributed
         self.config, self.env, self.run_dir, self.eval_fn = config, env, run_dir, eval_fn
         self.optimizer = build_optimizer(
-            objective, config.optimizer, config.lr, config.weight_decay, config.betas, config.eps
+            objective, config.optimizer, config.lr, config.weight_decay, config.betas, config.eps, param_groups
         )
+        self.stopped_early = False
         self.scheduler = build_scheduler(
             self.optimizer, config.warmup_steps, config.total_steps, config.schedule, config.min_lr_ratio
         )
@@ -372,10 +381,12 @@ class _Loop:
                     self._write_record()
                 if self.eval_fn is not None and ((cfg.eval_every and pos.step % cfg.eval_every == 0) or done):
                     self._evaluate()
-                if (cfg.save_every and pos.step % cfg.save_every == 0) or done or stopping:
+                if (cfg.save_every and pos.step % cfg.save_every == 0) or done or stopping or self.stopped_early:
                     self._save()
                 if stopping:
                     return True
+                if self.stopped_early:
+                    return False
         return False
 
     def _micro_step(self, batch) -> None:
@@ -502,6 +513,7 @@ class _Loop:
         finally:
             self.objective.train()
             ckpt.set_rng_state(states, env.device)
+        self.stopped_early = bool(results.pop("stop", False))
         self.last_eval = {k: float(v) for k, v in results.items()}
         if self.log is not None:
             self.log.write({"split": "eval", "step": self.pos.step, **self.last_eval})
