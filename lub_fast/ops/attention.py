@@ -55,6 +55,7 @@ The references compute in fp32 for fp16/bf16 inputs (fp64 stays fp64) and materi
 """
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -361,6 +362,42 @@ padded_attention_fwd.register_autograd(_padded_backward, setup_context=_padded_s
 
 # ---- public functions
 
+# Inputs the CUDA kernels (csrc/attention/attention_kernel.cu) handle; others run the reference.
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_HEAD_DIMS = (32, 64, 128)
+
+_warned_fallback = set()
+
+
+@torch.compiler.assume_constant_result
+def _has_kernel(op_name: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lub_fast::{op_name}", key)
+
+
+def supports(q: Tensor, op_name: str = "varlen_attention_fwd") -> bool:
+    """True when a compiled kernel of ``lub_fast::op_name`` handles ``q``: CPU when the CPU kernel is
+    built; CUDA when the CUDA kernel is built and ``q`` is fp16/bf16 with head dim 32, 64 or 128."""
+    if q.device.type == "cpu":
+        return _has_kernel(op_name, "CPU")
+    if q.device.type == "cuda":
+        return _has_kernel(op_name, "CUDA") and q.dtype in CUDA_DTYPES and q.shape[-1] in CUDA_HEAD_DIMS
+    return False
+
+
+def _cuda_fallback(name: str, q: Tensor, op_name: str) -> bool:
+    """True (after one warning per reason) when ``q`` is a CUDA tensor the CUDA kernel does not handle."""
+    if q.device.type != "cuda" or supports(q, op_name):
+        return False
+    reason = (str(q.dtype), q.shape[-1])
+    if reason not in _warned_fallback:
+        _warned_fallback.add(reason)
+        warnings.warn(
+            f"lub_fast: {name} has no CUDA kernel for {q.dtype} with head dim {q.shape[-1]} (or the "
+            "CUDA extension is not built); running the PyTorch reference",
+            stacklevel=3,
+        )
+    return True
+
 
 def _check_common(name, q, k, v, dropout_p, seed, offset):
     if k.shape != q.shape or v.shape != q.shape:
@@ -410,7 +447,10 @@ def varlen_attention(
         )
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out, _ = varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen, dropout_p, seed, offset, scale)
+    fwd = varlen_attention_fwd
+    if _cuda_fallback("varlen_attention", q, "varlen_attention_fwd"):
+        fwd = varlen_attention_fwd_ref
+    out, _ = fwd(q, k, v, cu_seqlens, max_seqlen, dropout_p, seed, offset, scale)
     return out
 
 
@@ -443,5 +483,8 @@ def padded_attention(
         )
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    out, _ = padded_attention_fwd(q, k, v, key_padding_mask, dropout_p, seed, offset, scale)
+    fwd = padded_attention_fwd
+    if _cuda_fallback("padded_attention", q, "padded_attention_fwd"):
+        fwd = padded_attention_fwd_ref
+    out, _ = fwd(q, k, v, key_padding_mask, dropout_p, seed, offset, scale)
     return out

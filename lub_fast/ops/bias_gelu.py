@@ -20,6 +20,7 @@ The references compute in fp32 for fp16/bf16 inputs (fp64 stays fp64) and round 
 """
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -108,6 +109,32 @@ def _backward(ctx, grad_out):
 bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# Input dtypes the CUDA kernels (csrc/bias_gelu/bias_gelu_kernel.cu) handle; others run the reference.
+CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_warned_fallback = set()
+
+
+@torch.compiler.assume_constant_result
+def _has_kernel(op_name: str, key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lub_fast::{op_name}", key)
+
+
+def supports(x: Tensor, bias: Tensor) -> bool:
+    """True when a compiled ``lub_fast::bias_gelu_fwd`` kernel handles ``x`` and ``bias``: CPU when the
+    CPU kernel is built; CUDA when the CUDA kernel is built, ``x`` is fp32/fp16/bf16 and ``bias`` has
+    its dtype or fp32."""
+    if x.device.type == "cpu":
+        return _has_kernel("bias_gelu_fwd", "CPU")
+    if x.device.type == "cuda":
+        return (
+            _has_kernel("bias_gelu_fwd", "CUDA")
+            and x.dtype in CUDA_DTYPES
+            and bias.dtype in (x.dtype, torch.float32)
+        )
+    return False
+
+
 def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     """``gelu(x + bias)``, differentiable w.r.t. ``x`` and ``bias``.
 
@@ -124,4 +151,14 @@ def bias_gelu(x: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
         )
     if not (x.dtype.is_floating_point and bias.dtype.is_floating_point):
         raise ValueError(f"bias_gelu: x and bias must be floating; got {x.dtype} and {bias.dtype}")
+    if x.device.type == "cuda" and not supports(x, bias):
+        reason = (str(x.dtype), str(bias.dtype))
+        if reason not in _warned_fallback:
+            _warned_fallback.add(reason)
+            warnings.warn(
+                f"lub_fast: bias_gelu has no CUDA kernel for x {x.dtype}, bias {bias.dtype} (or the "
+                "CUDA extension is not built); running the PyTorch reference",
+                stacklevel=2,
+            )
+        return bias_gelu_fwd_ref(x, bias, approximate)
     return bias_gelu_fwd(x, bias, approximate)
