@@ -1,0 +1,847 @@
+// Fused non-causal multi-head attention, forward and backward, for varlen and padded batches: the
+// CUDA kernels of lub_fast::{varlen,padded}_attention_{fwd,bwd} (spec: lub_fast/ops/attention.py).
+//
+// Algorithm: FlashAttention-2 (Dao, arXiv:2307.08691). The forward streams key/value tiles past a
+// query tile with an online softmax and writes out and lse = log-sum-exp of the scaled scores;
+// the backward recomputes p = exp(s - lse) per (key tile, query tile), keeps dK and dV of its key
+// tile in registers and adds dQ into an fp32 buffer with atomics.
+//
+// Mapping.
+// - Forward: one CTA per (query tile of kBlockM = 16 * kWarps rows, head, sequence); warp w owns
+//   query rows 16w .. 16w + 15 of the tile. Key/value tiles of kBlockN rows are loaded with
+//   cp.async into single shared buffers: V(n) is loaded while S = Q K(n)^T runs, K(n + 1) while
+//   the softmax and O += P V(n) run. Q is re-read from shared memory with ldmatrix per tile.
+// - Backward: one CTA per (key tile of kBlockN = 16 * kWarps keys, head, sequence); warp w owns
+//   keys 16w .. 16w + 15 and computes S^T = K Q^T and dP^T = V dO^T for them, so that P^T and dS^T
+//   are already in the A-operand layout of dV += P^T dO and dK += dS^T Q. Query tiles (Q, dO, lse,
+//   D = rowsum(dO * O)) are double-buffered; dS^T goes through shared memory for dQ = dS K, which
+//   the warps split by (16-row query slab, head-dim columns) and add to dq_accum with fp32 atomics.
+//   A pre-kernel computes D, a post-kernel converts dq_accum * scale to the input dtype.
+// - Tensor cores: mma.sync.m16n8k16 (bf16/fp16 in, fp32 accumulate, sm_80+), operands via
+//   ldmatrix(.trans) from XOR-swizzled shared tiles (16-byte chunk c of row r stored at chunk
+//   c ^ (r & 7), c ^ ((r >> 1) & 3) for 4-chunk rows, c ^ ((r >> 2) & 1) for 2-chunk rows), so
+//   ldmatrix and fragment stores are free of bank conflicts without padding.
+// - Dropout: the Philox4x32-10 contract of attention.py. Per 8-key column tile, each lane runs one
+//   Philox call (a 4-key group of one query row) and the keep bits are exchanged with shuffles:
+//   in the forward lanes 2i, 2i + 1 swap bits; in the backward each lane gathers 4 nibbles.
+//
+// Limits: head_dim 32, 64 or 128; fp16 or bf16; q, k, v, out, dout contiguous [rows, H, D] and
+// 16-byte aligned; rows * H * D < 2**63, H and the batch at most 65535 (grid y, z); sequences of any
+// length (query/key tiles past the end are zero-filled in shared memory and never read from global
+// memory; keys past the end are masked with -inf). Accumulation: scores, softmax statistics, O,
+// dK, dV and dQ in fp32; P and dS are rounded to the input dtype for the tensor-core products, as
+// in FlashAttention. The backward's dQ atomics make dq's rounding order nondeterministic.
+#include "attention/attention_kernel.h"
+
+#include <cmath>
+#include <cstdint>
+
+#include "attention/attention_dropout.h"
+#include "common/cuda_utils.cuh"
+#include "common/philox.h"
+
+namespace lub_fast {
+namespace attention_cuda {
+namespace {
+
+using cuda::cp_async_16;
+using cuda::cp_async_commit;
+using cuda::cp_async_wait_all;
+using cuda::ldmatrix_x4;
+using cuda::ldmatrix_x4_trans;
+using cuda::Mma;
+using cuda::pack2;
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct Params {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* out;
+  const void* dout;
+  void* o;  // forward output
+  float* lse;
+  const float* lse_in;
+  const float* drow;
+  float* dq_accum;
+  void* dk;
+  void* dv;
+  const int32_t* cu_seqlens;  // varlen when not null
+  const uint8_t* mask;        // padded: [batch, seqlen]
+  int64_t rows;
+  int heads;
+  int seqlen;
+  float scale;       // natural-log scale of the scores
+  float scale_log2;  // scale * log2(e)
+  bool dropout;
+  uint32_t threshold;
+  float dropout_factor;  // 1 / (1 - p), 1 without dropout
+  uint32_t seed_lo;
+  uint32_t seed_hi;
+  uint32_t offset;
+};
+
+// Swizzle of a row-major tile of kCols elements per row (kCols / 8 16-byte chunks: 2, 4, 8 or 16):
+// the chunk index is XOR-ed with a function of the row such that any 8 consecutive rows put a given
+// chunk into 8 distinct 16-byte bank groups.
+template <int kCols>
+__device__ __forceinline__ int swizzle_of(int row) {
+  constexpr int kChunks = kCols / 8;
+  static_assert(kChunks == 2 || kChunks == 4 || kChunks == 8 || kChunks == 16,
+                "tile rows must hold 2, 4, 8 or 16 chunks");
+  return kChunks >= 8 ? (row & 7) : kChunks == 4 ? ((row >> 1) & 3) : ((row >> 2) & 1);
+}
+
+// Element offset of (row, col) in a swizzled tile.
+template <int kCols>
+__device__ __forceinline__ int swz(int row, int col) {
+  return row * kCols + ((((col >> 3) ^ swizzle_of<kCols>(row))) << 3) + (col & 7);
+}
+
+// The same offset split into a lane part and a tile part: lane_off(r, c) once per thread, then
+// at(lane_off, row0, col0) = swz(row0 + r, col0 + c) for row0 % 8 == 0, col0 % 8 == 0 and
+// (col0 / 8) & (c / 8) == 0 (so that adding the chunk indices equals XOR-ing them): the swizzle
+// depends on r only, and the tile's column becomes one XOR with a compile-time constant.
+template <int kCols>
+__device__ __forceinline__ int lane_off(int r, int c) {
+  return swz<kCols>(r, c);
+}
+template <int kCols>
+__device__ __forceinline__ int at(int lane, int row0, int col0) {
+  return row0 * kCols + (lane ^ col0);
+}
+
+// cp.async of a [kRows, kCols] tile whose row r starts at src + r * stride; rows >= valid are
+// zero-filled without a global read (`base` is a valid address for those copies).
+template <int kRows, int kCols, int kThreads, typename T>
+__device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t stride, int valid, const T* base) {
+  constexpr int kChunks = kCols / 8;
+  static_assert((kRows * kChunks) % kThreads == 0, "tile chunks must divide among the threads");
+#pragma unroll
+  for (int it = 0; it < kRows * kChunks / kThreads; ++it) {
+    const int i = it * kThreads + static_cast<int>(threadIdx.x);
+    const int r = i / kChunks;
+    const int c = (i % kChunks) * 8;
+    const bool ok = r < valid;
+    cp_async_16(smem + swz<kCols>(r, c), ok ? src + r * stride + c : base, ok);
+  }
+}
+
+// The rows of one sequence (varlen) or batch row (padded).
+struct Seq {
+  int64_t row_base;  // first row of q/k/v
+  int len;           // rows computed: the sequence length, or one past the last real token
+  int rows;          // rows written: len (varlen) or seqlen (padded: zeros after len)
+  bool holes;        // padded with a padded token before `len`: consult the mask per row
+};
+
+// Called by every thread of the block (it synchronises in the padded case).
+template <int kThreads>
+__device__ Seq sequence(const Params& p, int b, int* scan) {
+  Seq s;
+  if (p.cu_seqlens != nullptr) {
+    const int start = p.cu_seqlens[b];
+    const int end = p.cu_seqlens[b + 1];
+    const bool ok = 0 <= start && start <= end && end <= p.rows;
+    s.row_base = start;
+    s.len = ok ? end - start : 0;
+    s.rows = s.len;
+    s.holes = false;
+    return s;
+  }
+  if (threadIdx.x == 0) {
+    scan[0] = 0;
+    scan[1] = 0;
+  }
+  __syncthreads();
+  const uint8_t* mask = p.mask + static_cast<int64_t>(b) * p.seqlen;
+  int last = 0;
+  int count = 0;
+  for (int i = threadIdx.x; i < p.seqlen; i += kThreads) {
+    if (mask[i]) {
+      last = i + 1;
+      ++count;
+    }
+  }
+  last = __reduce_max_sync(0xffffffffu, last);
+  count = __reduce_add_sync(0xffffffffu, count);
+  if ((threadIdx.x & 31) == 0) {
+    atomicMax(&scan[0], last);
+    atomicAdd(&scan[1], count);
+  }
+  __syncthreads();
+  s.row_base = static_cast<int64_t>(b) * p.seqlen;
+  s.len = scan[0];
+  s.rows = p.seqlen;
+  s.holes = scan[1] != scan[0];
+  return s;
+}
+
+// Index of row i of (sequence b, head h) in lse / drow.
+__device__ __forceinline__ int64_t lse_base(const Params& p, const Seq& s, int b, int h) {
+  return p.cu_seqlens != nullptr ? h * p.rows + s.row_base
+                                 : (static_cast<int64_t>(b) * p.heads + h) * p.seqlen;
+}
+
+__device__ __forceinline__ bool real_row(const Params& p, const Seq& s, int b, int i) {
+  return i < s.len && (!s.holes || p.mask[static_cast<int64_t>(b) * p.seqlen + i]);
+}
+
+__device__ __forceinline__ philox::Words philox_at(const Params& p, uint32_t group, uint32_t row,
+                                                   uint32_t stream) {
+  return philox::philox4x32_10(group, row, stream, p.offset, p.seed_lo, p.seed_hi);
+}
+
+// Zero rows [r0, r1) of head h of a [rows, H, D] tensor (16-byte stores).
+template <typename T, int D, int kThreads>
+__device__ __forceinline__ void zero_rows(void* dst, const Params& p, int64_t row0, int n, int h) {
+  T* base = static_cast<T*>(dst);
+  constexpr int kChunks = D / 8;
+  for (int i = threadIdx.x; i < n * kChunks; i += kThreads) {
+    const int64_t r = row0 + i / kChunks;
+    *reinterpret_cast<uint4*>(base + (r * p.heads + h) * D + (i % kChunks) * 8) = make_uint4(0, 0, 0, 0);
+  }
+}
+
+// ------------------------------------------------------------------------------------ forward
+
+template <typename T, int D, int kBlockM, int kBlockN, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_fwd_kernel(const __grid_constant__ Params p) {
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kNT = kBlockN / 8;  // score column tiles per warp
+  constexpr int kDT = D / 8;        // output column tiles per warp
+  static_assert(kBlockM == 16 * kWarps, "one 16-row query slab per warp");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ int scan[2];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sK = sQ + kBlockM * D;
+  T* sV = sK + kBlockN * D;
+
+  const int b = blockIdx.z;
+  const int h = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const Seq seq = sequence<kThreads>(p, b, scan);
+  const int64_t stride = static_cast<int64_t>(p.heads) * D;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const int64_t head_base = seq.row_base * stride + h * D;  // row 0 of this sequence and head
+  const int64_t lbase = lse_base(p, seq, b, h);
+  const uint32_t stream = static_cast<uint32_t>(b) * p.heads + h;
+  const int n_blocks = (seq.len + kBlockN - 1) / kBlockN;
+  // ldmatrix row/column of this lane: pattern A for A operands and transposed B operands, pattern
+  // B for non-transposed B operands (see the fragment notes in common/cuda_utils.cuh).
+  const int offA = lane_off<D>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
+  const int offB = lane_off<D>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
+  const int offC = lane_off<D>(g, 2 * t);  // accumulator element (g, 2t)
+
+  for (int m_block = blockIdx.x; m_block * kBlockM < seq.rows; m_block += gridDim.x) {
+    const int m0 = m_block * kBlockM;
+    if (m0 >= seq.len) {  // padded rows only: zeros, lse = +inf
+      const int n = min(kBlockM, seq.rows - m0);
+      zero_rows<T, D, kThreads>(p.o, p, seq.row_base + m0, n, h);
+      if (tid < n) p.lse[lbase + m0 + tid] = INFINITY;
+      continue;
+    }
+    load_tile<kBlockM, D, kThreads>(sQ, q + head_base + m0 * stride, stride, seq.len - m0, q);
+    load_tile<kBlockN, D, kThreads>(sK, k + head_base, stride, seq.len, k);
+    cp_async_commit();
+
+    float acc_o[kDT][4];
+#pragma unroll
+    for (int j = 0; j < kDT; ++j) acc_o[j][0] = acc_o[j][1] = acc_o[j][2] = acc_o[j][3] = 0.0f;
+    float row_max[2] = {-INFINITY, -INFINITY};
+    float row_sum[2] = {0.0f, 0.0f};
+
+    for (int n_block = 0; n_block < n_blocks; ++n_block) {
+      const int n0 = n_block * kBlockN;
+      cp_async_wait_all();
+      __syncthreads();  // K(n) (and Q) landed; every warp is done reading V(n - 1)
+      load_tile<kBlockN, D, kThreads>(sV, v + head_base + n0 * stride, stride, seq.len - n0, v);
+      cp_async_commit();
+
+      float s[kNT][4];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4];
+        ldmatrix_x4(a, sQ + at<D>(offA, 16 * warp, 16 * kk));
+#pragma unroll
+        for (int nn = 0; nn < kBlockN / 16; ++nn) {
+          uint32_t bk[4];
+          ldmatrix_x4(bk, sK + at<D>(offB, 16 * nn, 16 * kk));
+          Mma<T>::run(s[2 * nn], a, bk[0], bk[1]);
+          Mma<T>::run(s[2 * nn + 1], a, bk[2], bk[3]);
+        }
+      }
+
+      cp_async_wait_all();
+      __syncthreads();  // V(n) landed; every warp is done reading K(n)
+      if (n_block + 1 < n_blocks) {
+        load_tile<kBlockN, D, kThreads>(sK, k + head_base + (n0 + kBlockN) * stride, stride,
+                                        seq.len - n0 - kBlockN, k);
+        cp_async_commit();
+      }
+
+      // Scaled scores in log2 units; -inf at keys past the end or padded.
+      const bool edge = n0 + kBlockN > seq.len || seq.holes;
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] *= p.scale_log2;
+          if (edge) {
+            const int key = n0 + 8 * j + 2 * t + (e & 1);
+            if (!real_row(p, seq, b, key)) s[j][e] = -INFINITY;
+          }
+        }
+      }
+
+      // Online softmax: rows g (e = 0, 1) and g + 8 (e = 2, 3) of the warp's slab; the four
+      // lanes of a quad hold one row's columns.
+      float mx[2] = {row_max[0], row_max[1]};
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        mx[0] = fmaxf(mx[0], fmaxf(s[j][0], s[j][1]));
+        mx[1] = fmaxf(mx[1], fmaxf(s[j][2], s[j][3]));
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      }
+      float shift[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        shift[r] = mx[r] == -INFINITY ? 0.0f : mx[r];  // a row with no key yet: keep p = 0, not NaN
+        const float alpha = exp2f(row_max[r] - shift[r]);
+        row_max[r] = mx[r];
+        row_sum[r] *= alpha;
+#pragma unroll
+        for (int j = 0; j < kDT; ++j) {
+          acc_o[j][2 * r] *= alpha;
+          acc_o[j][2 * r + 1] *= alpha;
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] = exp2f(s[j][e] - shift[e / 2]);
+          row_sum[e / 2] += s[j][e];
+        }
+      }
+
+      if (p.dropout) {  // lane mapping: attention_dropout.h
+        const Draw draw = fwd_draw(lane);
+        const uint32_t row = static_cast<uint32_t>(m0 + 16 * warp + draw.query);
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          const uint32_t group = static_cast<uint32_t>((n0 + 8 * j) / 4 + draw.group);
+          const uint32_t mine = philox::keep_bits(philox_at(p, group, row, stream), p.threshold);
+          const uint32_t partner = __shfl_xor_sync(0xffffffffu, mine, 1);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            if (!fwd_keep(lane, e, mine, partner)) s[j][e] = 0.0f;
+          }
+        }
+      }
+
+      // O += P V(n): the score accumulators of column tiles 2kk, 2kk + 1 are the A fragment of keys
+      // 16kk .. 16kk + 15.
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dd = 0; dd < D / 16; ++dd) {
+          uint32_t bv[4];
+          ldmatrix_x4_trans(bv, sV + at<D>(offA, 16 * kk, 16 * dd));
+          Mma<T>::run(acc_o[2 * dd], a, bv[0], bv[1]);
+          Mma<T>::run(acc_o[2 * dd + 1], a, bv[2], bv[3]);
+        }
+      }
+    }
+
+    // Finalise rows g and g + 8: quad-reduce the sums, normalise, write lse and stage O in sQ (the
+    // warp's own rows, which no other warp reads) for 16-byte stores.
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float l = row_sum[r];
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      const int i = m0 + 16 * warp + g + 8 * r;
+      const bool real = real_row(p, seq, b, i) && l > 0.0f;
+      inv[r] = real ? p.dropout_factor / l : 0.0f;
+      if (t == 0 && i < seq.rows) p.lse[lbase + i] = real ? (row_max[r] + log2f(l)) * kLn2 : INFINITY;
+    }
+    __syncwarp();
+#pragma unroll
+    for (int j = 0; j < kDT; ++j) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float x = inv[r] == 0.0f ? 0.0f : acc_o[j][2 * r] * inv[r];
+        const float y = inv[r] == 0.0f ? 0.0f : acc_o[j][2 * r + 1] * inv[r];
+        *reinterpret_cast<uint32_t*>(sQ + at<D>(offC, 16 * warp + 8 * r, 8 * j)) = pack2<T>(x, y);
+      }
+    }
+    __syncwarp();
+    T* o = static_cast<T*>(p.o);
+#pragma unroll
+    for (int it = 0; it < 16 * kDT / 32; ++it) {
+      const int i = it * 32 + lane;
+      const int r = i / kDT;
+      const int c = (i % kDT) * 8;
+      const int row = m0 + 16 * warp + r;
+      if (row < seq.rows) {
+        *reinterpret_cast<uint4*>(o + head_base + row * stride + c) =
+            *reinterpret_cast<const uint4*>(sQ + swz<D>(16 * warp + r, c));
+      }
+    }
+    __syncthreads();  // sQ and sK are reloaded by the next query tile
+  }
+}
+
+// ----------------------------------------------------------------------------------- backward
+
+// drow[row, head] = <dout, out> in fp32; D / 8 consecutive lanes per (row, head), 16 bytes each.
+template <typename T, int D>
+__global__ void attention_bwd_drow_kernel(const __grid_constant__ Params p, float* drow) {
+  constexpr int kLanes = D / 8;
+  const int64_t pair = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
+  const int c = threadIdx.x % kLanes;
+  const bool valid = pair < p.rows * p.heads;
+  float sum = 0.0f;
+  if (valid) {
+    const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.dout) + pair * D + c * 8);
+    const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + pair * D + c * 8);
+    const uint32_t av[4] = {a.x, a.y, a.z, a.w};
+    const uint32_t ov[4] = {o.x, o.y, o.z, o.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 x = cuda::unpack2<T>(av[i]);
+      const float2 y = cuda::unpack2<T>(ov[i]);
+      sum = fmaf(x.x, y.x, sum);
+      sum = fmaf(x.y, y.y, sum);
+    }
+  }
+#pragma unroll
+  for (int m = kLanes / 2; m > 0; m /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, m);
+  if (valid && c == 0) {
+    const int64_t row = pair / p.heads;
+    const int64_t h = pair % p.heads;
+    const int64_t index = p.cu_seqlens != nullptr
+                              ? h * p.rows + row
+                              : ((row / p.seqlen) * p.heads + h) * p.seqlen + row % p.seqlen;
+    drow[index] = sum;
+  }
+}
+
+// dq = dq_accum * scale in the input dtype, 8 elements per thread and step.
+template <typename T>
+__global__ void attention_bwd_dq_kernel(const float* __restrict__ dq_accum, T* __restrict__ dq, int64_t n8,
+                                        float scale) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n8;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float4 a = reinterpret_cast<const float4*>(dq_accum)[2 * i];
+    const float4 c = reinterpret_cast<const float4*>(dq_accum)[2 * i + 1];
+    uint4 r;
+    r.x = pack2<T>(a.x * scale, a.y * scale);
+    r.y = pack2<T>(a.z * scale, a.w * scale);
+    r.z = pack2<T>(c.x * scale, c.y * scale);
+    r.w = pack2<T>(c.z * scale, c.w * scale);
+    reinterpret_cast<uint4*>(dq)[i] = r;
+  }
+}
+
+__device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(dst), make_float2(x, y));
+#else
+  atomicAdd(dst, x);
+  atomicAdd(dst + 1, y);
+#endif
+}
+
+template <typename T, int D, int kBlockM, int kBlockN, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32)
+    attention_bwd_kernel(const __grid_constant__ Params p) {
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kMT = kBlockM / 8;  // query column tiles of S^T per warp
+  constexpr int kDT = D / 8;
+  constexpr int kSlabs = kBlockM / 16;             // 16-row query slabs of dQ
+  constexpr int kWarpsPerSlab = kWarps / kSlabs;   // warps sharing a slab's head-dim columns
+  constexpr int kQCols = D / kWarpsPerSlab;        // dQ columns per warp
+  static_assert(kBlockN == 16 * kWarps, "one 16-key slab per warp");
+  static_assert(kWarps % kSlabs == 0 && kQCols % 16 == 0, "dQ tiles must divide among the warps");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ int scan[2];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kBlockN * D;
+  T* sQ = sV + kBlockN * D;         // [2][kBlockM * D]
+  T* sdO = sQ + 2 * kBlockM * D;    // [2][kBlockM * D]
+  T* sdS = sdO + 2 * kBlockM * D;   // [kBlockN * kBlockM], dS^T
+  float* sLse = reinterpret_cast<float*>(sdS + kBlockN * kBlockM);  // [2][kBlockM], log2 units
+  float* sDrow = sLse + 2 * kBlockM;                                  // [2][kBlockM]
+
+  const int b = blockIdx.z;
+  const int h = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  const Seq seq = sequence<kThreads>(p, b, scan);
+  const int64_t stride = static_cast<int64_t>(p.heads) * D;
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* dout = static_cast<const T*>(p.dout);
+  const int64_t head_base = seq.row_base * stride + h * D;
+  const int64_t lbase = lse_base(p, seq, b, h);
+  const uint32_t stream = static_cast<uint32_t>(b) * p.heads + h;
+  const int m_blocks = (seq.len + kBlockM - 1) / kBlockM;
+  const int offA = lane_off<D>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
+  const int offB = lane_off<D>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
+  const int offC = lane_off<D>(g, 2 * t);
+  const int offS = lane_off<kBlockM>(g, 2 * t);                                              // dS^T store
+  const int offSB = lane_off<kBlockM>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);  // dS load
+
+  auto load_query_tile = [&](int m_block, int buf) {
+    const int m0 = m_block * kBlockM;
+    load_tile<kBlockM, D, kThreads>(sQ + buf * kBlockM * D, q + head_base + m0 * stride, stride, seq.len - m0, q);
+    load_tile<kBlockM, D, kThreads>(sdO + buf * kBlockM * D, dout + head_base + m0 * stride, stride,
+                                    seq.len - m0, dout);
+    cp_async_commit();
+    for (int i = tid; i < kBlockM; i += kThreads) {
+      const bool ok = m0 + i < seq.len;
+      sLse[buf * kBlockM + i] = ok ? p.lse_in[lbase + m0 + i] * kLog2e : INFINITY;
+      sDrow[buf * kBlockM + i] = ok ? p.drow[lbase + m0 + i] : 0.0f;
+    }
+  };
+
+  for (int n_block = blockIdx.x; n_block * kBlockN < seq.rows; n_block += gridDim.x) {
+    const int n0 = n_block * kBlockN;
+    if (n0 >= seq.len) {  // padded keys only: zero gradients
+      const int n = min(kBlockN, seq.rows - n0);
+      zero_rows<T, D, kThreads>(p.dk, p, seq.row_base + n0, n, h);
+      zero_rows<T, D, kThreads>(p.dv, p, seq.row_base + n0, n, h);
+      continue;
+    }
+    load_tile<kBlockN, D, kThreads>(sK, k + head_base + n0 * stride, stride, seq.len - n0, k);
+    load_tile<kBlockN, D, kThreads>(sV, v + head_base + n0 * stride, stride, seq.len - n0, v);
+    load_query_tile(0, 0);
+
+    const bool key_ok[2] = {real_row(p, seq, b, n0 + 16 * warp + g), real_row(p, seq, b, n0 + 16 * warp + g + 8)};
+    float acc_dk[kDT][4];
+    float acc_dv[kDT][4];
+#pragma unroll
+    for (int j = 0; j < kDT; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dk[j][e] = acc_dv[j][e] = 0.0f;
+    }
+
+    for (int m_block = 0; m_block < m_blocks; ++m_block) {
+      const int buf = m_block & 1;
+      const int m0 = m_block * kBlockM;
+      cp_async_wait_all();
+      __syncthreads();  // tile m landed; every warp is done with tile m - 1 (its buffers and sdS)
+      if (m_block + 1 < m_blocks) load_query_tile(m_block + 1, buf ^ 1);
+      const T* bQ = sQ + buf * kBlockM * D;
+      const T* bdO = sdO + buf * kBlockM * D;
+      const float* bLse = sLse + buf * kBlockM;
+      const float* bDrow = sDrow + buf * kBlockM;
+
+      // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys and the tile's kBlockM queries.
+      float s[kMT][4];
+      float dp[kMT][4];
+#pragma unroll
+      for (int j = 0; j < kMT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
+      }
+#pragma unroll(D == 128 ? 1 : D / 16)  // unrolled at D = 128, it preloads too many fragments and spills
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int a_off = at<D>(offA, 16 * warp, 16 * kk);
+        uint32_t ak[4];
+        uint32_t av[4];
+        ldmatrix_x4(ak, sK + a_off);
+        ldmatrix_x4(av, sV + a_off);
+#pragma unroll
+        for (int nn = 0; nn < kBlockM / 16; ++nn) {
+          const int b_off = at<D>(offB, 16 * nn, 16 * kk);
+          uint32_t bq[4];
+          uint32_t bo[4];
+          ldmatrix_x4(bq, bQ + b_off);
+          ldmatrix_x4(bo, bdO + b_off);
+          Mma<T>::run(s[2 * nn], ak, bq[0], bq[1]);
+          Mma<T>::run(s[2 * nn + 1], ak, bq[2], bq[3]);
+          Mma<T>::run(dp[2 * nn], av, bo[0], bo[1]);
+          Mma<T>::run(dp[2 * nn + 1], av, bo[2], bo[3]);
+        }
+      }
+
+      // p = exp(s - lse) (0 at padded keys; lse = +inf at padded queries), dropout,
+      // dS = p * (dP_dropped - D). Element e of tile j: key g + 8 (e / 2), query 8j + 2t + (e & 1).
+#pragma unroll
+      for (int j = 0; j < kMT; ++j) {
+        uint32_t keep[4] = {1u, 1u, 1u, 1u};
+        if (p.dropout) {  // lane mapping: attention_dropout.h
+          const Draw draw = bwd_draw(lane);
+          const uint32_t group = static_cast<uint32_t>((n0 + 16 * warp) / 4 + draw.group);
+          const uint32_t row = static_cast<uint32_t>(m0 + 8 * j + draw.query);
+          const uint32_t mine = philox::keep_bits(philox_at(p, group, row, stream), p.threshold);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) keep[e] = bwd_keep(lane, __shfl_sync(0xffffffffu, mine, bwd_source(lane, e)));
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = 8 * j + 2 * t + (e & 1);
+          const float pv = key_ok[e / 2] ? exp2f(s[j][e] * p.scale_log2 - bLse[col]) : 0.0f;
+          const float dpv = keep[e] ? dp[j][e] * p.dropout_factor : 0.0f;
+          dp[j][e] = pv * (dpv - bDrow[col]);
+          s[j][e] = keep[e] ? pv * p.dropout_factor : 0.0f;
+        }
+      }
+
+      // dV += P_dropped^T dO and dK += dS^T Q (k = the tile's queries).
+#pragma unroll
+      for (int kk = 0; kk < kBlockM / 16; ++kk) {
+        const uint32_t ap[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        const uint32_t ads[4] = {pack2<T>(dp[2 * kk][0], dp[2 * kk][1]), pack2<T>(dp[2 * kk][2], dp[2 * kk][3]),
+                                 pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]),
+                                 pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3])};
+#pragma unroll
+        for (int dd = 0; dd < D / 16; ++dd) {
+          const int b_off = at<D>(offA, 16 * kk, 16 * dd);
+          uint32_t bo[4];
+          uint32_t bq[4];
+          ldmatrix_x4_trans(bo, bdO + b_off);
+          ldmatrix_x4_trans(bq, bQ + b_off);
+          Mma<T>::run(acc_dv[2 * dd], ap, bo[0], bo[1]);
+          Mma<T>::run(acc_dv[2 * dd + 1], ap, bo[2], bo[3]);
+          Mma<T>::run(acc_dk[2 * dd], ads, bq[0], bq[1]);
+          Mma<T>::run(acc_dk[2 * dd + 1], ads, bq[2], bq[3]);
+        }
+        // dS^T rows (keys) g, g + 8 of the warp, columns (queries) 16kk + 2t (+8).
+        *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp, 16 * kk)) = ads[0];
+        *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp + 8, 16 * kk)) = ads[1];
+        *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp, 16 * kk + 8)) = ads[2];
+        *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp + 8, 16 * kk + 8)) = ads[3];
+      }
+      __syncthreads();  // dS^T of all keys is in sdS
+
+      // dQ[slab rows, warp's columns] += dS K over the tile's keys; A = dS from dS^T (transposed
+      // ldmatrix), B = K (transposed ldmatrix).
+      const int slab = warp / kWarpsPerSlab;
+      const int col0 = (warp % kWarpsPerSlab) * kQCols;
+      float dq[kQCols / 8][4];
+#pragma unroll
+      for (int j = 0; j < kQCols / 8; ++j) dq[j][0] = dq[j][1] = dq[j][2] = dq[j][3] = 0.0f;
+#pragma unroll(D == 128 ? 1 : kBlockN / 16)
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        uint32_t a[4];
+        ldmatrix_x4_trans(a, sdS + at<kBlockM>(offSB, 16 * kk, 16 * slab));
+#pragma unroll
+        for (int dd = 0; dd < kQCols / 16; ++dd) {
+          uint32_t bk[4];
+          ldmatrix_x4_trans(bk, sK + at<D>(offA, 16 * kk, col0 + 16 * dd));
+          Mma<T>::run(dq[2 * dd], a, bk[0], bk[1]);
+          Mma<T>::run(dq[2 * dd + 1], a, bk[2], bk[3]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int i = m0 + 16 * slab + g + 8 * r;
+        if (i < seq.len) {
+          float* dst = p.dq_accum + head_base + i * stride + col0 + 2 * t;
+#pragma unroll
+          for (int j = 0; j < kQCols / 8; ++j) atomic_add2(dst + 8 * j, dq[j][2 * r], dq[j][2 * r + 1]);
+        }
+      }
+    }
+
+    // Stage dK * scale and dV in the warp's own rows of sK / sV, then 16-byte stores.
+    __syncthreads();  // every warp is done reading sK (dQ) and sV
+#pragma unroll
+    for (int j = 0; j < kDT; ++j) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int off = at<D>(offC, 16 * warp + 8 * r, 8 * j);
+        *reinterpret_cast<uint32_t*>(sK + off) = pack2<T>(acc_dk[j][2 * r] * p.scale, acc_dk[j][2 * r + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(sV + off) = pack2<T>(acc_dv[j][2 * r], acc_dv[j][2 * r + 1]);
+      }
+    }
+    __syncwarp();
+    T* dk = static_cast<T*>(p.dk);
+    T* dv = static_cast<T*>(p.dv);
+#pragma unroll
+    for (int it = 0; it < 16 * kDT / 32; ++it) {
+      const int i = it * 32 + lane;
+      const int r = i / kDT;
+      const int c = (i % kDT) * 8;
+      const int row = n0 + 16 * warp + r;
+      if (row < seq.rows) {
+        const int off = swz<D>(16 * warp + r, c);
+        *reinterpret_cast<uint4*>(dk + head_base + row * stride + c) = *reinterpret_cast<const uint4*>(sK + off);
+        *reinterpret_cast<uint4*>(dv + head_base + row * stride + c) = *reinterpret_cast<const uint4*>(sV + off);
+      }
+    }
+    __syncthreads();  // sK, sV are reloaded by the next key tile
+  }
+}
+
+// --------------------------------------------------------------------------------- launchers
+
+template <int D>
+struct Config;
+// Forward: 4 warps x 16 query rows, 64-key tiles. Backward: 16 keys per warp; the query tile
+// shrinks with D so that dK, dV (D fp32 per thread) plus S^T, dP^T (kBwdM fp32) fit in 255
+// registers without spills (ptxas -v, sm_80 and sm_90a: fwd 127/165/252, bwd 189/243/255 registers
+// at D = 32/64/128 on sm_80).
+template <>
+struct Config<32> {
+  static constexpr int kFwdWarps = 4, kFwdN = 64;
+  static constexpr int kBwdWarps = 4, kBwdM = 64;
+};
+template <>
+struct Config<64> {
+  static constexpr int kFwdWarps = 4, kFwdN = 64;
+  static constexpr int kBwdWarps = 4, kBwdM = 32;
+};
+template <>
+struct Config<128> {
+  static constexpr int kFwdWarps = 4, kFwdN = 64;
+  static constexpr int kBwdWarps = 8, kBwdM = 16;
+};
+
+Params make_params(const Layout& l) {
+  Params p{};
+  p.cu_seqlens = l.cu_seqlens;
+  p.mask = l.key_padding_mask;
+  p.rows = l.rows;
+  p.heads = l.heads;
+  p.seqlen = l.seqlen;
+  p.scale = l.scale;
+  p.scale_log2 = l.scale * kLog2e;
+  const uint64_t threshold = philox::keep_threshold(l.dropout_p);
+  // dropout_p below 2**-32 keeps every word (threshold 2**32); its factor 1 / (1 - p) is then 1.
+  p.dropout = l.dropout_p > 0.0 && threshold <= 0xFFFFFFFFull;
+  p.threshold = static_cast<uint32_t>(p.dropout ? threshold : 0);
+  p.dropout_factor = l.dropout_p > 0.0 ? static_cast<float>(1.0 / (1.0 - l.dropout_p)) : 1.0f;
+  p.seed_lo = static_cast<uint32_t>(l.seed & 0xFFFFFFFFull);
+  p.seed_hi = static_cast<uint32_t>(l.seed >> 32);
+  p.offset = l.offset;
+  return p;
+}
+
+dim3 tile_grid(const Layout& l, int block) {
+  const int extent = l.cu_seqlens != nullptr ? l.max_seqlen : l.seqlen;
+  const int tiles = (extent + block - 1) / block;
+  return dim3(tiles > 0 ? tiles : 1, l.heads, l.batch);
+}
+
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream, const Params& p) {
+  LUB_FAST_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<grid, threads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t fwd(const Layout& l, Params p, cudaStream_t stream) {
+  using C = Config<D>;
+  constexpr int kM = 16 * C::kFwdWarps;
+  const size_t smem = static_cast<size_t>(kM + 2 * C::kFwdN) * D * sizeof(T);
+  return launch(attention_fwd_kernel<T, D, kM, C::kFwdN, C::kFwdWarps>, tile_grid(l, kM), C::kFwdWarps * 32, smem,
+                stream, p);
+}
+
+template <typename T, int D>
+cudaError_t bwd(const Layout& l, Params p, float* drow, void* dq, cudaStream_t stream) {
+  using C = Config<D>;
+  constexpr int kN = 16 * C::kBwdWarps;
+  constexpr int kM = C::kBwdM;
+  const int64_t pairs = l.rows * l.heads;
+  constexpr int kDrowThreads = 256;
+  const int64_t drow_blocks = (pairs * (D / 8) + kDrowThreads - 1) / kDrowThreads;
+  attention_bwd_drow_kernel<T, D><<<static_cast<unsigned>(drow_blocks), kDrowThreads, 0, stream>>>(p, drow);
+  LUB_FAST_CUDA_TRY(cudaGetLastError());
+  p.drow = drow;
+  const size_t smem = static_cast<size_t>(2 * kN * D + 4 * kM * D + kN * kM) * sizeof(T) + 4 * kM * sizeof(float);
+  LUB_FAST_CUDA_TRY(launch(attention_bwd_kernel<T, D, kM, kN, C::kBwdWarps>, tile_grid(l, kN), C::kBwdWarps * 32,
+                           smem, stream, p));
+  const int64_t n8 = pairs * D / 8;
+  const int64_t dq_blocks = (n8 + 255) / 256 < 4096 ? (n8 + 255) / 256 : 4096;
+  attention_bwd_dq_kernel<T><<<static_cast<unsigned>(dq_blocks), 256, 0, stream>>>(p.dq_accum, static_cast<T*>(dq), n8,
+                                                                                 p.scale);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t fwd_dim(const Layout& l, const Params& p, cudaStream_t stream) {
+  switch (l.head_dim) {
+    case 32: return fwd<T, 32>(l, p, stream);
+    case 64: return fwd<T, 64>(l, p, stream);
+    case 128: return fwd<T, 128>(l, p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t bwd_dim(const Layout& l, const Params& p, float* drow, void* dq, cudaStream_t stream) {
+  switch (l.head_dim) {
+    case 32: return bwd<T, 32>(l, p, drow, dq, stream);
+    case 64: return bwd<T, 64>(l, p, drow, dq, stream);
+    case 128: return bwd<T, 128>(l, p, drow, dq, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t attention_fwd(const Layout& layout, const void* q, const void* k, const void* v, void* out, float* lse,
+                          cudaStream_t stream) {
+  if (layout.rows == 0 || layout.batch == 0 || layout.heads == 0) return cudaSuccess;
+  Params p = make_params(layout);
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.o = out;
+  p.lse = lse;
+  return layout.dtype == DType::kBFloat16 ? fwd_dim<__nv_bfloat16>(layout, p, stream)
+                                          : fwd_dim<__half>(layout, p, stream);
+}
+
+cudaError_t attention_bwd(const Layout& layout, const void* dout, const void* q, const void* k, const void* v,
+                          const void* out, const float* lse, float* drow, float* dq_accum, void* dq, void* dk,
+                          void* dv, cudaStream_t stream) {
+  if (layout.rows == 0 || layout.batch == 0 || layout.heads == 0) return cudaSuccess;
+  Params p = make_params(layout);
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.dout = dout;
+  p.lse_in = lse;
+  p.dq_accum = dq_accum;
+  p.dk = dk;
+  p.dv = dv;
+  return layout.dtype == DType::kBFloat16 ? bwd_dim<__nv_bfloat16>(layout, p, drow, dq, stream)
+                                          : bwd_dim<__half>(layout, p, drow, dq, stream);
+}
+
+}  // namespace attention_cuda
+}  // namespace lub_fast
