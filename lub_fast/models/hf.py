@@ -376,26 +376,17 @@ def _load_into(model, hf_tensors: dict[str, Tensor], source_task: str | None, or
     model.load_state_dict(merged, strict=True)
 
 
-def from_pretrained(path, task: str | None = None, num_labels: int | None = None):
-    """Load an HF directory of model_type bert, roberta, albert or electra.
-
-    ``task`` (a key of ``TASK_CLASSES``) defaults to the one of ``config.json``'s ``architectures``
-    (no architectures: ``"base"``); giving another task loads the encoder and initialises the new head
-    (with a warning). ``num_labels`` overrides the checkpoint's for classification tasks. Tokenizer
-    files in the directory are kept in ``model.tokenizer_files`` and written back by ``save_pretrained``.
-    """
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{path}: no config.json (not an HF model directory)")
-    hf_config = json.loads(config_file.read_text())
+def from_hf(hf_config: dict, hf_tensors: dict[str, Tensor], task: str | None = None,
+            num_labels: int | None = None, origin: str = "checkpoint"):
+    """Build the lub_fast model of an HF ``config.json`` dict and HF-named tensors (strictly checked;
+    see the module docstring). ``task`` and ``num_labels`` as in ``from_pretrained``."""
     config = EncoderConfig.from_hf(hf_config)
     architectures = hf_config.get("architectures") or []
     source_task = _TASK_OF_ARCHITECTURE.get(architectures[0]) if architectures else "base"
     if architectures and source_task is None and task is None:
         supported = sorted(a for (f, _), a in ARCHITECTURES.items() if f == config.family)
         raise ValueError(
-            f"{config_file}: architecture {architectures[0]!r} is not supported ({supported}); pass "
+            f"{origin}: architecture {architectures[0]!r} is not supported ({supported}); pass "
             f"task= one of {sorted(TASK_CLASSES)} to load its encoder under another head"
         )
     if task is None:
@@ -414,10 +405,51 @@ def from_pretrained(path, task: str | None = None, num_labels: int | None = None
     model = TASK_CLASSES[task](config, **kwargs)
     if id2label and task == source_task and len(id2label) == getattr(model, "num_labels", None):
         model.id2label = {int(i): name for i, name in id2label.items()}
-    _load_into(model, _read_weights(path), source_task, str(path))
+    _load_into(model, hf_tensors, source_task, origin)
+    return model
+
+
+def from_pretrained(path, task: str | None = None, num_labels: int | None = None):
+    """Load an HF directory of model_type bert, roberta, albert or electra, or a TensorFlow-1
+    checkpoint (Google's BERT/ALBERT/ELECTRA layout: a directory or a ``model.ckpt`` prefix with its
+    ``bert_config.json``/``albert_config.json``; read by ``lub_fast.tf1`` without TensorFlow).
+
+    ``task`` (a key of ``TASK_CLASSES``) defaults to the one of ``config.json``'s ``architectures``
+    (no architectures: ``"base"``); giving another task loads the encoder and initialises the new head
+    (with a warning). ``num_labels`` overrides the checkpoint's for classification tasks. Tokenizer
+    files in the directory (a TF-1 checkpoint's ``vocab.txt``) are kept in ``model.tokenizer_files``
+    and written back by ``save_pretrained``.
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        return _from_tf1(path, task, num_labels)
+    hf_config = json.loads(config_file.read_text())
+    if hf_config.get("model_type") not in FAMILIES:
+        raise ValueError(f"{config_file}: unsupported HF model_type {hf_config.get('model_type')!r}; lub_fast loads {FAMILIES}")
+    model = from_hf(hf_config, _read_weights(path), task, num_labels, origin=str(path))
     for name in TOKENIZER_FILES:
         if (path / name).exists():
             model.tokenizer_files[name] = (path / name).read_bytes()
+    return model
+
+
+def _from_tf1(path: Path, task: str | None, num_labels: int | None):
+    from lub_fast.tf1 import TF1CheckpointError, load_tf1_checkpoint
+    from lub_fast.tf1.convert import resolve_prefix
+
+    try:
+        resolve_prefix(str(path))
+    except (TF1CheckpointError, OSError):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such directory or checkpoint") from None
+        raise FileNotFoundError(
+            f"{path}: no config.json (not an HF model directory) and no TF-1 checkpoint (*.index)"
+        ) from None
+    hf_config, tensors, info = load_tf1_checkpoint(path)
+    model = from_hf(hf_config, tensors, task, num_labels, origin=info.prefix)
+    if info.vocab_file:
+        model.tokenizer_files["vocab.txt"] = Path(info.vocab_file).read_bytes()
     return model
 
 

@@ -1,0 +1,158 @@
+"""``python -m lub_fast.convert``: checkpoints between HF directories, TensorFlow-1 checkpoints and
+lub_fast runs.
+
+Sources (detected): an HF directory (``config.json`` + safetensors/bin), a TF-1 checkpoint (a
+directory with ``model.ckpt.index`` + ``bert_config.json``/``albert_config.json``, or a ``model.ckpt``
+prefix), or a lub_fast run directory (``python -m lub_fast.pretrain``/``distill`` output: its newest
+valid checkpoint, or a given ``checkpoints/step_*`` directory). Targets: ``--to hf`` (default) writes
+an HF directory the matching ``transformers`` Auto class loads; ``--to tf1`` writes Google's layout
+(``model.ckpt.*``, ``bert_config.json``/``albert_config.json``, ``vocab.txt``) that TensorFlow's
+``tf.train.load_checkpoint`` and bert4keras read. An ELECTRA run converts to ``DST/generator`` and
+``DST/discriminator`` (``--to hf``) or one TF-1 checkpoint holding both (``--to tf1``, as
+google-research/electra writes it).
+
+    python -m lub_fast.convert chinese_L-12_H-768_A-12/ bert-base-chinese-hf/
+    python -m lub_fast.convert runs/wwm/ exported/ --to tf1
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from lub_fast.models.hf import from_pretrained, lub_to_hf
+
+
+def is_run_dir(path) -> bool:
+    """A lub_fast run directory (or one of its checkpoints)."""
+    path = Path(path)
+    if (path / "manifest.json").exists() and path.parent.name == "checkpoints":
+        return True
+    config = path / "config.json"
+    if not (config.exists() and (path / "checkpoints").is_dir()):
+        return False
+    try:
+        return "recipe" in json.loads(config.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def load_run(path):
+    """The objective of a lub_fast pretraining run with the weights of its newest valid checkpoint
+    (or of the checkpoint directory ``path``), and the run's vocab.txt."""
+    from lub_fast import checkpoint as ckpt
+    from lub_fast.config_cli import load_config
+    from lub_fast.data.tokenizer import read_vocab
+    from lub_fast.pretrain import PretrainConfig, build_objective
+
+    path = Path(path)
+    if (path / "manifest.json").exists():
+        checkpoint, run_dir = path, path.parent.parent
+    else:
+        run_dir, checkpoint = path, ckpt.latest_valid_checkpoint(path)
+        if checkpoint is None:
+            raise ValueError(f"{path}: the run has no valid checkpoint")
+    cfg = load_config(PretrainConfig, run_dir / "config.json")
+    vocab = next((p for p in (run_dir / "data" / "train" / "vocab.txt", *map(Path, _shard_vocabs(cfg))) if p.exists()), None)
+    if vocab is None:
+        raise ValueError(f"{run_dir}: cannot find the run's vocab.txt (its training shards are gone)")
+    tokens = read_vocab(vocab)
+    objective, _ = build_objective(cfg, len(tokens), {"pad": tokens.index("[PAD]")})
+    ckpt.load_checkpoint(checkpoint, objective)
+    return objective, str(vocab)
+
+
+def _shard_vocabs(cfg) -> list[str]:
+    return [str(Path(d) / "vocab.txt") for d in cfg.data.data]
+
+
+def load_model(path, task: str | None = None):
+    """A lub_fast model from an HF directory, a TF-1 checkpoint or a lub_fast run (its MLM model;
+    for ELECTRA runs the discriminator). ``task`` as ``lub_fast.from_pretrained``."""
+    if is_run_dir(path):
+        from lub_fast.pretrain import _tokenizer_files
+
+        objective, vocab = load_run(path)
+        model = objective.pair.discriminator if hasattr(objective, "pair") else objective.model
+        model.tokenizer_files.update(_tokenizer_files(vocab))
+        if task not in (None, model.task):
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                model.save_pretrained(tmp)
+                return from_pretrained(tmp, task=task)
+        return model
+    return from_pretrained(path, task=task)
+
+
+def _models(src):
+    """[(name, model)] to convert: one, or the ELECTRA generator and discriminator of a run."""
+    if is_run_dir(src):
+        from lub_fast.pretrain import _tokenizer_files
+
+        objective, vocab = load_run(src)
+        files = _tokenizer_files(vocab)
+        if hasattr(objective, "pair"):
+            models = [("generator", objective.pair.generator), ("discriminator", objective.pair.discriminator)]
+        else:
+            models = [("", objective.model)]
+        for _, model in models:
+            model.tokenizer_files.update(files)
+        return models
+    return [("", from_pretrained(src))]
+
+
+def convert(src, dst, to: str = "hf") -> list[Path]:
+    """Convert ``src`` into ``dst``; returns the written directories."""
+    from lub_fast.tf1 import save_tf1_checkpoint
+
+    dst = Path(dst)
+    models = _models(src)
+    if to == "hf":
+        written = []
+        for name, model in models:
+            model.save_pretrained(dst / name if name else dst)
+            written.append(dst / name if name else dst)
+        return written
+    if to != "tf1":
+        raise ValueError(f"--to must be hf or tf1, got {to!r}")
+
+    def hf_parts(model):
+        config = model.config.to_hf()
+        return config, lub_to_hf(model.state_dict(), model.config, model.task)
+
+    by_name = dict(models)
+    main = by_name.get("discriminator") or by_name[""]
+    if main.config.family == "roberta":
+        raise ValueError("HF RoBERTa (model_type roberta) has no TF-1 layout; Chinese RoBERTa-wwm models are BERT")
+    generator = hf_parts(by_name["generator"]) if "generator" in by_name else None
+    vocab = None
+    if "vocab.txt" in main.tokenizer_files:
+        dst.mkdir(parents=True, exist_ok=True)
+        vocab = dst / "vocab.txt"
+        vocab.write_bytes(main.tokenizer_files["vocab.txt"])
+    config, state = hf_parts(main)
+    save_tf1_checkpoint(dst, config, state, main.config.family, vocab_file=vocab, generator=generator)
+    return [dst]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lub_fast.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("src", help="HF directory, TF-1 checkpoint (directory or model.ckpt prefix), or lub_fast run")
+    parser.add_argument("dst", help="output directory")
+    parser.add_argument("--to", choices=("hf", "tf1"), default="hf", help="output format (default: hf)")
+    args = parser.parse_args(argv)
+    try:
+        written = convert(args.src, args.dst, args.to)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"lub_fast.convert: error: {error}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
