@@ -19,13 +19,13 @@ EXTENSION_ERRORS = {}
 
 
 def _load_extensions():
-    if os.environ.get("LUB_FAST_NO_EXT", "0") == "1":
-        EXTENSION_ERRORS["lub_fast._C"] = "disabled by LUB_FAST_NO_EXT=1"
-        EXTENSION_ERRORS["lub_fast._C_cuda"] = "disabled by LUB_FAST_NO_EXT=1"
-        return
     import importlib
 
+    disabled = os.environ.get("LUB_FAST_NO_EXT", "0") == "1"
     for name in ("lub_fast._C", "lub_fast._C_cuda"):
+        if disabled:
+            EXTENSION_ERRORS[name] = "disabled by LUB_FAST_NO_EXT=1"
+            continue
         try:
             importlib.import_module(name)
             EXTENSION_ERRORS[name] = None
