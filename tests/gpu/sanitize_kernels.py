@@ -3,8 +3,9 @@
 ``compute-sanitizer --tool memcheck|racecheck|initcheck python3 tests/gpu/sanitize_kernels.py``
 (benchmarks/gpu_run.sh does this). Covers: varlen attention fwd/bwd for head dims 32/64/128, bf16
 and fp16, with and without dropout, lengths 1, 97, 0, 130; padded attention fwd/bwd with right
-padding and with holes; bias+GELU fwd/bwd on the vector and the scalar path. Exits non-zero when a
-kernel is missing or an output is not finite.
+padding and with holes; bias+GELU fwd/bwd on the vector and the scalar path; wwm_mask in every mode
+for T = 1, 97, 512 (shared-memory scratch) and 1100 (global workspace) with an empty row and rows
+not 16-byte aligned. Exits non-zero when a kernel is missing or an output is not finite.
 """
 
 import sys
@@ -15,7 +16,7 @@ from lub_fast import ops
 
 
 def main():
-    missing = [name for name in ops.OP_NAMES if name != "wwm_mask" and not ops.has_kernel(name, "cuda")]
+    missing = [name for name in ops.OP_NAMES if not ops.has_kernel(name, "cuda")]
     if missing:
         sys.exit(f"no CUDA kernel for {missing}: {ops.EXTENSION_ERRORS.get('lub_fast._C_cuda')}")
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -44,6 +45,16 @@ def main():
             for approximate in ("none", "tanh"):
                 outputs.append(torch.ops.lub_fast.bias_gelu_fwd(x, b.to(dtype), approximate))
                 outputs.append(torch.ops.lub_fast.bias_gelu_bwd(g, x, b, approximate))
+    for T in (1, 97, 512, 1100):
+        for offset in (0, 1):  # offset 1: flag rows 1 byte past 16-byte alignment (bytewise loads)
+            B = 5
+            ids = torch.randint(5, 1000, (B * T + offset,), generator=gen, device="cuda")[offset:].view(B, T)
+            word_start = (torch.rand(B * T + offset, generator=gen, device="cuda") < 0.6)[offset:].view(B, T)
+            maskable = (torch.rand(B * T + offset, generator=gen, device="cuda") < 0.95)[offset:].view(B, T)
+            maskable[0] = False  # an empty row
+            index = torch.arange(B, device="cuda")
+            for mode in ("token", "whole_word", "ngram"):
+                outputs += torch.ops.lub_fast.wwm_mask(ids, word_start, maskable, index, 7, 1, mode, 0.4, T, 4, 5, 1000)
     torch.cuda.synchronize()
     bad = [i for i, t in enumerate(outputs) if not torch.isfinite(t).all()]
     if bad:
