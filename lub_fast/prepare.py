@@ -33,6 +33,8 @@ import sys
 import time
 import zlib
 from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -436,17 +438,25 @@ def _run(chunks, worker_fn, workers, init_args):
         for chunk in chunks:
             yield chunk, worker_fn(chunk.docs)
         return
+    # A dead worker (killed, out of memory, or a __main__ that spawn cannot re-import, as a script
+    # read from stdin) breaks the pool and is reported, where multiprocessing.Pool would hang.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
-        pending = deque()
-        for chunk in chunks:
-            pending.append((chunk, pool.apply_async(worker_fn, (chunk.docs,))))
-            if len(pending) >= 2 * workers:
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init_args) as pool:
+            pending = deque()
+            for chunk in chunks:
+                pending.append((chunk, pool.submit(worker_fn, chunk.docs)))
+                if len(pending) >= 2 * workers:
+                    chunk, result = pending.popleft()
+                    yield chunk, result.result()
+            while pending:
                 chunk, result = pending.popleft()
-                yield chunk, result.get()
-        while pending:
-            chunk, result = pending.popleft()
-            yield chunk, result.get()
+                yield chunk, result.result()
+    except BrokenProcessPool as error:
+        raise PrepareError(
+            f"a worker process died ({error}); with --workers > 1 the main module must be importable "
+            "(not a script read from stdin), or use --workers 1"
+        ) from None
 
 
 # ----------------------------------------------------------------------------- output directory

