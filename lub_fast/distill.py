@@ -290,10 +290,10 @@ def data_signature(shard_dirs) -> dict:
 
 def _pipeline(cfg: DistillConfig, env):
     """Dataset, collator and the loop's ``batches`` for this rank; the eval function."""
-    from lub_fast.data.collator import MaskingCollator, MaskingConfig
+    from lub_fast.data.collator import MaskingCollator
     from lub_fast.data.dataset import PretrainDataset
     from lub_fast.data.shards import ShardError
-    from lub_fast.pretrain import make_batches, make_eval_fn
+    from lub_fast.pretrain import make_batches, make_eval_fn, masking_config
 
     if not cfg.data.data:
         raise DistillError("no training data: pass --data SHARD_DIR ... (made by python -m lub_fast.prepare)")
@@ -305,12 +305,7 @@ def _pipeline(cfg: DistillConfig, env):
         raise DistillError(f"--data: {error}") from None
     if eval_set is not None and Path(eval_set.vocab_path).read_bytes() != Path(dataset.vocab_path).read_bytes():
         raise DistillError("--data.eval_data was prepared with another vocabulary than --data")
-    masking = MaskingConfig(
-        vocab_size=dataset.vocab_size, cls_token_id=dataset.cls_token_id, sep_token_id=dataset.sep_token_id,
-        pad_token_id=dataset.pad_token_id, mask_token_id=dataset.mask_token_id, unk_token_id=dataset.unk_token_id,
-        mode=cfg.masking.mode, rate=cfg.masking.rate, max_predictions=cfg.masking.max_predictions,
-        seed=cfg.data.seed, max_seq_len=cfg.data.max_seq_len,
-    )
+    masking = masking_config(dataset, cfg.masking.mode, cfg.masking, cfg.data.seed, cfg.data.max_seq_len)
     try:
         batches = make_batches(dataset, MaskingCollator(masking), cfg.data.batch_size, cfg.data.num_workers)
     except ValueError as error:
@@ -431,20 +426,6 @@ def _check_cache(cfg: DistillConfig, reader: CacheReader, identity: dict, needed
         )
 
 
-def _rng_neutral(batches):
-    """``batches`` whose DataLoader iterator is built without touching torch's global RNG.
-
-    A DataLoader iterator draws its base seed from the global generator when it is created, which
-    the loop does after restoring a checkpoint's RNG state: that extra draw would shift every later
-    dropout mask, and a resumed run would no longer equal an uninterrupted one."""
-
-    def wrapped(start: int, rank: int, world_size: int):
-        with torch.random.fork_rng(devices=[]):
-            return iter(batches(start, rank, world_size))
-
-    return wrapped
-
-
 def _with_cache(batches, reader: CacheReader):
     """The loop's batches with micro-batch ``m``'s cached teacher outputs attached."""
 
@@ -532,7 +513,6 @@ def run(cfg: DistillConfig, resume: str | None = None) -> dict:
         )
     loss = dataclasses.asdict(cfg.loss)
     objective = DistillObjective(student, teacher if mode == "online" else None, **loss)
-    batches = _rng_neutral(batches)
     if reader is not None:
         batches = _with_cache(batches, reader)
     if main:

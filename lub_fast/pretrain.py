@@ -277,6 +277,25 @@ class _MicroBatches(torch.utils.data.Sampler):
             m += 1
 
 
+def masking_config(dataset, mode: str, masking: MaskingSection, seed: int, max_seq_len: int):
+    """The collator's masking settings for ``dataset``'s special tokens and vocabulary."""
+    from lub_fast.data.collator import MaskingConfig
+
+    return MaskingConfig(
+        vocab_size=dataset.vocab_size,
+        cls_token_id=dataset.cls_token_id,
+        sep_token_id=dataset.sep_token_id,
+        pad_token_id=dataset.pad_token_id,
+        mask_token_id=dataset.mask_token_id,
+        unk_token_id=dataset.unk_token_id,
+        mode=mode,
+        rate=masking.rate,
+        max_predictions=masking.max_predictions,
+        seed=seed,
+        max_seq_len=max_seq_len,
+    )
+
+
 def make_batches(dataset, collator, batch_size: int, num_workers: int):
     """The training loop's ``batches(start_micro_step, rank, world_size)`` over a rank's dataset."""
     if len(dataset) < batch_size:
@@ -582,7 +601,7 @@ def _prepare_demo_data(cfg: PretrainConfig) -> PretrainConfig:
 
 def run(cfg: PretrainConfig, resume: str | None = None, demo: bool = False) -> dict:
     """Pretrain as ``cfg`` says; returns a summary dict (paths and final metrics)."""
-    from lub_fast.data.collator import MaskingCollator, MaskingConfig
+    from lub_fast.data.collator import MaskingCollator
     from lub_fast.data.dataset import PretrainDataset
 
     env = init_distributed(cfg.train.device)
@@ -609,19 +628,7 @@ def run(cfg: PretrainConfig, resume: str | None = None, demo: bool = False) -> d
     objective, config = build_objective(cfg, dataset.vocab_size, special)
     check_before_training(cfg, config, dataset.vocab_size)
 
-    masking = MaskingConfig(
-        vocab_size=dataset.vocab_size,
-        cls_token_id=dataset.cls_token_id,
-        sep_token_id=dataset.sep_token_id,
-        pad_token_id=dataset.pad_token_id,
-        mask_token_id=dataset.mask_token_id,
-        unk_token_id=dataset.unk_token_id,
-        mode=cfg.mask_mode,
-        rate=cfg.masking.rate,
-        max_predictions=cfg.masking.max_predictions,
-        seed=cfg.data.seed,
-        max_seq_len=cfg.data.max_seq_len,
-    )
+    masking = masking_config(dataset, cfg.mask_mode, cfg.masking, cfg.data.seed, cfg.data.max_seq_len)
     collator = MaskingCollator(masking)
     batches = make_batches(dataset, collator, cfg.data.batch_size, cfg.data.num_workers)
     eval_fn = None
