@@ -18,7 +18,6 @@ result depends on signed overflow. A CUDA kernel computes the same words with ``
 cuRAND's Philox and reproduces these numbers bit for bit.
 """
 
-import torch
 from torch import Tensor
 
 PHILOX_M0 = 0xD2511F53
