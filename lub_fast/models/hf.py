@@ -369,7 +369,7 @@ def _load_into(model, hf_tensors: dict[str, Tensor], source_task: str | None, or
     if absent_heads:
         warnings.warn(
             f"lub_fast: {origin} has no weights for {sorted(absent_heads)} of {type(model).__name__}; "
-            "initialised them (the MLM decoder is tied to the word embeddings)",
+            "initialised them" + (" (the MLM decoder is tied to the word embeddings)" if "mlm" in absent_heads else ""),
             stacklevel=3,
         )
     merged = {k: converted.get(k, v) for k, v in expected.items()}
