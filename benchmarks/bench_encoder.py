@@ -23,7 +23,6 @@ Both run with ``THREADS`` intra-op threads. Run:
 """
 
 import os
-import statistics
 import time
 
 import pytest
@@ -31,6 +30,7 @@ import torch
 import transformers
 
 from lub_fast.models import EncoderConfig, MaskedLM, hf_to_lub
+from timing import summarise
 
 SEQ = 128
 MASK_RATE = 0.15
@@ -126,18 +126,12 @@ def _run(benchmark, lengths, size, batch_size, rounds):
             times[name].append((time.perf_counter() - start, real_tokens[i % NUM_BATCHES]))
         state["round"] += 1
 
-    for _ in range(1):  # warm-up: allocator, thread pools, first-call overheads
-        one_round()
+    one_round()  # warm-up: allocator, thread pools, first-call overheads
     for t in times.values():
         t.clear()
     benchmark.pedantic(one_round, rounds=rounds, iterations=1)
 
-    info = {"batch": f"{batch_size}x{SEQ}", "threads": THREADS,
-            "padding_fraction": 1 - sum(real_tokens) / (len(real_tokens) * batch_size * SEQ)}  # fmt: skip
-    for name, samples in times.items():
-        info[f"{name}_median_s"] = statistics.median(s for s, _ in samples)
-        info[f"{name}_tokens_per_s"] = sum(n for _, n in samples) / sum(s for s, _ in samples)
-    info["speedup_lub_fast_over_transformers"] = info["lub_fast_tokens_per_s"] / info["transformers_tokens_per_s"]
+    info = summarise(times, real_tokens, batch_size, SEQ, THREADS)
     benchmark.extra_info.update(info)
     print(
         f"\n{size}: lub_fast {info['lub_fast_tokens_per_s']:.0f} real tok/s, transformers "

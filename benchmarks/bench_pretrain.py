@@ -26,7 +26,6 @@ the ratio. ``THREADS`` intra-op threads for both. Run:
 
 import os
 import re
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ from lub_fast.models import EncoderConfig, MaskedLM, hf_to_lub
 from lub_fast.objectives import MaskedLMObjective
 from lub_fast.optim import build_scheduler, param_groups
 from lub_fast.train import TrainConfig, _Loop, init_distributed
+from timing import summarise
 
 SEQ = 128
 # One intra-op thread: on 2 cores shared with other jobs, two OpenMP threads stall at barriers and
@@ -165,12 +165,7 @@ def _run(benchmark, corpus, size):
         t.clear()
     benchmark.pedantic(one_round, rounds=rounds, iterations=1)
 
-    info = {"batch": f"{batch_size}x{SEQ}", "threads": THREADS,
-            "padding_fraction": 1 - sum(real_tokens) / (len(real_tokens) * batch_size * SEQ)}  # fmt: skip
-    for name, samples in times.items():
-        info[f"{name}_median_s"] = statistics.median(s for s, _ in samples)
-        info[f"{name}_tokens_per_s"] = sum(n for _, n in samples) / sum(s for s, _ in samples)
-    info["speedup_lub_fast_over_transformers"] = info["lub_fast_tokens_per_s"] / info["transformers_tokens_per_s"]
+    info = summarise(times, real_tokens, batch_size, SEQ, THREADS)
     benchmark.extra_info.update(info)
     print(
         f"\n{size}: lub_fast {info['lub_fast_tokens_per_s']:.0f} real tok/s (median step "
