@@ -10,6 +10,9 @@ all of it: 5.5 MB, tags stripped, 20 lines a document):
 - ``prepare-<segmenter>-w<workers>``: the whole pipeline (read, clean, split, segment, tokenize,
   word starts, write shards) through ``prepare_corpus`` with 1 or 2 worker processes, start-up
   (dictionary loading, worker processes) included.
+- ``scale-<segmenter>-w<workers>``: the same pipeline on the text repeated 4 times (22 MB), 1 and
+  2 workers: long enough that starting the workers (about 1.5 s with jieba's dictionary) does not
+  hide the scaling. Needs idle cores to mean anything.
 - ``peak-memory-<n>x``: peak RSS of a ``prepare`` process (rjieba, 1 worker) on the text repeated
   1 and 4 times; with streaming it stays flat.
 
@@ -112,6 +115,26 @@ def test_bench_prepare(benchmark, corpus, segmenter, workers):
     _record(f"prepare-{segmenter}-w{workers}", corpus, benchmark)
 
 
+@pytest.fixture(scope="module")
+def corpus_x4(corpus):
+    path = corpus["root"] / "corpus-x4.txt"
+    path.write_bytes(corpus["path"].read_bytes() * 4)
+    return dict(corpus, path=path, mb=os.path.getsize(path) / 1e6)
+
+
+@pytest.mark.parametrize("segmenter,workers", [("jieba", 1), ("jieba", 2), ("rjieba", 1), ("rjieba", 2)])
+def test_bench_prepare_scaling(benchmark, corpus_x4, segmenter, workers):
+    from lub_fast.prepare import prepare_corpus
+
+    out = corpus_x4["root"] / f"scale-{segmenter}-{workers}"
+
+    def run():
+        prepare_corpus([corpus_x4["path"]], out, vocab=corpus_x4["vocab"], segmenter=segmenter, workers=workers, overwrite=True)
+
+    benchmark.pedantic(run, rounds=1, iterations=1)
+    _record(f"scale-{segmenter}-w{workers}", corpus_x4, benchmark)
+
+
 # VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) RSS into ru_maxrss across exec.
 _PEAK_RSS = """
 import sys
@@ -154,6 +177,8 @@ def test_bench_summary(benchmark, corpus):
     for seg in ("jieba", "rjieba"):
         if f"prepare-{seg}-w2" in r and f"prepare-{seg}-w1" in r:
             lines.append(f"{seg}: 2 workers / 1 worker: {r[f'prepare-{seg}-w2'] / r[f'prepare-{seg}-w1']:.2f}")
+        if f"scale-{seg}-w2" in r and f"scale-{seg}-w1" in r:
+            lines.append(f"{seg}, 4x corpus: 2 workers / 1 worker: {r[f'scale-{seg}-w2'] / r[f'scale-{seg}-w1']:.2f}")
     if "peak-memory-4x MB" in r and "peak-memory-1x MB" in r:
         lines.append(f"peak memory 4x / 1x corpus: {r['peak-memory-4x MB'] / r['peak-memory-1x MB']:.2f} (flat = 1)")
     print("\n" + "\n".join(lines))

@@ -28,8 +28,10 @@ import hashlib
 import json
 import multiprocessing
 import os
+import pickle
 import shutil
 import sys
+import tempfile
 import time
 import zlib
 from collections import Counter, deque
@@ -338,6 +340,11 @@ def _init_worker(config, files, tokenizer):
     )
 
 
+def _init_worker_from_file(path):
+    with open(path, "rb") as f:
+        _init_worker(*pickle.load(f))
+
+
 def _document_lines(path, jsonl, first, lines, counts, strict):
     if not jsonl:
         return lines
@@ -439,24 +446,33 @@ def _run(chunks, worker_fn, workers, init_args):
             yield chunk, worker_fn(chunk.docs)
         return
     # A dead worker (killed, out of memory, or a __main__ that spawn cannot re-import, as a script
-    # read from stdin) breaks the pool and is reported, where multiprocessing.Pool would hang.
+    # read from stdin) breaks the pool and is reported, where multiprocessing.Pool would hang. The
+    # initializer's arguments (the vocabulary, the file list) travel through a file: spawn writes
+    # the pickled process object into a pipe whose read end the parent keeps open until the write
+    # ends, so a child that dies before reading more than the pipe's 64 KiB blocks the parent for
+    # good (CPython's popen_spawn_posix).
     context = multiprocessing.get_context("spawn")
-    try:
-        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=init_args) as pool:
-            pending = deque()
-            for chunk in chunks:
-                pending.append((chunk, pool.submit(worker_fn, chunk.docs)))
-                if len(pending) >= 2 * workers:
+    with tempfile.NamedTemporaryFile(prefix="lub_fast-prepare-", suffix=".pkl") as init_file:
+        pickle.dump(init_args, init_file, protocol=pickle.HIGHEST_PROTOCOL)
+        init_file.flush()
+        try:
+            with ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker_from_file, initargs=(init_file.name,)
+            ) as pool:
+                pending = deque()
+                for chunk in chunks:
+                    pending.append((chunk, pool.submit(worker_fn, chunk.docs)))
+                    if len(pending) >= 2 * workers:
+                        chunk, result = pending.popleft()
+                        yield chunk, result.result()
+                while pending:
                     chunk, result = pending.popleft()
                     yield chunk, result.result()
-            while pending:
-                chunk, result = pending.popleft()
-                yield chunk, result.result()
-    except BrokenProcessPool as error:
-        raise PrepareError(
-            f"a worker process died ({error}); with --workers > 1 the main module must be importable "
-            "(not a script read from stdin), or use --workers 1"
-        ) from None
+        except BrokenProcessPool as error:
+            raise PrepareError(
+                f"a worker process died ({error}); with --workers > 1 the main module must be importable "
+                "(not a script read from stdin), or use --workers 1"
+            ) from None
 
 
 # ----------------------------------------------------------------------------- output directory

@@ -50,6 +50,21 @@ def test_prepare_output_identical_for_any_worker_count(tmp_path, vocab_path, cor
     _same_files(one.output_dir, two.output_dir)
 
 
+def test_prepare_dead_workers_are_an_error_not_a_hang(tmp_path, vocab_path, corpus_path):
+    """spawn cannot re-import a __main__ read from stdin, so both workers die while starting."""
+    import subprocess
+    import sys
+
+    script = (
+        "from lub_fast.prepare import prepare_corpus\n"
+        f"prepare_corpus([{str(corpus_path)!r}], {str(tmp_path / 'out')!r}, vocab={vocab_path!r}, "
+        "segmenter='rjieba', chunk_kb=24, workers=2, progress=False)\n"
+    )
+    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "PrepareError: a worker process died" in done.stderr and "--workers 1" in done.stderr
+
+
 def test_prepare_jieba_and_rjieba_give_the_same_shards(tmp_path, vocab_path, prepared_dir, corpus_path):
     jieba = _run(tmp_path, [corpus_path], vocab_path, "jieba", segmenter="jieba", shard_size_mb=0.05, chunk_kb=32)
     a, b = open_shards(jieba.output_dir), open_shards(prepared_dir)
