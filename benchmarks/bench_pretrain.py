@@ -46,8 +46,8 @@ SEQ = 128
 # step times swing by 2x or more (bench_encoder.py measured the same).
 THREADS = 1
 # size -> (batch size, rounds): base takes seconds per step on a shared core.
-SIZES = {"small": (32, 8), "base": (8, 4)}
-NUM_BATCHES = 8
+SIZES = {"small": (32, 16), "base": (8, 16)}
+NUM_BATCHES = 16
 LR, WEIGHT_DECAY = 1e-4, 0.01
 _TAGGED_WORD = re.compile(r"\[?(\S+?)/[A-Za-z]+(?:\][A-Za-z]+)?")
 

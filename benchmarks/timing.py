@@ -9,7 +9,8 @@ import statistics
 
 
 def summarise(times: dict, real_tokens: list, batch_size: int, seq: int, threads: int) -> dict:
-    """Median step time and real tokens/s per provider, padding fraction, and the lub_fast speedup."""
+    """Median step time and real tokens/s per provider, padding fraction, and each provider's
+    speedup over ``transformers``."""
     info = {
         "batch": f"{batch_size}x{seq}",
         "threads": threads,
@@ -18,5 +19,7 @@ def summarise(times: dict, real_tokens: list, batch_size: int, seq: int, threads
     for name, samples in times.items():
         info[f"{name}_median_s"] = statistics.median(s for s, _ in samples)
         info[f"{name}_tokens_per_s"] = sum(n for _, n in samples) / sum(s for s, _ in samples)
-    info["speedup_lub_fast_over_transformers"] = info["lub_fast_tokens_per_s"] / info["transformers_tokens_per_s"]
+    for name in times:
+        if name != "transformers":
+            info[f"speedup_{name}_over_transformers"] = info[f"{name}_tokens_per_s"] / info["transformers_tokens_per_s"]
     return info

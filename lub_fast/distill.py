@@ -375,7 +375,7 @@ def cache_teacher(cfg: DistillConfig, teacher, batches, header: dict, env) -> di
                 positions = batch["masked_positions"].to(env.device)
                 inputs = {key: batch[key].to(env.device) for key in ("input_ids", "attention_mask", "token_type_ids")}
                 with torch.autocast(env.device.type, dtype=amp, enabled=amp is not None):
-                    out = teacher(**inputs, masked_positions=positions)
+                    out = teacher(**inputs, masked_positions=positions, all_tokens=hidden == "all")
                 logits = out.logits.float()
                 lognorm = torch.logsumexp(logits / temperature, dim=-1)
                 values, indices = logits.topk(k, dim=-1)
@@ -383,7 +383,7 @@ def cache_teacher(cfg: DistillConfig, teacher, batches, header: dict, env) -> di
                 if hidden == "all":
                     states = out.encoder.hidden
                 elif hidden == "masked":
-                    states = out.encoder.hidden.index_select(0, out.encoder.unpadded.rows(positions))
+                    states = out.encoder.at(positions)
                 writer.append(key, values, indices, lognorm, states)
                 bar.update(1)
                 if flag["stop"]:

@@ -12,6 +12,13 @@ tensors: no compute on padding. Attention is ``lub_fast.ops.varlen_attention`` o
 fused ``[3 * hidden, hidden]`` matmul. Padded ``[B, S, hidden]`` states are built only on request
 (``EncoderOutput.last_hidden_state``), with zeros at padding.
 
+Sparse last layer: when only some positions' final states are needed (the MLM head at the masked
+positions, the pooler at the first token), ``forward(..., output_positions=...)`` runs the last
+layer's queries, attention output, LayerNorms and feed-forward at those rows only; its keys and
+values still come from every token, so the states there are the full encoder's. For a 12-layer
+model at 15% masking that skips about 7% of the encoder's FLOPs (a quarter of them on 4 layers), as
+NVIDIA's and MLPerf's BERT pretraining do.
+
 Dropout: hidden dropout uses ``torch.nn.functional.dropout``; attention dropout is counter-based
 with a seed drawn from torch's default generator on each training forward, so restoring torch's RNG
 state reproduces every dropout mask.
@@ -91,15 +98,30 @@ class Unpadded:
 @dataclass
 class EncoderOutput:
     """``hidden [T, hidden]`` (real tokens) plus ``pooler_output [B, hidden]`` when the encoder has a
-    pooler; ``last_hidden_state [B, S, hidden]`` (zeros at padding) is built on first access."""
+    pooler; ``last_hidden_state [B, S, hidden]`` (zeros at padding) is built on first access.
+
+    After ``Encoder.forward(..., output_positions=P)`` the last layer ran at those positions only:
+    ``hidden`` is ``[len(P), hidden]`` in the order of ``P`` (``positions`` holds ``P``), and only
+    ``at(P)`` and ``pooler_output`` are available."""
 
     hidden: Tensor
     unpadded: Unpadded
     pooler_output: Tensor | None = None
+    positions: Tensor | None = None
 
     @functools.cached_property
     def last_hidden_state(self) -> Tensor:
+        if self.positions is not None:
+            raise ValueError("the encoder's last layer ran at output_positions only: no last_hidden_state")
         return self.unpadded.pad(self.hidden)
+
+    def at(self, flat_positions: Tensor) -> Tensor:
+        """``[M, hidden]``: the final states at flat padded positions ``b * S + s`` (real tokens)."""
+        if self.positions is None:
+            return self.hidden.index_select(0, self.unpadded.rows(flat_positions))
+        if flat_positions is self.positions or torch.equal(flat_positions, self.positions):
+            return self.hidden
+        raise ValueError("the encoder's last layer ran at other output_positions than the ones asked for")
 
 
 class Embeddings(nn.Module):
@@ -135,7 +157,11 @@ class EncoderLayer(nn.Module):
         self.ffn_out = nn.Linear(config.intermediate_size, hidden)
         self.ffn_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
 
-    def forward(self, x: Tensor, unpadded: Unpadded) -> Tensor:
+    def forward(self, x: Tensor, unpadded: Unpadded, rows: Tensor | None = None) -> Tensor:
+        """``[T, hidden] -> [T, hidden]``; with ``rows`` (int64 ``[P]`` unpadded token indices)
+        ``-> [P, hidden]``: the outputs at those rows only (keys and values from every token)."""
+        if rows is not None:
+            return self._forward_rows(x, unpadded, rows)
         cfg = self.config
         tokens = x.shape[0]
         qkv = self.qkv(x).view(tokens, 3, cfg.num_attention_heads, cfg.head_dim)
@@ -151,6 +177,49 @@ class EncoderLayer(nn.Module):
         h = bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias, cfg.gelu_approximate)
         h = self.ffn_out(h)
         return self.ffn_norm(x + F.dropout(h, cfg.hidden_dropout_prob, self.training))
+
+    def _forward_rows(self, x: Tensor, unpadded: Unpadded, rows: Tensor) -> Tensor:
+        cfg = self.config
+        hidden = cfg.hidden_size
+        x_rows = x.index_select(0, rows)
+        q = F.linear(x_rows, self.qkv.weight[:hidden], self.qkv.bias[:hidden])
+        kv = F.linear(x, self.qkv.weight[hidden:], self.qkv.bias[hidden:])
+        dropout_p = cfg.attention_probs_dropout_prob if self.training else 0.0
+        attn = self.attn_out(rows_attention(q, kv, unpadded, rows, cfg.num_attention_heads, dropout_p))
+        x = self.attn_norm(x_rows + F.dropout(attn, cfg.hidden_dropout_prob, self.training))
+        h = bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias, cfg.gelu_approximate)
+        h = self.ffn_out(h)
+        return self.ffn_norm(x + F.dropout(h, cfg.hidden_dropout_prob, self.training))
+
+
+def rows_attention(q: Tensor, kv: Tensor, unpadded: Unpadded, rows: Tensor, heads: int, dropout_p: float) -> Tensor:
+    """Attention of the queries ``q [P, hidden]`` at unpadded ``rows [P]`` over the keys and values
+    ``kv [T, 2 * hidden]`` of their own sequences -> ``[P, hidden]``.
+
+    The queries are grouped per sequence into ``[B, max queries per sequence]`` and the keys and
+    values padded to ``[B, S]`` with a key-padding mask: one batched SDPA whose query length is a
+    few positions, not ``S``. Attention dropout (training) draws from torch's generator.
+    """
+    num_rows, hidden = q.shape
+    head_dim = hidden // heads
+    if num_rows == 0:
+        return q
+    batch, seq_len = unpadded.batch_size, unpadded.seq_len
+    seq = torch.searchsorted(unpadded.cu_seqlens[1:].to(rows.dtype), rows, right=True)
+    counts = torch.bincount(seq, minlength=batch)
+    order = torch.argsort(seq, stable=True)
+    slot = torch.empty_like(rows)
+    slot[order] = torch.arange(num_rows, device=rows.device) - (torch.cumsum(counts, 0) - counts)[seq[order]]
+    q_pad = q.new_zeros(batch, int(counts.max()), heads, head_dim).index_put((seq, slot), q.view(num_rows, heads, head_dim))
+    k_pad, v_pad = unpadded.pad(kv).view(batch, seq_len, 2, heads, head_dim).unbind(2)
+    key_mask = unpadded.is_real.view(batch, seq_len).clone()
+    # A sequence without tokens has no queries; one open key keeps its unused padded queries finite.
+    key_mask[:, 0] |= unpadded.cu_seqlens[1:] == unpadded.cu_seqlens[:-1]
+    key_mask = key_mask.view(batch, 1, 1, seq_len)
+    out = F.scaled_dot_product_attention(
+        q_pad.transpose(1, 2), k_pad.transpose(1, 2), v_pad.transpose(1, 2), attn_mask=key_mask, dropout_p=dropout_p
+    )
+    return out.transpose(1, 2)[seq, slot].reshape(num_rows, hidden)
 
 
 class Encoder(nn.Module):
@@ -188,6 +257,7 @@ class Encoder(nn.Module):
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
         position_ids: Tensor | None = None,
+        output_positions: Tensor | None = None,
     ) -> EncoderOutput:
         if input_ids.dim() != 2:
             raise ValueError(f"Encoder: input_ids must be [B, S]; got {tuple(input_ids.shape)}")
@@ -202,12 +272,31 @@ class Encoder(nn.Module):
         x = self.embeddings(ids, types, positions)
         if self.embedding_projection is not None:
             x = self.embedding_projection(x)
-        for index in self._schedule:
+        if output_positions is None:
+            for index in self._schedule:
+                x = self.layers[index](x, unpadded)
+            pooled = None
+            if self.pooler is not None:
+                pooled = torch.tanh(self.pooler(unpadded.first_tokens(x)))
+            return EncoderOutput(hidden=x, unpadded=unpadded, pooler_output=pooled)
+        return self._forward_sparse_last(x, unpadded, output_positions)
+
+    def _forward_sparse_last(self, x: Tensor, unpadded: Unpadded, output_positions: Tensor) -> EncoderOutput:
+        """All layers but the last on every token; the last at ``output_positions`` (and, with a
+        pooler, at each row's first position) only."""
+        rows = unpadded.rows(output_positions)
+        num_rows = rows.numel()
+        if self.pooler is not None:
+            starts = torch.arange(unpadded.batch_size, device=rows.device) * unpadded.seq_len
+            rows = torch.cat([rows, unpadded.token_rank[starts].clamp(min=0)])
+        for index in self._schedule[:-1]:
             x = self.layers[index](x, unpadded)
+        x = self.layers[self._schedule[-1]](x, unpadded, rows)
         pooled = None
         if self.pooler is not None:
-            pooled = torch.tanh(self.pooler(unpadded.first_tokens(x)))
-        return EncoderOutput(hidden=x, unpadded=unpadded, pooler_output=pooled)
+            first = x[num_rows:] * unpadded.is_real[starts][:, None].to(x.dtype)
+            pooled = torch.tanh(self.pooler(first))
+        return EncoderOutput(hidden=x[:num_rows], unpadded=unpadded, pooler_output=pooled, positions=output_positions)
 
 
 def init_weights(module: nn.Module, std: float) -> None:

@@ -120,6 +120,11 @@ class ClassificationHead(nn.Module):
         return self.out(x)
 
 
+def _sparse(masked_positions: Tensor | None, all_tokens: bool) -> Tensor | None:
+    """The encoder's ``output_positions``: the masked ones, unless every token's state is wanted."""
+    return None if all_tokens else masked_positions
+
+
 class _Model(nn.Module):
     """Shared plumbing: the encoder, HF export and the tokenizer files a checkpoint came with."""
 
@@ -146,7 +151,7 @@ class _Model(nn.Module):
         (zeros at padding) with ``labels [B, S]``; the loss is over real, labelled tokens."""
         word = self.encoder.embeddings.word.weight
         if masked_positions is not None:
-            logits = self.mlm(out.hidden.index_select(0, out.unpadded.rows(masked_positions)), word)
+            logits = self.mlm(out.at(masked_positions), word)
             if labels is not None and labels.shape != masked_positions.shape:
                 raise ValueError(
                     f"with masked_positions {tuple(masked_positions.shape)}, labels must be the "
@@ -180,7 +185,9 @@ class MaskedLM(_Model):
     masked_positions=None)``: with ``masked_positions`` (int64 ``[M]``, flat indices ``b * S + s`` of
     real tokens) the logits are ``[M, vocab]`` at those positions only and ``labels`` are ``[M]``;
     without, logits are ``[B, S, vocab]`` and ``labels`` ``[B, S]`` (-100 = ignored). ``loss`` is the
-    mean cross entropy over labelled tokens.
+    mean cross entropy over labelled tokens. With ``masked_positions`` the encoder's last layer runs
+    at those positions only (``output.encoder.at(masked_positions)`` holds their states);
+    ``all_tokens=True`` runs it at every token, for losses on all hidden states.
     """
 
     task = "masked_lm"
@@ -191,9 +198,16 @@ class MaskedLM(_Model):
         self._init_heads(self.mlm)
 
     def forward(
-        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None, masked_positions=None
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        masked_positions=None,
+        all_tokens=False,
     ) -> ModelOutput:
-        out = self.encoder(input_ids, attention_mask, token_type_ids, position_ids)
+        out = self.encoder(input_ids, attention_mask, token_type_ids, position_ids, _sparse(masked_positions, all_tokens))
         logits, loss = self._mlm(out, labels, masked_positions)
         return ModelOutput(out, loss=loss, logits=logits)
 
@@ -201,7 +215,9 @@ class MaskedLM(_Model):
 class PreTraining(_Model):
     """MLM + NSP (BERT) or SOP (ALBERT) on the pooler (HF ``BertForPreTraining``/``AlbertForPreTraining``).
 
-    ``forward(..., labels=None, masked_positions=None, pair_labels=None)``: MLM as in ``MaskedLM``;
+    ``forward(..., labels=None, masked_positions=None, pair_labels=None, all_tokens=False)``: MLM as
+    in ``MaskedLM`` (the last layer at the masked positions and the first tokens only, unless
+    ``all_tokens``);
     ``pair_labels`` int64 ``[B]`` (NSP: 0 = B follows A; SOP: 0 = original order). ``loss`` is the
     sum of the losses whose labels are given.
     """
@@ -225,8 +241,9 @@ class PreTraining(_Model):
         labels=None,
         masked_positions=None,
         pair_labels=None,
+        all_tokens=False,
     ) -> ModelOutput:
-        out = self.encoder(input_ids, attention_mask, token_type_ids, position_ids)
+        out = self.encoder(input_ids, attention_mask, token_type_ids, position_ids, _sparse(masked_positions, all_tokens))
         logits, mlm_loss = self._mlm(out, labels, masked_positions)
         pooled = out.pooler_output
         if self.config.family == "albert":

@@ -154,7 +154,8 @@ class DistillObjective(nn.Module):
             attention_mask=batch["attention_mask"],
             token_type_ids=batch.get("token_type_ids"),
         )
-        out = self.model(**inputs, masked_positions=positions)
+        all_tokens = self.alpha_cos > 0 and self.cos_positions == "all"
+        out = self.model(**inputs, masked_positions=positions, all_tokens=all_tokens)
         logits = out.logits
         if labels.numel() > 0:
             mlm_loss = F.cross_entropy(logits.float(), labels)
@@ -170,28 +171,23 @@ class DistillObjective(nn.Module):
         if not self.uses_teacher or (not cached and self.teacher is None):
             return loss, metrics
 
-        unpadded = out.encoder.unpadded
         if cached:
             kl = kl_topk(logits, batch["teacher_values"], batch["teacher_indices"], batch["teacher_lognorm"], self.temperature)
             top1 = batch["teacher_indices"][:, 0]
             teacher_hidden = batch.get("teacher_hidden")
         else:
             with torch.no_grad():
-                t_out = self.teacher(**inputs, masked_positions=positions)
+                t_out = self.teacher(**inputs, masked_positions=positions, all_tokens=all_tokens)
             kl = kl_full(logits, t_out.logits, self.temperature)
             top1 = t_out.logits.argmax(-1)
-            teacher_hidden = t_out.encoder.hidden
-            if self.cos_positions == "masked":
-                teacher_hidden = teacher_hidden.index_select(0, t_out.encoder.unpadded.rows(positions))
+            teacher_hidden = t_out.encoder.hidden if all_tokens else t_out.encoder.at(positions)
         loss = loss + self.alpha_ce * kl
         metrics["kl_loss"] = kl.detach()
         metrics["teacher_acc"] = (top1 == labels).sum().float() / max(1, labels.numel())
         if self.alpha_cos > 0:
             if teacher_hidden is None:
                 raise ValueError("alpha_cos > 0 but the batch's cached teacher outputs have no hidden states")
-            student_hidden = out.encoder.hidden
-            if self.cos_positions == "masked":
-                student_hidden = student_hidden.index_select(0, unpadded.rows(positions))
+            student_hidden = out.encoder.hidden if all_tokens else out.encoder.at(positions)
             if teacher_hidden.shape != student_hidden.shape:
                 raise ValueError(
                     f"teacher hidden states {tuple(teacher_hidden.shape)} do not match the student's "

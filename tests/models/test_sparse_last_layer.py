@@ -1,0 +1,86 @@
+"""The sparse last layer: with ``masked_positions`` the encoder's last layer runs at those positions
+(and the first tokens, for the pooler) only. Its outputs and gradients must equal the full run's."""
+
+import pytest
+import torch
+
+from lub_fast.models import MaskedLM, PreTraining
+from lub_fast.models.config import FAMILIES
+
+from test_encoder import TOL, tiny
+
+
+def _batch(seed=0):
+    """Right, left and no padding, an empty row, positions unsorted and spread over the rows."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, seq = 5, 12
+    mask = torch.zeros(batch, seq, dtype=torch.long)
+    mask[0, :12] = 1
+    mask[1, :7] = 1
+    mask[2, 4:] = 1  # left padding: position 0 of this row is padding
+    mask[4, :1] = 1  # a single token; row 3 stays empty
+    ids = torch.randint(5, 99, (batch, seq), generator=gen) * mask
+    real = mask.view(-1).nonzero().squeeze(1)
+    positions = real[torch.randperm(real.numel(), generator=gen)[:9]]
+    return ids, mask, positions
+
+
+def _zero_dropout(config):
+    import dataclasses
+
+    return dataclasses.replace(config, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_last_layer_equals_full_outputs_and_gradients(family):
+    torch.manual_seed(0)
+    model = MaskedLM(_zero_dropout(tiny(family))).train()
+    ids, mask, positions = _batch()
+    outs, grads = [], []
+    for all_tokens in (True, False):
+        model.zero_grad()
+        out = model(ids, mask, masked_positions=positions, all_tokens=all_tokens)
+        (out.logits.square().mean() + out.encoder.at(positions).sum()).backward()
+        outs.append((out.logits.detach(), out.encoder.at(positions).detach()))
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    (full_logits, full_hidden), (sparse_logits, sparse_hidden) = outs
+    assert full_logits.shape == sparse_logits.shape == (9, 99)
+    torch.testing.assert_close(sparse_logits, full_logits, **TOL)
+    torch.testing.assert_close(sparse_hidden, full_hidden, **TOL)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], **TOL, msg=name)
+
+
+@pytest.mark.parametrize("family", ["bert", "albert"])
+def test_sparse_last_layer_keeps_the_pooler(family):
+    torch.manual_seed(0)
+    model = PreTraining(tiny(family)).eval()
+    ids, mask, positions = _batch(1)
+    full = model(ids, mask, masked_positions=positions, all_tokens=True)
+    sparse = model(ids, mask, masked_positions=positions)
+    torch.testing.assert_close(sparse.logits, full.logits, **TOL)
+    torch.testing.assert_close(sparse.pooler_output, full.pooler_output, **TOL)
+    torch.testing.assert_close(sparse.seq_relationship_logits, full.seq_relationship_logits, **TOL)
+    assert sparse.encoder.hidden.shape == (9, 32)
+
+
+def test_sparse_last_layer_limits_and_edge_cases():
+    torch.manual_seed(0)
+    model = MaskedLM(tiny("bert")).train()
+    ids, mask, positions = _batch(2)
+    out = model(ids, mask, masked_positions=positions)
+    with pytest.raises(ValueError, match="output_positions only"):
+        out.encoder.last_hidden_state
+    with pytest.raises(ValueError, match="other output_positions"):
+        out.encoder.at(positions[:3])
+    none = model(ids, mask, masked_positions=positions[:0])
+    assert none.logits.shape == (0, 99)
+    # Training with dropout: finite, and reproducible from torch's RNG like the full encoder.
+    torch.manual_seed(5)
+    a = model(ids, mask, masked_positions=positions).logits
+    a.sum().backward()
+    torch.manual_seed(5)
+    b = model(ids, mask, masked_positions=positions).logits
+    assert torch.isfinite(a).all() and torch.equal(a, b)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
