@@ -27,7 +27,7 @@ from lub_fast.train import TrainConfig
 
 _TAGGED_WORD = re.compile(r"\[?(\S+?)/[A-Za-z]+(?:\][A-Za-z]+)?")
 SEQ = 32
-TEACHER_STEPS, STUDENT_STEPS = 300, 60
+TEACHER_STEPS, STUDENT_STEPS = 1000, 600
 
 
 def _people_daily(limit):
@@ -184,37 +184,48 @@ def test_distill_loss_decreases(shards, random_teacher, tmp_path):
 
 
 def test_distilled_student_beats_mlm_only_on_held_out_text(shards, tmp_path):
-    # A tiny teacher pretrained on the corpus; a smaller random student trained for the same steps
-    # with DistilBERT's loss or with MLM alone (same init, data, masks and seeds). At this CPU
-    # scale both students still predict mostly by frequency (accuracy moves in steps of single
-    # tokens), so the held-out cross entropy is the sensitive measure: it must drop clearly, and
-    # the accuracy must not fall behind.
+    # A tiny teacher (2 layers, hidden 128) pretrained on the corpus's first 2,700 lines; a random
+    # 1-layer student trained for the same steps with the KL + MLM loss or with MLM alone (same
+    # init, data, masks and seeds), both scored on 3,000 other lines of the corpus (about 20k masked
+    # tokens). T = 1: this teacher is weak (held-out perplexity ~440), and DistilBERT's T = 2
+    # flattens its targets until the student stays at the unigram plateau (measured: 0.050 against
+    # 0.066 for MLM alone); at T = 1 the distilled student leaves the plateau first (seeds 0-2:
+    # 0.106 vs 0.049, 0.102 vs 0.066, 0.076 vs 0.065 masked-token accuracy).
+    from lub_fast.prepare import prepare_corpus
     from lub_fast.pretrain import DataSection as PretrainData
     from lub_fast.pretrain import MaskingSection as PretrainMasking
     from lub_fast.pretrain import ModelSection, PretrainConfig
     from lub_fast.pretrain import run as pretrain
 
+    lines = _people_daily(6000)[3000:]
+    (tmp_path / "held.txt").write_text("".join("\n".join(lines[i : i + 10]) + "\n\n" for i in range(0, len(lines), 10)), encoding="utf-8")
+    held = str(tmp_path / "held")
+    prepare_corpus([str(tmp_path / "held.txt")], held, vocab=str(Path(shards[0], "vocab.txt")), segmenter="jieba")
     teacher = pretrain(PretrainConfig(
         recipe="roberta", output=str(tmp_path / "teacher"),
         model=ModelSection(size="tiny", max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
                            attention_probs_dropout_prob=0.0),
-        data=PretrainData(data=(shards[0],), eval_data=(shards[1],), max_seq_len=SEQ, batch_size=32, eval_batches=16),
+        data=PretrainData(data=(shards[0],), eval_data=(held,), max_seq_len=SEQ, batch_size=32, eval_batches=200),
         masking=PretrainMasking(mode="token"),
         train=TrainConfig(total_steps=TEACHER_STEPS, lr=2e-3, warmup_steps=30, betas=(0.9, 0.98), weight_decay=0.0,
-                          log_every=50, save_every=0, device="cpu"),
+                          log_every=100, save_every=0, device="cpu"),
     ))
     held_out = {}
-    for name, loss in (("distilled", LossSection(alpha_cos=0.0)), ("mlm_only", LossSection(alpha_ce=0.0, alpha_cos=0.0))):
+    for name, loss in (("distilled", LossSection(alpha_cos=0.0, temperature=1.0)),
+                       ("mlm_only", LossSection(alpha_ce=0.0, alpha_cos=0.0))):  # fmt: skip
         cfg = _config(shards, str(tmp_path / "teacher"), tmp_path / name, steps=STUDENT_STEPS, loss=loss,
+                      student=StudentSection(model="tiny", num_hidden_layers=1, init="random"),
                       masking=MaskingSection(mode="token"),
-                      data=DataSection(data=(shards[0],), eval_data=(shards[1],), max_seq_len=SEQ, batch_size=32,
-                                       eval_batches=16))
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=3e-3, betas=(0.9, 0.98), warmup_steps=10))
+                      data=DataSection(data=(shards[0],), eval_data=(held,), max_seq_len=SEQ, batch_size=32,
+                                       eval_batches=200))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=3e-3, betas=(0.9, 0.98), warmup_steps=10,
+                                                                 log_every=100))
         held_out[name] = distill.run(cfg)["eval"]
     report = {name: (round(ev["mlm_acc"], 4), round(ev["mlm_loss"], 4)) for name, ev in held_out.items()}
     report["teacher"] = (round(teacher["eval"]["mlm_acc"], 4), round(teacher["eval"]["mlm_loss"], 4))
-    assert held_out["distilled"]["mlm_loss"] < held_out["mlm_only"]["mlm_loss"] - 0.03, report
-    assert held_out["distilled"]["mlm_acc"] >= held_out["mlm_only"]["mlm_acc"], report
+    assert held_out["distilled"]["mlm_acc"] > held_out["mlm_only"]["mlm_acc"] + 0.01, report
+    assert held_out["distilled"]["mlm_loss"] < held_out["mlm_only"]["mlm_loss"] - 0.05, report
+    assert teacher["eval"]["mlm_acc"] > held_out["distilled"]["mlm_acc"], report
 
 
 # ------------------------------------------------------------------------------------------ resume
