@@ -5,8 +5,15 @@ import sys
 
 
 def _version(module):
+    """The installed distribution's version (rjieba and snownlp have no ``__version__``)."""
+    from importlib import metadata
+
     try:
-        return __import__(module).__version__
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
+        pass
+    try:
+        return getattr(__import__(module), "__version__", "installed (version unknown)")
     except Exception:
         return "not installed"
 

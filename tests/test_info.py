@@ -45,6 +45,14 @@ def test_info_reports_versions_and_implementations():
         assert name in out, out
     for op in ops.OP_NAMES:
         assert f"lub_fast::{op}" in out, out
+    from importlib import metadata
+
+    for dist in ("rjieba", "snownlp", "jieba"):  # rjieba and snownlp have no __version__
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        assert f"{dist:<12} {version}" in out, out
     if ops.EXTENSION_ERRORS["lub_fast._C"] is None:
         line = next(l for l in out.splitlines() if l.startswith("lub_fast::wwm_mask"))
         assert line.split()[1] == "kernel", line
