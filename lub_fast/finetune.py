@@ -65,7 +65,7 @@ from lub_fast.tasks import TASKS, TaskDataError, load_task
 from lub_fast.tasks import metrics as task_metrics
 from lub_fast.tasks.cmrc2018 import build_features, postprocess, special_id
 from lub_fast.tasks.io import write_clue_predictions, write_cmrc2018_predictions, write_ner_predictions
-from lub_fast.tasks.ner import decode_tags, encode_tokens, label_ids, tags_to_spans
+from lub_fast.tasks.ner import decode_tags, encode_windows, label_ids, tags_to_spans
 from lub_fast.train import TrainConfig, init_distributed, shutdown_distributed, train
 
 _HEAD = {
@@ -91,7 +91,7 @@ class FinetuneOptions:
     patience: int = option(0, "stop after this many evaluations without a better dev metric; 0 = never")
     eval_every: int = option(0, "steps between dev evaluations; 0 = once per epoch")
     eval_batch_size: int = option(64, "examples per evaluation batch")
-    doc_stride: int = option(128, "cmrc2018: tokens between the starts of a context's windows")
+    doc_stride: int = option(128, "cmrc2018 and ner: tokens between the starts of the windows of a long context or sentence")
     max_query_len: int = option(64, "cmrc2018: question tokens kept")
     n_best: int = option(20, "cmrc2018: start and end candidates searched per window")
     max_answer_len: int = option(30, "cmrc2018: longest answer in tokens")
@@ -205,13 +205,15 @@ def encode_texts(tokenizer, examples, max_seq_len: int) -> list[dict]:
 @dataclass
 class Split:
     """One data file: ``data`` (``TaskData``), model ``rows`` (dicts of lists/numbers, one per
-    model input), and for CMRC 2018 the windows (``QAFeature``s, one per row) or for NER each row's
-    piece-to-character ``positions``."""
+    model input), and for CMRC 2018 the windows (``QAFeature``s, one per row) or for NER, per row
+    (a window of a sentence), its example in ``row_example`` and the piece-to-character
+    ``positions`` whose prediction this window gives."""
 
     data: object
     rows: list
     windows: list | None = None
     positions: list | None = None
+    row_example: list | None = None
 
 
 def build_split(data, kind, tokenizer, options: FinetuneOptions) -> Split:
@@ -232,15 +234,17 @@ def build_split(data, kind, tokenizer, options: FinetuneOptions) -> Split:
         return Split(data, rows, windows=windows)
     if kind == "ner":
         label_to_id = {t: i for i, t in enumerate(data.labels)}
-        rows, positions = [], []
-        for example in data.examples:
-            ids, pos = encode_tokens(example.tokens, tokenizer, options.max_seq_len)
-            row = {"input_ids": ids, "token_type_ids": [0] * len(ids)}
-            if data.has_labels:
-                row["labels"] = label_ids(pos, example.tags, label_to_id)
-            rows.append(row)
-            positions.append(pos)
-        return Split(data, rows, positions=positions)
+        rows, owned_positions, row_example = [], [], []
+        for index, example in enumerate(data.examples):
+            # Sentences longer than max_seq_len become overlapping windows (nothing is cut).
+            for ids, pos, owned in encode_windows(example.tokens, tokenizer, options.max_seq_len, options.doc_stride):
+                row = {"input_ids": ids, "token_type_ids": [0] * len(ids)}
+                if data.has_labels:
+                    row["labels"] = label_ids(pos, example.tags, label_to_id)
+                rows.append(row)
+                owned_positions.append(owned)
+                row_example.append(index)
+        return Split(data, rows, positions=owned_positions, row_example=row_example)
     rows = encode_texts(tokenizer, data.examples, options.max_seq_len)
     if data.has_labels:
         label_to_id = None if kind == "regression" else {n: i for i, n in enumerate(data.labels)}
@@ -361,10 +365,10 @@ def decode(split: Split, kind: str, outputs: list, options: FinetuneOptions) -> 
             max_answer_len=options.max_answer_len,
         )
     if kind == "ner":
-        return [
-            decode_tags(positions, ids, len(example.tokens), data.labels)
-            for example, positions, ids in zip(data.examples, split.positions, outputs)
-        ]
+        tags = [["O"] * len(example.tokens) for example in data.examples]
+        for index, positions, ids in zip(split.row_example, split.positions, outputs):
+            decode_tags(positions, ids, len(tags[index]), data.labels, tags[index])
+        return tags
     if kind == "regression":
         return [float(o[0]) for o in outputs]
     return [data.labels[int(np.argmax(o))] for o in outputs]

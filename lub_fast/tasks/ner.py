@@ -288,15 +288,8 @@ def load_ner(path, labels=None, scheme=None, skip_bad=False):
 # Alignment to WordPiece tokens
 
 
-def encode_tokens(tokens, tokenizer, max_seq_len=512):
-    """WordPiece ids for a pre-split sentence, and the sentence position of each id.
-
-    `[CLS] pieces [SEP]`; each input token (a character) maps to its tokenizer pieces; a token
-    the tokenizer drops (a space, a control character) becomes one [UNK] so that every token gets
-    a prediction. Returns `(input_ids, positions)`: `positions[k]` is the token index whose first
-    piece is id k, or -1 for specials and continuation pieces. Tokens past `max_seq_len - 2`
-    pieces are cut (`decode_tags` gives them "O").
-    """
+def _pieces(tokens, tokenizer):
+    """(WordPiece ids of the whole sentence, token index of each first piece or -1)."""
     from lub_fast.tasks.cmrc2018 import backend_tokenizer, special_id
 
     backend = backend_tokenizer(tokenizer)
@@ -305,16 +298,60 @@ def encode_tokens(tokens, tokenizer, max_seq_len=512):
     pieces = [[] for _ in tokens]
     for piece, word in zip(encoding.ids, encoding.word_ids):
         pieces[word].append(piece)
-    ids, positions = [special_id(tokenizer, "[CLS]")], [-1]
+    ids, firsts = [], []
     for i, token_pieces in enumerate(pieces):
         token_pieces = token_pieces or [unk]
-        if len(ids) + len(token_pieces) > max_seq_len - 1:
-            break
         ids.extend(token_pieces)
-        positions.extend([i] + [-1] * (len(token_pieces) - 1))
-    ids.append(special_id(tokenizer, "[SEP]"))
-    positions.append(-1)
-    return ids, positions
+        firsts.extend([i] + [-1] * (len(token_pieces) - 1))
+    return ids, firsts
+
+
+def encode_tokens(tokens, tokenizer, max_seq_len=512):
+    """WordPiece ids for a pre-split sentence, and the sentence position of each id.
+
+    `[CLS] pieces [SEP]`; each input token (a character) maps to its tokenizer pieces; a token
+    the tokenizer drops (a space, a control character) becomes one [UNK] so that every token gets
+    a prediction. Returns `(input_ids, positions)`: `positions[k]` is the token index whose first
+    piece is id k, or -1 for specials and continuation pieces. Tokens past `max_seq_len - 2`
+    pieces are cut (`decode_tags` gives them "O"); `encode_windows` covers them all.
+    """
+    from lub_fast.tasks.cmrc2018 import special_id
+
+    pieces, firsts = _pieces(tokens, tokenizer)
+    cut = len(pieces)
+    if cut > max_seq_len - 2:
+        cut = max_seq_len - 2
+        while cut > 0 and firsts[cut] < 0:  # a token is kept whole or not at all
+            cut -= 1
+    ids = [special_id(tokenizer, "[CLS]")] + pieces[:cut] + [special_id(tokenizer, "[SEP]")]
+    return ids, [-1] + firsts[:cut] + [-1]
+
+
+def encode_windows(tokens, tokenizer, max_seq_len=512, stride=128):
+    """Windows of `[CLS] pieces [SEP]` that together cover a pre-split sentence of any length, as
+    BERT's `run_squad.py` windows a context: each at most `max_seq_len` ids, each starting `stride`
+    pieces after the previous one.
+
+    Returns a list of `(input_ids, positions, owned)` per window: `positions` as `encode_tokens`
+    (every token whose first piece is in the window: training labels), `owned` the same but -1
+    where another window gives the token more context on both sides (the one window whose
+    prediction counts, BERT's `_check_is_max_context`). One window when the sentence fits.
+    """
+    from lub_fast.tasks.cmrc2018 import _max_context, _windows, special_id
+
+    if max_seq_len < 3:
+        raise ValueError(f"max_seq_len {max_seq_len} leaves no room for a token after [CLS] and [SEP]")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    pieces, firsts = _pieces(tokens, tokenizer)
+    cls, sep = special_id(tokenizer, "[CLS]"), special_id(tokenizer, "[SEP]")
+    windows = _windows(len(pieces), max_seq_len - 2, stride)
+    out = []
+    for k, (start, length) in enumerate(windows):
+        positions = firsts[start : start + length]
+        owned = [p if p >= 0 and _max_context(windows, k, start + j) else -1 for j, p in enumerate(positions)]
+        out.append(([cls] + pieces[start : start + length] + [sep], [-1] + positions + [-1], [-1] + owned + [-1]))
+    return out
 
 
 def label_ids(positions, tags, label_to_id, ignore_index=-100):
@@ -322,9 +359,10 @@ def label_ids(positions, tags, label_to_id, ignore_index=-100):
     return [label_to_id[tags[p]] if p >= 0 else ignore_index for p in positions]
 
 
-def decode_tags(positions, predicted_ids, n_tokens, id_to_label):
-    """Per-token tags from per-piece predicted label ids; cut tokens get "O"."""
-    tags = ["O"] * n_tokens
+def decode_tags(positions, predicted_ids, n_tokens, id_to_label, tags=None):
+    """Per-token tags from per-piece predicted label ids; tokens no position names get "O".
+    With ``tags`` (a list being filled window by window, with ``owned`` positions) fills it."""
+    tags = ["O"] * n_tokens if tags is None else tags
     for p, label in zip(positions, predicted_ids):
         if p >= 0:
             tags[p] = id_to_label[int(label)]

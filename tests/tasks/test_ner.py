@@ -10,7 +10,15 @@ from tokenizers import BertWordPieceTokenizer
 
 from lub_fast.tasks import TaskDataError, load_task
 from lub_fast.tasks.io import write_ner_predictions
-from lub_fast.tasks.ner import convert_tags, decode_tags, encode_tokens, label_ids, spans_to_tags, tags_to_spans
+from lub_fast.tasks.ner import (
+    convert_tags,
+    decode_tags,
+    encode_tokens,
+    encode_windows,
+    label_ids,
+    spans_to_tags,
+    tags_to_spans,
+)
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
@@ -156,8 +164,71 @@ def test_ner_encode_tokens_alignment():
     assert len(ids) == 4 and decode_tags(positions, [1] * 4, len(tokens), ["O", "B-PER"]) == ["B-PER"] * 2 + ["O"] * 3
 
 
+@pytest.mark.parametrize("max_seq_len,stride", [(8, 2), (9, 3), (12, 5), (64, 128)])
+def test_ner_windows_cover_long_sentences(max_seq_len, stride):
+    # 22 tokens, one of them two pieces, one dropped by the tokenizer ([UNK]): 23 pieces.
+    tokens = list("张三在北京") + ["abc"] + list("大学读书他说明天去上海找李四") + [" "] + list("好")
+    tok = _tokenizer("张三在北京大学读书他说明天去上海找李四好")
+    windows = encode_windows(tokens, tok, max_seq_len=max_seq_len, stride=stride)
+    assert (len(windows) == 1) == (max_seq_len >= 25)
+    owners = {}
+    for ids, positions, owned in windows:
+        assert len(ids) <= max_seq_len and len(ids) == len(positions) == len(owned)
+        assert tok.id_to_token(ids[0]) == "[CLS]" and tok.id_to_token(ids[-1]) == "[SEP]"
+        assert all(o in (-1, p) for o, p in zip(owned, positions))
+        for o in owned:
+            if o >= 0:
+                owners[o] = owners.get(o, 0) + 1
+    assert owners == {i: 1 for i in range(len(tokens))}  # every token predicted by exactly one window
+    # Perfect per-window predictions decode to the gold tags, whatever the windowing.
+    tags = ["B-PER", "I-PER", "O", "B-ORG", "I-ORG", "I-ORG"] + ["I-ORG"] * 2 + ["O"] * 7 + ["B-LOC", "I-LOC"]
+    tags += ["O", "B-PER", "I-PER", "O", "O"]
+    assert len(tags) == len(tokens) == 22
+    label_to_id = {"O": 0, "B-PER": 1, "I-PER": 2, "B-ORG": 3, "I-ORG": 4, "B-LOC": 5, "I-LOC": 6}
+    names = list(label_to_id)
+    decoded = ["O"] * len(tokens)
+    for ids, positions, owned in windows:
+        gold = label_ids(positions, tags, label_to_id, ignore_index=0)
+        decode_tags(owned, gold, len(tokens), names, decoded)
+    assert decoded == tags
+    if len(windows) == 1:
+        assert windows[0][:2] == encode_tokens(tokens, tok, max_seq_len)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        encode_windows(tokens, tok, max_seq_len, stride=0)
+
+
+def test_ner_windows_own_the_token_with_most_context():
+    tok = _tokenizer("一二三四五六七八九十")
+    windows = encode_windows(list("一二三四五六七八九十"), tok, max_seq_len=6, stride=2)
+    starts = [w[1][1] for w in windows]  # token of each window's first piece
+    assert starts == [0, 2, 4, 6]
+    # Token 3 is in windows 0 (positions 0-3), 1 (2-5): window 1 gives it context on both sides.
+    assert [3 in w[2] for w in windows] == [False, True, False, False]
+
+
 def test_write_ner_predictions_cluener_layout(tmp_path):
     out = tmp_path / "ner.json"
     write_ner_predictions(out, [0], [list("张三在北京")], [[("name", 0, 1), ("address", 3, 4)]])
     row = json.loads(out.read_text(encoding="utf-8"))
     assert row == {"id": 0, "text": "张三在北京", "label": {"name": {"张三": [[0, 1]]}, "address": {"北京": [[3, 4]]}}}
+
+
+@needs_data
+def test_ner_split_windows_lose_nothing_on_real_long_sentences(tmp_path):
+    """People's Daily NER has sentences of up to 568 characters: with 64-piece windows, perfect
+    per-window predictions decode to every gold tag (nothing past max_seq_len is cut to "O")."""
+    from lub_fast.data.tokenizer import hf_tokenizer
+    from lub_fast.finetune import FinetuneOptions, Split, build_split, decode
+
+    data = load_task("ner", DATA / "peoples_daily_ner" / "example.dev")
+    chars = sorted({c for e in data.examples for c in e.tokens})
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars) + "\n", encoding="utf-8")
+    options = FinetuneOptions(max_seq_len=64, doc_stride=24)
+    split = build_split(data, "ner", hf_tokenizer(vocab), options)
+    longest = max(len(e.tokens) for e in data.examples)
+    assert longest > 500 and len(split.rows) > len(data.examples)
+    assert max(len(r["input_ids"]) for r in split.rows) <= 64
+    perfect = [[max(label, 0) for label in row["labels"]] for row in split.rows]
+    predicted = decode(Split(data, split.rows, positions=split.positions, row_example=split.row_example), "ner", perfect, options)
+    assert predicted == [list(e.tags) for e in data.examples]
