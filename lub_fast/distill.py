@@ -375,7 +375,7 @@ def cache_teacher(cfg: DistillConfig, teacher, batches, header: dict, env) -> di
                 positions = batch["masked_positions"].to(env.device)
                 inputs = {key: batch[key].to(env.device) for key in ("input_ids", "attention_mask", "token_type_ids")}
                 with torch.autocast(env.device.type, dtype=amp, enabled=amp is not None):
-                    out = teacher(**inputs, masked_positions=positions, all_tokens=hidden == "all")
+                    out = teacher(**inputs, masked_positions=positions, sparse_last_layer=hidden != "all")
                 logits = out.logits.float()
                 lognorm = torch.logsumexp(logits / temperature, dim=-1)
                 values, indices = logits.topk(k, dim=-1)

@@ -120,9 +120,9 @@ class ClassificationHead(nn.Module):
         return self.out(x)
 
 
-def _sparse(masked_positions: Tensor | None, all_tokens: bool) -> Tensor | None:
-    """The encoder's ``output_positions``: the masked ones, unless every token's state is wanted."""
-    return None if all_tokens else masked_positions
+def _sparse(masked_positions: Tensor | None, sparse_last_layer: bool) -> Tensor | None:
+    """The encoder's ``output_positions``: the masked ones when the last layer may run there only."""
+    return masked_positions if sparse_last_layer else None
 
 
 class _Model(nn.Module):
@@ -185,9 +185,10 @@ class MaskedLM(_Model):
     masked_positions=None)``: with ``masked_positions`` (int64 ``[M]``, flat indices ``b * S + s`` of
     real tokens) the logits are ``[M, vocab]`` at those positions only and ``labels`` are ``[M]``;
     without, logits are ``[B, S, vocab]`` and ``labels`` ``[B, S]`` (-100 = ignored). ``loss`` is the
-    mean cross entropy over labelled tokens. With ``masked_positions`` the encoder's last layer runs
-    at those positions only (``output.encoder.at(masked_positions)`` holds their states);
-    ``all_tokens=True`` runs it at every token, for losses on all hidden states.
+    mean cross entropy over labelled tokens. ``sparse_last_layer=True`` (with ``masked_positions``;
+    what the training objectives use) runs the encoder's last layer at those positions only: the
+    same logits, less compute, but then only ``output.encoder.at(masked_positions)`` holds final
+    states (no ``last_hidden_state``).
     """
 
     task = "masked_lm"
@@ -205,9 +206,10 @@ class MaskedLM(_Model):
         position_ids=None,
         labels=None,
         masked_positions=None,
-        all_tokens=False,
+        sparse_last_layer=False,
     ) -> ModelOutput:
-        out = self.encoder(input_ids, attention_mask, token_type_ids, position_ids, _sparse(masked_positions, all_tokens))
+        sparse = _sparse(masked_positions, sparse_last_layer)
+        out = self.encoder(input_ids, attention_mask, token_type_ids, position_ids, sparse)
         logits, loss = self._mlm(out, labels, masked_positions)
         return ModelOutput(out, loss=loss, logits=logits)
 
@@ -215,9 +217,9 @@ class MaskedLM(_Model):
 class PreTraining(_Model):
     """MLM + NSP (BERT) or SOP (ALBERT) on the pooler (HF ``BertForPreTraining``/``AlbertForPreTraining``).
 
-    ``forward(..., labels=None, masked_positions=None, pair_labels=None, all_tokens=False)``: MLM as
-    in ``MaskedLM`` (the last layer at the masked positions and the first tokens only, unless
-    ``all_tokens``);
+    ``forward(..., labels=None, masked_positions=None, pair_labels=None, sparse_last_layer=False)``:
+    MLM as in ``MaskedLM`` (with ``sparse_last_layer``, the last layer at the masked positions and
+    the first tokens only);
     ``pair_labels`` int64 ``[B]`` (NSP: 0 = B follows A; SOP: 0 = original order). ``loss`` is the
     sum of the losses whose labels are given.
     """
@@ -241,9 +243,10 @@ class PreTraining(_Model):
         labels=None,
         masked_positions=None,
         pair_labels=None,
-        all_tokens=False,
+        sparse_last_layer=False,
     ) -> ModelOutput:
-        out = self.encoder(input_ids, attention_mask, token_type_ids, position_ids, _sparse(masked_positions, all_tokens))
+        sparse = _sparse(masked_positions, sparse_last_layer)
+        out = self.encoder(input_ids, attention_mask, token_type_ids, position_ids, sparse)
         logits, mlm_loss = self._mlm(out, labels, masked_positions)
         pooled = out.pooler_output
         if self.config.family == "albert":

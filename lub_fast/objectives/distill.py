@@ -155,7 +155,7 @@ class DistillObjective(nn.Module):
             token_type_ids=batch.get("token_type_ids"),
         )
         all_tokens = self.alpha_cos > 0 and self.cos_positions == "all"
-        out = self.model(**inputs, masked_positions=positions, all_tokens=all_tokens)
+        out = self.model(**inputs, masked_positions=positions, sparse_last_layer=not all_tokens)
         logits = out.logits
         if labels.numel() > 0:
             mlm_loss = F.cross_entropy(logits.float(), labels)
@@ -177,7 +177,7 @@ class DistillObjective(nn.Module):
             teacher_hidden = batch.get("teacher_hidden")
         else:
             with torch.no_grad():
-                t_out = self.teacher(**inputs, masked_positions=positions, all_tokens=all_tokens)
+                t_out = self.teacher(**inputs, masked_positions=positions, sparse_last_layer=not all_tokens)
             kl = kl_full(logits, t_out.logits, self.temperature)
             top1 = t_out.logits.argmax(-1)
             teacher_hidden = t_out.encoder.hidden if all_tokens else t_out.encoder.at(positions)

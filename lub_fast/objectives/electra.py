@@ -33,7 +33,7 @@ class ElectraObjective(nn.Module):
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         token_type_ids = batch.get("token_type_ids")
         positions, labels = batch["masked_positions"], batch["masked_labels"]
-        gen = self.pair.generator(input_ids, attention_mask, token_type_ids, masked_positions=positions)
+        gen = self.pair.generator(input_ids, attention_mask, token_type_ids, masked_positions=positions, sparse_last_layer=True)
         masked = labels != -100
         gen_scale = mean_scale(masked, self.training)
         token_loss = nn.functional.cross_entropy(gen.logits.float(), labels, ignore_index=-100, reduction="none")

@@ -72,6 +72,7 @@ class MaskedLMObjective(nn.Module):
             attention_mask=batch["attention_mask"],
             token_type_ids=batch.get("token_type_ids"),
             masked_positions=positions,
+            sparse_last_layer=True,
         )
         keep = labels != -100
         scale = mean_scale(keep, self.training)

@@ -37,9 +37,9 @@ def test_sparse_last_layer_equals_full_outputs_and_gradients(family):
     model = MaskedLM(_zero_dropout(tiny(family))).train()
     ids, mask, positions = _batch()
     outs, grads = [], []
-    for all_tokens in (True, False):
+    for sparse in (False, True):
         model.zero_grad()
-        out = model(ids, mask, masked_positions=positions, all_tokens=all_tokens)
+        out = model(ids, mask, masked_positions=positions, sparse_last_layer=sparse)
         (out.logits.square().mean() + out.encoder.at(positions).sum()).backward()
         outs.append((out.logits.detach(), out.encoder.at(positions).detach()))
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
@@ -57,8 +57,8 @@ def test_sparse_last_layer_keeps_the_pooler(family):
     torch.manual_seed(0)
     model = PreTraining(tiny(family)).eval()
     ids, mask, positions = _batch(1)
-    full = model(ids, mask, masked_positions=positions, all_tokens=True)
-    sparse = model(ids, mask, masked_positions=positions)
+    full = model(ids, mask, masked_positions=positions)
+    sparse = model(ids, mask, masked_positions=positions, sparse_last_layer=True)
     torch.testing.assert_close(sparse.logits, full.logits, **TOL)
     torch.testing.assert_close(sparse.pooler_output, full.pooler_output, **TOL)
     torch.testing.assert_close(sparse.seq_relationship_logits, full.seq_relationship_logits, **TOL)
@@ -69,18 +69,35 @@ def test_sparse_last_layer_limits_and_edge_cases():
     torch.manual_seed(0)
     model = MaskedLM(tiny("bert")).train()
     ids, mask, positions = _batch(2)
-    out = model(ids, mask, masked_positions=positions)
+    out = model(ids, mask, masked_positions=positions, sparse_last_layer=True)
     with pytest.raises(ValueError, match="output_positions only"):
         out.encoder.last_hidden_state
     with pytest.raises(ValueError, match="other output_positions"):
         out.encoder.at(positions[:3])
-    none = model(ids, mask, masked_positions=positions[:0])
+    none = model(ids, mask, masked_positions=positions[:0], sparse_last_layer=True)
     assert none.logits.shape == (0, 99)
     # Training with dropout: finite, and reproducible from torch's RNG like the full encoder.
     torch.manual_seed(5)
-    a = model(ids, mask, masked_positions=positions).logits
+    a = model(ids, mask, masked_positions=positions, sparse_last_layer=True).logits
     a.sum().backward()
     torch.manual_seed(5)
-    b = model(ids, mask, masked_positions=positions).logits
+    b = model(ids, mask, masked_positions=positions, sparse_last_layer=True).logits
     assert torch.isfinite(a).all() and torch.equal(a, b)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_training_objectives_use_the_sparse_last_layer(monkeypatch):
+    from lub_fast.models.encoder import Encoder
+    from lub_fast.objectives.mlm import MaskedLMObjective
+
+    calls = []
+    original = Encoder._forward_sparse_last
+    monkeypatch.setattr(Encoder, "_forward_sparse_last", lambda self, *a: calls.append(1) or original(self, *a))
+    ids, mask, positions = _batch(3)
+    labels = ids.view(-1)[positions]
+    batch = {"input_ids": ids, "attention_mask": mask, "masked_positions": positions, "masked_labels": labels}
+    torch.manual_seed(0)
+    loss, _ = MaskedLMObjective(MaskedLM(tiny("bert"))).train()(batch)
+    loss.backward()
+    assert calls == [1]
+    assert MaskedLM(tiny("bert"))(ids, mask, masked_positions=positions).encoder.last_hidden_state.shape == (5, 12, 32)
