@@ -26,14 +26,13 @@ Both run with ``THREADS`` intra-op threads. Run:
 """
 
 import os
-import time
 
 import pytest
 import torch
 import transformers
 
 from lub_fast.models import EncoderConfig, MaskedLM, hf_to_lub
-from timing import summarise
+from timing import run_interleaved, summarise
 
 SEQ = 128
 MASK_RATE = 0.15
@@ -122,27 +121,12 @@ def _run(benchmark, lengths, size, batch_size, rounds):
     config, ours, hf = build_models(size)
     batches = make_batches(lengths, batch_size, config.vocab_size)
     real_tokens = [int(b["mask"].sum()) for b in batches]
-    times = {"lub_fast": [], "lub_fast_full_last_layer": [], "transformers": []}
-    state = {"round": 0}
-
-    def one_round():
-        i = state["round"]
-        b = batches[i % NUM_BATCHES]
-        order = [
-            ("lub_fast", ours, lub_step),
-            ("lub_fast_full_last_layer", ours, lub_full_last_layer_step),
-            ("transformers", hf, hf_step),
-        ]
-        for name, model, step in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            step(model, b)
-            times[name].append((time.perf_counter() - start, real_tokens[i % NUM_BATCHES]))
-        state["round"] += 1
-
-    one_round()  # warm-up: allocator, thread pools, first-call overheads
-    for t in times.values():
-        t.clear()
-    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    steps = {
+        "lub_fast": lambda b: lub_step(ours, b),
+        "lub_fast_full_last_layer": lambda b: lub_full_last_layer_step(ours, b),
+        "transformers": lambda b: hf_step(hf, b),
+    }
+    times = run_interleaved(benchmark, steps, batches, rounds, real_tokens)
 
     info = summarise(times, real_tokens, batch_size, SEQ, THREADS)
     benchmark.extra_info.update(info)

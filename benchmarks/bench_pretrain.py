@@ -27,7 +27,6 @@ the ratio. ``THREADS`` intra-op threads for both. Run:
 import os
 import re
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,7 @@ from lub_fast.models import EncoderConfig, MaskedLM, hf_to_lub
 from lub_fast.objectives import MaskedLMObjective
 from lub_fast.optim import build_scheduler, param_groups
 from lub_fast.train import TrainConfig, _Loop, init_distributed
-from timing import summarise
+from timing import run_interleaved, summarise
 
 SEQ = 128
 # One intra-op thread: on 2 cores shared with other jobs, two OpenMP threads stall at barriers and
@@ -147,23 +146,8 @@ def _run(benchmark, corpus, size):
     config, lub_step, hf_step = build(size)
     batches = make_batches(*corpus, batch_size, config.vocab_size)
     real_tokens = [int(ours["attention_mask"].sum()) for ours, _ in batches]
-    times = {"lub_fast": [], "transformers": []}
-    state = {"round": 0}
-
-    def one_round():
-        i = state["round"]
-        ours, hf = batches[i % NUM_BATCHES]
-        order = [("lub_fast", lub_step, ours), ("transformers", hf_step, hf)]
-        for name, step, batch in order if i % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
-            step(batch)
-            times[name].append((time.perf_counter() - start, real_tokens[i % NUM_BATCHES]))
-        state["round"] += 1
-
-    one_round()  # warm-up: allocator, thread pool, optimizer state
-    for t in times.values():
-        t.clear()
-    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    steps = {"lub_fast": lambda pair: lub_step(pair[0]), "transformers": lambda pair: hf_step(pair[1])}
+    times = run_interleaved(benchmark, steps, batches, rounds, real_tokens)
 
     info = summarise(times, real_tokens, batch_size, SEQ, THREADS)
     benchmark.extra_info.update(info)

@@ -6,6 +6,31 @@ noisy machine.
 """
 
 import statistics
+import time
+
+
+def run_interleaved(benchmark, steps: dict, inputs: list, rounds: int, real_tokens: list) -> dict:
+    """Time ``rounds`` rounds under pytest-benchmark; round ``i`` runs every provider's step
+    (``steps[name](inputs[i % len(inputs)])``) once, in dict order on even rounds and reversed on
+    odd ones, after one untimed warm-up round. Returns ``times`` for ``summarise``."""
+    times = {name: [] for name in steps}
+    state = {"round": 0}
+
+    def one_round():
+        i = state["round"]
+        item, tokens = inputs[i % len(inputs)], real_tokens[i % len(inputs)]
+        order = list(steps.items())
+        for name, step in order if i % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            step(item)
+            times[name].append((time.perf_counter() - start, tokens))
+        state["round"] += 1
+
+    one_round()  # warm-up: allocator, thread pools, optimizer state, first-call overheads
+    for t in times.values():
+        t.clear()
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1)
+    return times
 
 
 def summarise(times: dict, real_tokens: list, batch_size: int, seq: int, threads: int) -> dict:
