@@ -12,16 +12,9 @@
 #include <vector>
 
 #include "attention/attention_core.h"
+#include "tests/check.h"
 
 using lub_fast::attention::Dropout;
-
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
 
 namespace {
 

@@ -9,19 +9,12 @@
 #include <random>
 #include <vector>
 
+#include "tests/check.h"
 #include "wwm/wwm_core.h"
 
 using lub_fast::wwm::Mode;
 using lub_fast::wwm::Params;
 using lub_fast::wwm::Span;
-
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
 
 namespace {
 

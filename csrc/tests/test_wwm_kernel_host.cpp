@@ -15,6 +15,7 @@
 #include <random>
 #include <vector>
 
+#include "tests/check.h"
 #include "wwm/wwm_core.h"
 #include "wwm/wwm_warp.h"
 
@@ -23,14 +24,6 @@ using lub_fast::wwm::kLanes;
 using lub_fast::wwm::Mode;
 using lub_fast::wwm::Params;
 using lub_fast::wwm::WarpExample;
-
-#define CHECK(cond)                                                                  \
-  do {                                                                               \
-    if (!(cond)) {                                                                   \
-      std::fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-      std::exit(1);                                                                  \
-    }                                                                                \
-  } while (0)
 
 namespace {
 
