@@ -63,7 +63,7 @@ from lub_fast.objectives.finetune import objective_for
 from lub_fast.optim import param_groups
 from lub_fast.tasks import TASKS, TaskDataError, load_task
 from lub_fast.tasks import metrics as task_metrics
-from lub_fast.tasks.cmrc2018 import build_features, postprocess, special_id
+from lub_fast.tasks.cmrc2018 import build_features, postprocess, special_id, trainable_questions
 from lub_fast.tasks.io import write_clue_predictions, write_cmrc2018_predictions, write_ner_predictions
 from lub_fast.tasks.ner import decode_tags, encode_windows, label_ids, tags_to_spans
 from lub_fast.train import TrainConfig, init_distributed, shutdown_distributed, train
@@ -545,7 +545,7 @@ def resolve(argv) -> tuple[FinetuneConfig, str | None]:
     return config, args.resume
 
 
-def _load(config: FinetuneConfig, path: str, labels) -> object:
+def _load(config: FinetuneConfig, path: str, labels, training: bool = False) -> object:
     kind = TASKS[config.task].kind
     kwargs = {"skip_bad": config.skip_bad}
     if kind != "span":
@@ -555,6 +555,11 @@ def _load(config: FinetuneConfig, path: str, labels) -> object:
     if kind == "ner":
         kwargs["scheme"] = config.scheme
     data = load_task(config.task, path, **kwargs)
+    if kind == "span" and training:
+        data = trainable_questions(data)
+    for rule, ids in sorted(data.repairs.items()):
+        shown = ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
+        print(f"{path}: kept, repaired: {rule}: {len(ids)} ({shown})", file=sys.stderr)
     for rule, count in sorted(data.skipped.items()):
         print(f"{path}: skipped {count} line(s): {rule}", file=sys.stderr)
     if not data.examples:
@@ -598,7 +603,7 @@ def run(config: FinetuneConfig, resume: str | None = None) -> int:
     main = env.rank == 0
     output = Path(config.output)
     tokenizer = load_tokenizer(config.model)
-    train_data = _load(config, config.train_file, config.labels)
+    train_data = _load(config, config.train_file, config.labels, training=True)
     if not train_data.has_labels:
         raise TaskDataError(config.train_file, 0, "the training file has no labels")
     splits = {"train": build_split(train_data, kind, tokenizer, options)}

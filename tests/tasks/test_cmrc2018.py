@@ -9,7 +9,16 @@ import pytest
 from tokenizers import BertWordPieceTokenizer
 
 from lub_fast.tasks import TaskDataError, load_task
-from lub_fast.tasks.cmrc2018 import QAExample, build_features, locate_answer, postprocess
+from lub_fast.tasks.cmrc2018 import (
+    REPAIR_NO_VERBATIM,
+    REPAIR_NOT_VERBATIM,
+    REPAIR_START,
+    QAExample,
+    build_features,
+    locate_answer,
+    postprocess,
+    trainable_questions,
+)
 from lub_fast.tasks.io import write_cmrc2018_predictions
 from lub_fast.tasks.metrics import cmrc2018_score
 
@@ -43,6 +52,7 @@ def test_cmrc2018_real_files_counts_and_answer_repair():
         raw = {qa["id"]: qa["answers"][0] for a in json.load(f)["data"] for p in a["paragraphs"] for qa in p["qas"]}
     moved = [e for e in trial.examples if e.answer_starts[0] != raw[e.id]["answer_start"]]
     assert len(moved) == 5, f"{len(moved)} official answer_start values repaired"  # 0.5% of 1002
+    assert trial.repairs == {REPAIR_START: [e.id for e in moved]}, trial.repairs
     for e in trial.examples:
         assert e.context[e.answer_starts[0] :].startswith(e.answers[0])
     deer = load_task("cmrc2018", DATA / "cmrc2018" / "cmrc2018_train_first30docs_DeerEyre.json")
@@ -129,16 +139,15 @@ def _squad(qas, context="北京大学在北京。"):
 
 def test_cmrc2018_bad_input(tmp_path):
     path = tmp_path / "bad.json"
-    qas = [
-        {"id": "q1", "question": "哪里", "answers": [{"text": "北京大学", "answer_start": 3}]},
-        {"id": "q2", "question": "哪里", "answers": [{"text": "上海", "answer_start": 0}]},
-    ]
+    qas = [{"id": "q1", "question": "哪里", "answers": [{"text": "", "answer_start": 3}]}]
     path.write_text(json.dumps(_squad(qas), ensure_ascii=False), encoding="utf-8")
-    with pytest.raises(TaskDataError, match="answer text not in context.*q2"):
+    with pytest.raises(TaskDataError, match="empty answer text.*q1"):
         load_task("cmrc2018", path)
-    data = load_task("cmrc2018", path, skip_bad=True)
-    assert [e.answer_starts for e in data.examples] == [(0,)]
-    assert data.skipped == {"answer text not in context": 1}
+    twice = tmp_path / "twice.json"
+    qas = [{"id": "q1", "question": "哪里", "answers": [{"text": "北京", "answer_start": 0}]}] * 2
+    twice.write_text(json.dumps(_squad(qas), ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(TaskDataError, match="twice.json: duplicate question id.*q1"):
+        load_task("cmrc2018", twice)
     broken = tmp_path / "broken.json"
     broken.write_text('{"data": [', encoding="utf-8")
     with pytest.raises(TaskDataError, match="broken.json:1: malformed json"):
@@ -146,7 +155,93 @@ def test_cmrc2018_bad_input(tmp_path):
     test_file = tmp_path / "test.json"
     test_file.write_text(json.dumps(_squad([{"id": "t1", "question": "哪里"}]), ensure_ascii=False), encoding="utf-8")
     data = load_task("cmrc2018", test_file)
-    assert not data.has_labels and data.examples[0].answers == ()
+    assert not data.has_labels and data.examples[0].answers == () and data.repairs == {}
+
+
+def test_cmrc2018_non_verbatim_answers_kept_for_scoring_not_training(tmp_path):
+    path = tmp_path / "dev.json"
+    qas = [
+        {"id": "q1", "question": "哪里", "answers": [{"text": "北京大學", "answer_start": 0}, {"text": "北京大学", "answer_start": 0}]},
+        {"id": "q2", "question": "哪里", "answers": [{"text": "上海", "answer_start": 0}]},
+        {"id": "q3", "question": "多少", "answers": [{"text": 39764.0, "answer_start": 9}, {"text": "39764", "answer_start": 9}]},
+    ]  # fmt: skip
+    path.write_text(json.dumps(_squad(qas, "北京大学在北京，有学生39764人。"), ensure_ascii=False), encoding="utf-8")
+    data = load_task("cmrc2018", path)
+    assert [e.answers for e in data.examples] == [("北京大學", "北京大学"), ("上海",), ("39764.0", "39764")]
+    assert [e.answer_starts for e in data.examples] == [(None, 0), (None,), (None, 11)]
+    assert [e.train_answer for e in data.examples] == [("北京大学", 0), None, ("39764", 11)]
+    assert data.skipped == {}
+    assert data.repairs == {REPAIR_START: ["q3"], REPAIR_NOT_VERBATIM: ["q1", "q2", "q3"], REPAIR_NO_VERBATIM: ["q2"]}
+    train = trainable_questions(data)
+    assert [e.id for e in train.examples] == ["q1", "q3"] and train.skipped == {REPAIR_NO_VERBATIM: 1}
+    # scored over all 3 questions and every gold answer: "39764.0" is gold, so it is an exact match
+    scores = cmrc2018_score(data.examples, {"q1": "北京大學", "q2": "上海", "q3": "39764.0"})
+    assert (scores["total"], scores["em"], scores["f1"]) == (3, 100.0, 100.0), scores
+    assert scores == cmrc2018_score(path, {"q1": "北京大學", "q2": "上海", "q3": "39764.0"})
+
+
+_TRADITIONAL = str.maketrans("国学会门东来时间说发书长车马经华语对开关", "國學會門東來時間說發書長車馬經華語對開關")
+
+
+def _dev_style(trial):
+    """The trial file with non-verbatim alternative answers as the official dev set has them: a
+    traditional form or a '.0' number (first for even questions, last for odd ones), and three
+    questions whose every answer is one. Returns `(data, ids with an alternative, ids of the three)`."""
+    data = json.loads(json.dumps(trial))
+    added, only = [], []
+    k = 0
+    for article in data["data"]:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                text = qa["answers"][0]["text"]
+                if text.translate(_TRADITIONAL) != text:
+                    variant = text.translate(_TRADITIONAL)
+                elif text.isdigit():
+                    variant = text + ".0"
+                else:
+                    continue
+                if variant in paragraph["context"]:
+                    continue
+                alternative = {"text": variant, "answer_start": qa["answers"][0]["answer_start"]}
+                if len(only) < 3 and k % 7 == 3:
+                    qa["answers"] = [alternative]
+                    only.append(qa["id"])
+                elif k % 2:
+                    qa["answers"].append(alternative)
+                else:
+                    qa["answers"].insert(0, alternative)
+                added.append(qa["id"])
+                k += 1
+    return data, added, only
+
+
+@needs_data
+def test_cmrc2018_dev_style_file_keeps_every_question_and_answer(tmp_path):
+    with open(TRIAL, encoding="utf-8") as f:
+        dev, added, only = _dev_style(json.load(f))
+    path = tmp_path / "dev_style.json"
+    path.write_text(json.dumps(dev, ensure_ascii=False), encoding="utf-8")
+    assert len(added) > 50 and len(only) == 3, (len(added), only)
+    data = load_task("cmrc2018", path)
+    assert len(data.examples) == 1002 and data.skipped == {}
+    assert sorted(data.repairs[REPAIR_NOT_VERBATIM]) == sorted(added)
+    assert data.repairs[REPAIR_NO_VERBATIM] == only
+    raw = {qa["id"].strip(): [a["text"] for a in qa["answers"]] for a in dev["data"] for p in a["paragraphs"] for qa in p["qas"]}
+    for e in data.examples:
+        assert list(e.answers) == raw[e.id], e.id
+        if e.id not in only:
+            text, start = e.train_answer
+            assert text == next(t for t in raw[e.id] if t in e.context) and e.context[start:].startswith(text), e.id
+    assert len(trainable_questions(data).examples) == 1002 - 3
+    # predictions: the non-verbatim answer, the verbatim one, a wrong span or nothing (""), in turn
+    predictions = {}
+    for k, e in enumerate(data.examples):
+        predictions[e.id] = [e.answers[0], e.answers[-1], e.context[:6], ""][k % 4]
+    ours = cmrc2018_score(data.examples, predictions)
+    official = cmrc2018_score(path, predictions)  # the official script's loop over the raw file
+    assert ours == official and ours["total"] == 1002 and ours["skipped"] == 0, (ours, official)
+    exact = sum(predictions[e.id] in e.answers for e in data.examples)
+    assert ours["em"] >= 100 * exact / 1002, (ours, exact)
 
 
 def test_write_cmrc2018_predictions_scores_back(tmp_path):
