@@ -27,7 +27,8 @@ from lub_fast.finetune import (
 )
 from lub_fast.logging_utils import read_metrics
 from lub_fast.models import EncoderConfig, EncoderModel, SequenceClassification, from_pretrained
-from lub_fast.tasks.cmrc2018 import special_id
+from lub_fast.tasks.cmrc2018 import REPAIR_NO_VERBATIM, REPAIR_NOT_VERBATIM, special_id
+from lub_fast.tasks.metrics import cmrc2018_score
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -223,13 +224,19 @@ def _cmrc_files(tmp_path):
                             "answers": [{"text": answer, "answer_start": start}]})  # fmt: skip
             docs.append({"paragraphs": [{"id": f"D{d}", "context": context, "qas": qas}], "id": f"D{d}", "title": ""})
         train_docs, dev_docs = docs[:6], docs[6:]
+    # as the official dev set: alternative gold answers that are not verbatim spans of the context
+    # (first or last), and one question in each file whose every answer is one
+    for docs in (train_docs, dev_docs):
+        for k, qa in enumerate(docs[0]["paragraphs"][0]["qas"][:3]):
+            alternative = {"text": qa["answers"][0]["text"] + "〇", "answer_start": qa["answers"][0]["answer_start"]}
+            qa["answers"] = [[alternative] + qa["answers"], qa["answers"] + [alternative], [alternative]][k]
     train, dev = tmp_path / "train.json", tmp_path / "dev.json"
     train.write_text(json.dumps(_squad(train_docs), ensure_ascii=False), encoding="utf-8")
     dev.write_text(json.dumps(_squad(dev_docs), ensure_ascii=False), encoding="utf-8")
     return str(train), str(dev), dev_docs
 
 
-def test_finetune_cmrc2018_predictions_and_hf_export(tmp_path):
+def test_finetune_cmrc2018_predictions_and_hf_export(tmp_path, capsys):
     train, dev, dev_docs = _cmrc_files(tmp_path)
     model = tiny_model(tmp_path / "model", [train, dev])
     out = tmp_path / "out"
@@ -243,6 +250,14 @@ def test_finetune_cmrc2018_predictions_and_hf_export(tmp_path):
     contexts = {qa["id"]: p["context"] for doc in dev_docs for p in doc["paragraphs"] for qa in p["qas"]}
     assert set(predictions) == set(contexts) and report["dev"]["total"] == len(contexts), report
     assert all(answer in contexts[qid] for qid, answer in predictions.items()), predictions
+    # every question and every gold answer scored, as the official scorer does on the raw file
+    official = cmrc2018_score(dev, predictions)
+    assert official["skipped"] == 0 and report["dev"] == pytest.approx(official), (report["dev"], official)
+    n_train = sum(len(p["qas"]) for d in json.loads(Path(train).read_text(encoding="utf-8"))["data"] for p in d["paragraphs"])
+    assert report["examples"] == {"train": n_train - 1, "dev": len(contexts), "test": len(contexts)}, report
+    err = capsys.readouterr().err
+    assert f"{train}: skipped 1 line(s): {REPAIR_NO_VERBATIM}" in err, err
+    assert f"{dev}: kept, repaired: {REPAIR_NOT_VERBATIM}: 3" in err, err
     assert json.loads((out / "test_predictions.json").read_text(encoding="utf-8")) == predictions
     first = dev_docs[0]["paragraphs"][0]
     texts = [(qa["question"], first["context"][:40]) for qa in first["qas"][:3]]
