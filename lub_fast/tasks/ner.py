@@ -8,7 +8,8 @@ Readers (chosen from the file's content):
   character followed by its position in the word (`科0`, `p10`): the digits are dropped.
 - Sentence/tag line pairs (MSRA as split by lemonhu): space-separated characters on one line and
   their tags on the matching line, either in two files (`sentences.txt`, `tags.txt`; pass either
-  file or their folder) or alternating in one file.
+  file or their folder; `sentences.txt` alone is unlabelled) or alternating in one file.
+A file of tag lines only (a `tags.txt` without its `sentences.txt`, a tag set file) is an error.
 
 Schemes: BIO, BIOES and BMES (M = I) and BIOS all decode through `tags_to_spans`, which is
 seqeval's default-mode chunker (https://github.com/chakki-works/seqeval), so metrics match it.
@@ -191,13 +192,29 @@ def _read_conll(path, bad):
     return examples
 
 
+PAIR_LAYOUT = "MSRA sentence/tag line pairs: sentences.txt (space-separated characters) and tags.txt beside it"
+
+
 def _pair_files(path):
+    """`(sentences.txt, tags.txt)` of the MSRA layout when `path` is its folder or either file."""
     if os.path.isdir(path):
-        return os.path.join(path, "sentences.txt"), os.path.join(path, "tags.txt")
+        sentences = os.path.join(path, "sentences.txt")
+        if not os.path.isfile(sentences):
+            found = sorted(os.listdir(path))
+            raise TaskDataError(path, 0, f"a folder is read as {PAIR_LAYOUT}", f"no sentences.txt: found {found[:10]}")
+        return sentences, os.path.join(path, "tags.txt")
     folder, name = os.path.split(path)
-    if name == "sentences.txt" and os.path.exists(os.path.join(folder, "tags.txt")):
+    if name == "sentences.txt":
         return path, os.path.join(folder, "tags.txt")
+    if name == "tags.txt" and os.path.isfile(os.path.join(folder, "sentences.txt")):
+        return os.path.join(folder, "sentences.txt"), path
     return None
+
+
+def _only_tags(path):
+    """True when every non-blank line is made of tags only (a tags file or a tag set file)."""
+    lines = [t for _, t in read_lines(path) if t.strip()]
+    return bool(lines) and all(_looks_like_tag_line(t) for t in lines)
 
 
 def _looks_like_tag_line(text):
@@ -254,6 +271,12 @@ def load_ner(path, labels=None, scheme=None, skip_bad=False):
         examples = _read_pairs(sentences, tag_lines, bad)
     elif first_content_line(path).startswith("{"):
         examples, labelled = _read_cluener(path, bad, scheme or "bio")
+    elif _only_tags(path):
+        beside = "no sentences.txt beside it" if os.path.basename(path) == "tags.txt" else "no characters"
+        raise TaskDataError(
+            path, 0, f"every line holds only tags ({beside}): expected {PAIR_LAYOUT}, CoNLL 'char tag' lines or CLUENER json",
+            "pass sentences.txt, tags.txt or their folder; a tag set file goes to labels=/--labels",
+        )
     elif _is_alternating(path):
         lines = [(n, t) for n, t in read_lines(path) if t.strip()]
         if len(lines) % 2:

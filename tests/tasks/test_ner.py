@@ -75,6 +75,41 @@ def test_ner_msra_two_files_with_labels_file_and_bmes():
     assert [tags_to_spans(e.tags) for e in bmes.examples] == [tags_to_spans(e.tags) for e in data.examples]
 
 
+@needs_data
+def test_ner_msra_pair_found_from_either_file_and_the_folder():
+    folder = DATA / "msra_ner/val"
+    reads = [load_task("ner", p) for p in (folder, folder / "sentences.txt", folder / "tags.txt")]
+    assert [len(d.examples) for d in reads] == [3000] * 3
+    assert reads[0].examples == reads[1].examples == reads[2].examples
+    assert reads[2].labels == reads[0].labels and len(reads[0].labels) == 7
+
+
+@needs_data
+def test_ner_msra_labels_file_as_data_is_an_error():
+    # msra_ner/tags.txt is the tag set, one tag a line: read as CoNLL it was one "sentence"
+    with pytest.raises(TaskDataError, match=r"msra_ner/tags.txt: .*only tags.*sentences.txt"):
+        load_task("ner", DATA / "msra_ner/tags.txt")
+
+
+def test_ner_pair_layout_errors_name_the_layout(tmp_path):
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    _write(alone, "tags.txt", "B-PER I-PER O\nO O\n")
+    with pytest.raises(TaskDataError, match=r"alone/tags.txt: .*only tags.*no sentences.txt beside it"):
+        load_task("ner", alone / "tags.txt")
+    with pytest.raises(TaskDataError, match=r"alone: .*sentences.txt.*found \['tags.txt'\]"):
+        load_task("ner", alone)
+    _write(alone, "sentences.txt", "张 三 来\n好 的\n")
+    data = load_task("ner", alone / "tags.txt")
+    assert [e.tokens for e in data.examples] == [("张", "三", "来"), ("好", "的")]
+    assert [e.tags for e in data.examples] == [("B-PER", "I-PER", "O"), ("O", "O")]
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    _write(unlabelled, "sentences.txt", "张 三 来\n")
+    data = load_task("ner", unlabelled / "sentences.txt", labels=["O", "B-PER", "I-PER"])
+    assert not data.has_labels and data.examples[0].tokens == ("张", "三", "来")
+
+
 @pytest.mark.parametrize("scheme", ["bio", "bioes", "bmes"])
 def test_ner_spans_tags_round_trip(scheme):
     rng = random.Random(0)
