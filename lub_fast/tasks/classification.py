@@ -12,6 +12,10 @@ are the set (a training file). With a label set (a list or a labels file: one la
 json lines with `label` and `label_desc`/`label_des` aliases such as CLUE's `labels.json`) every
 label must belong to it, by name or alias, else `TaskDataError` names the file and line.
 CMNLI/OCNLI lines labelled `-` (no annotator consensus) are dropped and counted.
+
+A labelled TSV training file whose label column holds more distinct values than half its rows (at
+least 10 rows) holds text there, not labels (columns swapped, or another layout): an error naming
+the layout expected and what was found, never a model with a class per sentence.
 """
 
 import math
@@ -244,6 +248,27 @@ def _header_columns(path, header, text_names, label_names):
     return (cols, None) if label is not None else (None, cols)
 
 
+_NAMES = {"a": "text_a", "b": "text_b", "label": "label"}
+MIN_ROWS_LABEL_CHECK = 10
+
+
+def _check_label_column(path, builder, expected):
+    """`TaskDataError` when the label column of a labelled training TSV holds text (see module doc)."""
+    n, labels = len(builder.examples), builder.seen
+    if n < MIN_ROWS_LABEL_CHECK or len(labels) <= n / 2:
+        return
+    first = builder.examples[0]
+    raise TaskDataError(
+        path, 0, f"label column holds text ({len(labels)} distinct labels in {n} rows, the first "
+        f"{first.label[:30]!r} with text {first.text_a[:30]!r})",
+        f"expected {expected}; put the columns in that order or add a header row",
+    )
+
+
+def _tsv_layout_name(fmt):
+    return "<TAB>".join(_NAMES[k] for k in fmt.tsv_layout) + " (headerless) or a header naming the columns"
+
+
 def _read_tsv_task(builder, path, fmt):
     header = _tsv_header(path)
     if header is not None:
@@ -355,10 +380,15 @@ def load_classification(task, path, labels=None, text_fields=None, label_field=N
             labelled = _read_json(builder, path, text_fields, label_field, None)
         else:
             labelled = _read_generic_tsv(builder, path, text_fields, label_field)
+            if labelled and names is None:
+                where = f"column {label_field}" if label_field.isdigit() else f"the column headed {label_field!r}"
+                _check_label_column(path, builder, f"the label in {where}")
     elif is_json:
         labelled = _read_json(builder, path, fmt.json_texts, "label", fmt.label_alias)
     else:
         labelled = _read_tsv_task(builder, path, fmt)
+        if labelled and names is None and not fmt.regression:
+            _check_label_column(path, builder, _tsv_layout_name(fmt))
     if fmt.regression:
         label_names = None
     elif names is not None:

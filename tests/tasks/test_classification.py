@@ -113,6 +113,31 @@ def test_classification_bad_tsv_rows(tmp_path):
     assert data.skipped == {"expected 3 tab-separated fields, found 1": 1, "empty text": 1}
 
 
+@needs_data
+def test_classification_label_column_holding_text_is_an_error(tmp_path):
+    # ChnSentiCorp written as headerless text<TAB>label: read as label<TAB>text_a, each review
+    # would be a class (1178 of them)
+    rows = [line.split("\t") for line in (DATA / "chnsenticorp/dev.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    swapped = _write(tmp_path, "swapped.tsv", [f"{text}\t{label}" for _, label, text in rows])  # qid, label, text_a
+    with pytest.raises(TaskDataError, match=r"swapped.tsv: label column holds text.*expected label<TAB>text_a") as info:
+        load_task("chnsenticorp", swapped)
+    assert "1178 distinct labels in 1200 rows" in str(info.value), info.value
+    assert len(load_task("chnsenticorp", DATA / "chnsenticorp/dev.tsv").labels) == 2
+
+
+def test_classification_label_column_rule_on_small_files(tmp_path):
+    texts = [f"第{i}条评论说得很长很长" for i in range(12)]
+    swapped = _write(tmp_path, "pairs.tsv", [f"问{i}\t答{i}\t{t}" for i, t in enumerate(texts)])
+    with pytest.raises(TaskDataError, match=r"pairs.tsv: label column holds text \(12 distinct labels in 12 rows"):
+        load_task("lcqmc", swapped)
+    generic = _write(tmp_path, "generic.tsv", [f"{t}\t{i}" for i, t in enumerate(texts)])
+    with pytest.raises(TaskDataError, match=r"label column holds text.*expected the label in column 0"):
+        load_task("classification", generic, text_fields=["1"], label_field="0")
+    # many classes but each used twice or more is a real label set (IFLYTEK has 119)
+    fine = _write(tmp_path, "fine.tsv", [f"{t}\t类{i % 6}" for i, t in enumerate(texts)])
+    assert len(load_task("classification", fine, text_fields=["0"], label_field="1").labels) == 6
+
+
 def test_classification_unlabelled_test_files(tmp_path):
     test_json = _write(tmp_path, "test.json", [_json(id=7, sentence1="甲", sentence2="乙"), _json(id=8, sentence1="丙", sentence2="丁")])
     data = load_task("afqmc", test_json, labels=["0", "1"])
