@@ -34,7 +34,11 @@ evaluations without improvement stop training. The best metric and the patience 
 in the checkpoints, so a resumed run makes the same choices. At the end the best model predicts dev
 and test: ``output/metrics.json`` and ``output/{dev,test}_predictions.jsonl`` (CLUE json lines
 ``{"id", "label"}``; NER ``{"id", "text", "label": {type: {entity: [[start, end]]}}}``) or
-``.json`` (CMRC 2018 ``{id: answer}``).
+``.json`` (CMRC 2018 ``{id: answer}``); for a CLUE task the test predictions also go to
+``output/<CLUE's file name>`` (``afqmc_predict.json``, ``tnews11_predict.json``,
+``cmrc2018_predict.json``, ``cluener_predict.json`` ...: ``lub_fast.tasks.io``) to upload as they are.
+CMRC 2018 trains on each question's first gold answer found verbatim in the context and scores
+every question against every gold answer, as the official scorer (``lub_fast.tasks.cmrc2018``).
 
 Exit status: 0 done; 2 bad arguments or data (one line naming the file and line); 143 stopped by
 SIGTERM after saving a checkpoint (continue with ``--resume``).
@@ -64,7 +68,12 @@ from lub_fast.optim import param_groups
 from lub_fast.tasks import TASKS, TaskDataError, load_task
 from lub_fast.tasks import metrics as task_metrics
 from lub_fast.tasks.cmrc2018 import build_features, postprocess, special_id, trainable_questions
-from lub_fast.tasks.io import write_clue_predictions, write_cmrc2018_predictions, write_ner_predictions
+from lub_fast.tasks.io import (
+    clue_submission_name,
+    write_clue_predictions,
+    write_cmrc2018_predictions,
+    write_ner_predictions,
+)
 from lub_fast.tasks.ner import decode_tags, encode_windows, label_ids, tags_to_spans
 from lub_fast.train import TrainConfig, init_distributed, shutdown_distributed, train
 
@@ -412,6 +421,27 @@ def write_predictions(path_stem: Path, split: Split, kind: str, predictions) -> 
     return path
 
 
+def write_submission(output: Path, task: str, kind: str, split: Split, predictions) -> Path | None:
+    """CLUE's submission file of ``predictions`` (test) in ``output`` under CLUE's name
+    (``lub_fast.tasks.io.clue_submission_name``), or None for a task CLUE does not rank; prints
+    why when a CLUE task's predictions cannot be submitted as they are."""
+    name, reason = clue_submission_name(task, split.data.path, split.data.labels)
+    if name is None:
+        if reason:
+            print(f"no CLUE submission file: {reason}", file=sys.stderr)
+        return None
+    path = output / name
+    examples = split.data.examples
+    if kind == "span":
+        write_cmrc2018_predictions(path, predictions)
+    elif kind == "ner":
+        spans = [tags_to_spans(t) for t in predictions]
+        write_ner_predictions(path, [e.id for e in examples], [e.tokens for e in examples], spans, with_text=False)
+    else:
+        write_clue_predictions(path, [e.id for e in examples], [str(p) for p in predictions])
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # Optimizer groups, best-model tracking
 
@@ -698,6 +728,8 @@ def _final(config, splits, kind, best_dir, run_module, stopped_early, device) ->
             outputs = predict(best, split, kind, config.finetune.eval_batch_size, device)
         predictions = decode(split, kind, outputs, config.finetune)
         write_predictions(output / f"{name}_predictions", split, kind, predictions)
+        if name == "test":
+            write_submission(output, config.task, kind, split, predictions)
         if split.data.has_labels:
             report[name] = score(split, kind, predictions)
     (output / "metrics.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -167,6 +167,7 @@ def test_finetune_classification_outputs_and_hf_export(tmp_path, real):
     assert len(dev_rows) == 60 and len(test_rows) == 40, (len(dev_rows), len(test_rows))
     assert all(set(r) == {"id", "label"} and r["label"] in ("0", "1") for r in dev_rows + test_rows), dev_rows[:3]
     assert [r["id"] for r in test_rows] == list(range(40))
+    assert _read_jsonl(out / "afqmc_predict.json") == test_rows  # CLUE's submission name and format
     gold = [line.split("\t")[2] for line in _lines(dev, 0, 60)]
     accuracy = sum(r["label"] == g for r, g in zip(dev_rows, gold)) / 60
     assert abs(accuracy - report["dev"]["accuracy"]) < 1e-12, (accuracy, report["dev"])
@@ -259,6 +260,7 @@ def test_finetune_cmrc2018_predictions_and_hf_export(tmp_path, capsys):
     assert f"{train}: skipped 1 line(s): {REPAIR_NO_VERBATIM}" in err, err
     assert f"{dev}: kept, repaired: {REPAIR_NOT_VERBATIM}: 3" in err, err
     assert json.loads((out / "test_predictions.json").read_text(encoding="utf-8")) == predictions
+    assert json.loads((out / "cmrc2018_predict.json").read_text(encoding="utf-8")) == predictions
     first = dev_docs[0]["paragraphs"][0]
     texts = [(qa["question"], first["context"][:40]) for qa in first["qas"][:3]]
     _hf_parity(out / "best_model", texts, "span")
@@ -306,7 +308,7 @@ def test_finetune_ner_spans_and_hf_export(tmp_path, flavour):
     train, dev, test, n_dev = _ner_files(tmp_path, flavour)
     model = tiny_model(tmp_path / "model", [f for f in (train, dev, test) if f])
     out = tmp_path / "out"
-    extra = ["--scheme", "bmes"] if flavour == "conll" else ["--test", test]
+    extra = ["--scheme", "bmes", "--test", dev] if flavour == "conll" else ["--test", test]
     code = _run("--task", "ner", "--model", model, "--train", train, "--dev", dev, "--output", out, *extra,
                 "--finetune.epochs=1", "--finetune.batch_size=10", "--finetune.max_seq_len=64")  # fmt: skip
     assert code == 0
@@ -324,7 +326,13 @@ def test_finetune_ner_spans_and_hf_export(tmp_path, flavour):
     prefixes = ("B-", "M-", "E-", "S-") if flavour == "conll" else ("B-", "I-")
     assert "O" in tags and all(t == "O" or t.startswith(prefixes) for t in tags), tags
     if test:
-        assert len(_read_jsonl(out / "test_predictions.jsonl")) == 10 and "test" not in report
+        test_rows = _read_jsonl(out / "test_predictions.jsonl")
+        assert len(test_rows) == 10 and "test" not in report
+        submission = _read_jsonl(out / "cluener_predict.json")
+        assert submission == [{"id": r["id"], "label": r["label"]} for r in test_rows], submission[:2]
+        assert [r["id"] for r in submission] == list(range(10))
+    else:  # CoNLL test data: CLUE ranks no such task
+        assert not (out / "cluener_predict.json").exists() and len(_read_jsonl(out / "test_predictions.jsonl")) == n_dev
     texts = [(r["text"][:20], r["text"][20:30] or "的") for r in rows[:4]]
     _hf_parity(out / "best_model", texts, "token")
 

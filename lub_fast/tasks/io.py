@@ -5,6 +5,15 @@ the 1-based line and the rule it broke; with `skip_bad=True` the line is dropped
 its rule instead. Submission formats follow the CLUE benchmark (json lines with `id` and `label`,
 https://github.com/CLUEbenchmark/CLUE) and the CMRC 2018 scorer (one json object `{id: answer}`,
 https://github.com/ymcui/cmrc2018).
+
+CLUE's submission file names (`clue_submission_name`; CLUE's submission notes of 2021-09-04 and
+the CLUE 1.1 prediction scripts): `<task>_predict.json`, except `ocnli_50k_predict.json` and, for
+the two tasks whose test set CLUE 1.1 replaced, `tnews11_predict.json` / `cluewsc11_predict.json`
+(`tnews10_`/`cluewsc10_` for the 1.0 test file, `test1.0.json` in CLUE's `tnews_public.zip`);
+`cluener_predict.json` for CLUENER 2020. Classification lines are `{"id": id, "label": "name"}`
+with the label as a string, in the test file's order; TNEWS and IFLYTEK want the numeric label
+codes, so a run trained on the descriptions (`label_desc`) gets no CLUE file unless it was given
+CLUE's `labels.json`.
 """
 
 import json
@@ -124,13 +133,13 @@ def write_cmrc2018_predictions(path, predictions):
     _atomic_write(path, json.dumps(dict(predictions), ensure_ascii=False, indent=1) + "\n")
 
 
-def write_ner_predictions(path, ids, tokens, spans):
+def write_ner_predictions(path, ids, tokens, spans, with_text=True):
     """NER predictions in CLUENER's layout, one json object a line.
 
     `tokens[k]` is sentence k's token list (one character each in Chinese data) and `spans[k]`
     its `(type, start, end)` entities, `end` inclusive, in token positions; written as
     `{"id", "text", "label": {type: {entity_text: [[start, end], ...]}}}` with `text` the joined
-    tokens, as CLUENER's `cluener_predict.json` does.
+    tokens; `with_text=False` leaves `text` out, as CLUENER's `cluener_predict.json` submission.
     """
     if not len(ids) == len(tokens) == len(spans):
         raise ValueError(f"{len(ids)} ids, {len(tokens)} token lists, {len(spans)} span lists")
@@ -140,5 +149,36 @@ def write_ner_predictions(path, ids, tokens, spans):
         for kind, start, end in entity_spans:
             entity = "".join(toks[start : end + 1])
             label.setdefault(kind, {}).setdefault(entity, []).append([start, end])
-        out.append(json.dumps({"id": i, "text": "".join(toks), "label": label}, ensure_ascii=False))
+        row = {"id": i, "text": "".join(toks), "label": label} if with_text else {"id": i, "label": label}
+        out.append(json.dumps(row, ensure_ascii=False))
     _atomic_write(path, "".join(line + "\n" for line in out))
+
+
+CLUE_SUBMISSION_NAMES = {
+    "afqmc": "afqmc_predict.json",
+    "iflytek": "iflytek_predict.json",
+    "tnews": "tnews11_predict.json",
+    "cmnli": "cmnli_predict.json",
+    "ocnli": "ocnli_50k_predict.json",
+    "csl": "csl_predict.json",
+    "cluewsc": "cluewsc11_predict.json",
+    "cmrc2018": "cmrc2018_predict.json",
+}
+CLUE_10_NAMES = {"tnews": "tnews10_predict.json", "cluewsc": "cluewsc10_predict.json"}
+_CLUE_CODE_LABELS = ("tnews", "iflytek")
+
+
+def clue_submission_name(task, test_path, labels):
+    """`(file name, None)` of CLUE's submission for predictions of `test_path`, `(None, reason)`
+    when a CLUE task's predictions cannot be submitted as they are, `(None, None)` for tasks CLUE
+    does not rank. `labels`: the run's label names; task `ner` has a CLUE file only for CLUENER
+    json."""
+    if task == "ner":
+        return ("cluener_predict.json", None) if first_content_line(test_path).startswith("{") else (None, None)
+    if task not in CLUE_SUBMISSION_NAMES:
+        return None, None
+    if task in _CLUE_CODE_LABELS and not all(str(name).isdigit() for name in labels):
+        return None, f"CLUE's {task} labels are numeric codes, this run's are names; train with --labels labels.json"
+    if task in CLUE_10_NAMES and os.path.basename(os.fspath(test_path)) == "test1.0.json":
+        return CLUE_10_NAMES[task], None
+    return CLUE_SUBMISSION_NAMES[task], None

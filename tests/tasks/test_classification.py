@@ -8,7 +8,7 @@ import pytest
 
 from lub_fast.tasks import TASKS, TaskDataError, load_task
 from lub_fast.tasks.classification import wsc_marked_text
-from lub_fast.tasks.io import write_clue_predictions
+from lub_fast.tasks.io import clue_submission_name, write_clue_predictions
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is absent")
@@ -206,3 +206,21 @@ def test_write_clue_predictions_json_lines(tmp_path):
         {"id": 0, "label": "1"},
         {"id": 1, "label": "0"},
     ]
+
+
+def test_clue_submission_names(tmp_path):
+    test = _write(tmp_path, "test.json", [_json(id=0, sentence="甲")])
+    names = {task: clue_submission_name(task, test, ("100", "101"))[0] for task in TASKS}
+    assert names == {
+        "afqmc": "afqmc_predict.json", "iflytek": "iflytek_predict.json", "tnews": "tnews11_predict.json",
+        "cmnli": "cmnli_predict.json", "ocnli": "ocnli_50k_predict.json", "csl": "csl_predict.json",
+        "cluewsc": "cluewsc11_predict.json", "cmrc2018": "cmrc2018_predict.json", "ner": "cluener_predict.json",
+        "lcqmc": None, "bq": None, "chnsenticorp": None, "stsb": None, "classification": None,
+    }  # fmt: skip
+    old = _write(tmp_path, "test1.0.json", [_json(id=0, sentence="甲")])
+    assert clue_submission_name("tnews", old, ("100",)) == ("tnews10_predict.json", None)
+    assert clue_submission_name("cluewsc", old, ("true", "false")) == ("cluewsc10_predict.json", None)
+    name, reason = clue_submission_name("tnews", test, ("news_story", "news_culture"))
+    assert name is None and "numeric codes" in reason and "labels.json" in reason
+    conll = _write(tmp_path, "test.txt", ["张 O"])
+    assert clue_submission_name("ner", conll, ("O",)) == (None, None)

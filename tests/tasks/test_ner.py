@@ -246,6 +246,8 @@ def test_write_ner_predictions_cluener_layout(tmp_path):
     write_ner_predictions(out, [0], [list("张三在北京")], [[("name", 0, 1), ("address", 3, 4)]])
     row = json.loads(out.read_text(encoding="utf-8"))
     assert row == {"id": 0, "text": "张三在北京", "label": {"name": {"张三": [[0, 1]]}, "address": {"北京": [[3, 4]]}}}
+    write_ner_predictions(out, [7], [list("张三")], [[("name", 0, 1)]], with_text=False)
+    assert json.loads(out.read_text(encoding="utf-8")) == {"id": 7, "label": {"name": {"张三": [[0, 1]]}}}
 
 
 @needs_data
