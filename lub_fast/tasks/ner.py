@@ -213,8 +213,9 @@ def _pair_files(path):
 
 def _only_tags(path):
     """True when every non-blank line is made of tags only (a tags file or a tag set file)."""
-    lines = [t for _, t in read_lines(path) if t.strip()]
-    return bool(lines) and all(_looks_like_tag_line(t) for t in lines)
+    lines = (t for _, t in read_lines(path) if t.strip())
+    first = next(lines, None)
+    return first is not None and _looks_like_tag_line(first) and all(_looks_like_tag_line(t) for t in lines)
 
 
 def _looks_like_tag_line(text):
