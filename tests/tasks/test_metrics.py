@@ -1,12 +1,19 @@
 """Metrics: hand-checked values, scipy/scikit-learn/seqeval cross-checks when installed, and the
 CMRC 2018 scorer on cases worked out by hand from the official script's rules."""
 
+import hashlib
+import json
 import random
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from lub_fast.tasks import metrics as M
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+CMRC_FILES = [DATA / "cmrc2018/cmrc2018_trial.json", DATA / "cmrc2018/cmrc2018_train_first30docs_DeerEyre.json"]
 
 
 def test_accuracy_macro_f1_hand_values():
@@ -127,6 +134,35 @@ def test_treebank_tokenize_matches_nltk_345(text, tokens):
 @pytest.mark.parametrize("text,tokens", NLTK_345_TRAINED)
 def test_word_tokenize_trained_punkt_matches_nltk_345(text, tokens):
     assert M.word_tokenize(text) == tokens
+
+
+def _english_runs(paths):
+    """Every lower-cased non-CJK run of the contexts as the scorer cuts them, each followed by a
+    random sub-run (a model's span may start or end anywhere)."""
+    rng = random.Random(0)
+    runs = []
+    for path in paths:
+        for article in json.loads(path.read_text(encoding="utf-8"))["data"]:
+            for paragraph in article["paragraphs"]:
+                run = ""
+                for char in paragraph["context"].lower().strip() + "中":
+                    if re.search("[\u4e00-\u9fa5]", char) or char in M.CMRC_PUNCTUATION:
+                        if re.search(r"[a-z0-9]", run):
+                            i = rng.randrange(len(run))
+                            runs += [run, run[i : rng.randrange(i, len(run)) + 1]]
+                        run = ""
+                    else:
+                        run += char
+    return runs
+
+
+@pytest.mark.skipif(not all(p.exists() for p in CMRC_FILES), reason="../shared/data is absent")
+def test_word_tokenize_matches_nltk_345_on_cmrc_contexts():
+    runs = _english_runs(CMRC_FILES)
+    tokens = [M.word_tokenize(r) for r in runs]
+    digest = hashlib.sha256(json.dumps(tokens, ensure_ascii=False).encode()).hexdigest()
+    # NLTK 3.4.5's word_tokenize (its own Punkt with the trained English parameters) on these runs
+    assert (len(runs), digest) == (9780, "51474865ea03a7909dc0918d25b611411748d4180b4bfa1afbcf62f784dcf1ae")
 
 
 def test_python2_str_and_strip():
