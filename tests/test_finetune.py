@@ -256,6 +256,7 @@ def test_finetune_cmrc2018_predictions_and_hf_export(tmp_path, capsys):
     assert official["skipped"] == 0 and report["dev"] == pytest.approx(official), (report["dev"], official)
     n_train = sum(len(p["qas"]) for d in json.loads(Path(train).read_text(encoding="utf-8"))["data"] for p in d["paragraphs"])
     assert report["examples"] == {"train": n_train - 1, "dev": len(contexts), "test": len(contexts)}, report
+    assert report["repaired"]["dev"][REPAIR_NOT_VERBATIM] == 3 and report["skipped"]["train"] == {REPAIR_NO_VERBATIM: 1}
     err = capsys.readouterr().err
     assert f"{train}: skipped 1 line(s): {REPAIR_NO_VERBATIM}" in err, err
     assert f"{dev}: kept, repaired: {REPAIR_NOT_VERBATIM}: 3" in err, err
