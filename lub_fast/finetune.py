@@ -720,7 +720,9 @@ def _final(config, splits, kind, best_dir, run_module, stopped_early, device) ->
         "examples": {name: len(s.data.examples) for name, s in splits.items()},
         "skipped": {name: s.data.skipped for name, s in splits.items() if s.data.skipped},
         "repaired": {
-            name: {rule: len(ids) for rule, ids in s.data.repairs.items()} for name, s in splits.items() if s.data.repairs
+            name: {rule: len(ids) for rule, ids in s.data.repairs.items()}
+            for name, s in splits.items()
+            if s.data.repairs
         },
     }
     for name in ("dev", "test"):

@@ -254,7 +254,8 @@ def test_finetune_cmrc2018_predictions_and_hf_export(tmp_path, capsys):
     # every question and every gold answer scored, as the official scorer does on the raw file
     official = cmrc2018_score(dev, predictions)
     assert official["skipped"] == 0 and report["dev"] == pytest.approx(official), (report["dev"], official)
-    n_train = sum(len(p["qas"]) for d in json.loads(Path(train).read_text(encoding="utf-8"))["data"] for p in d["paragraphs"])
+    train_docs = json.loads(Path(train).read_text(encoding="utf-8"))["data"]
+    n_train = sum(len(p["qas"]) for d in train_docs for p in d["paragraphs"])
     assert report["examples"] == {"train": n_train - 1, "dev": len(contexts), "test": len(contexts)}, report
     assert report["repaired"]["dev"][REPAIR_NOT_VERBATIM] == 3 and report["skipped"]["train"] == {REPAIR_NO_VERBATIM: 1}
     err = capsys.readouterr().err

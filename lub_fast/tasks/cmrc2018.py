@@ -139,7 +139,8 @@ def load_cmrc2018(path, skip_bad=False):
                     starts.append(where)
                 else:
                     seen.add(qid)
-                    example = QAExample(qid, qa["question"], context, tuple(texts), tuple(starts), article.get("title", ""))
+                    title = article.get("title", "")
+                    example = QAExample(qid, qa["question"], context, tuple(texts), tuple(starts), title)
                     if texts and example.train_answer is None:
                         repairs[REPAIR_NO_VERBATIM].append(qid)
                     examples.append(example)

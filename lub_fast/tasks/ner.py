@@ -275,7 +275,9 @@ def load_ner(path, labels=None, scheme=None, skip_bad=False):
     elif _only_tags(path):
         beside = "no sentences.txt beside it" if os.path.basename(path) == "tags.txt" else "no characters"
         raise TaskDataError(
-            path, 0, f"every line holds only tags ({beside}): expected {PAIR_LAYOUT}, CoNLL 'char tag' lines or CLUENER json",
+            path,
+            0,
+            f"every line holds only tags ({beside}): expected {PAIR_LAYOUT}, CoNLL 'char tag' lines or CLUENER json",
             "pass sentences.txt, tags.txt or their folder; a tag set file goes to labels=/--labels",
         )
     elif _is_alternating(path):

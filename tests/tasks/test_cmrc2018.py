@@ -226,7 +226,8 @@ def test_cmrc2018_dev_style_file_keeps_every_question_and_answer(tmp_path):
     assert len(data.examples) == 1002 and data.skipped == {}
     assert sorted(data.repairs[REPAIR_NOT_VERBATIM]) == sorted(added)
     assert data.repairs[REPAIR_NO_VERBATIM] == only
-    raw = {qa["id"].strip(): [a["text"] for a in qa["answers"]] for a in dev["data"] for p in a["paragraphs"] for qa in p["qas"]}
+    qas = [qa for article in dev["data"] for paragraph in article["paragraphs"] for qa in paragraph["qas"]]
+    raw = {qa["id"].strip(): [a["text"] for a in qa["answers"]] for qa in qas}
     for e in data.examples:
         assert list(e.answers) == raw[e.id], e.id
         if e.id not in only:
