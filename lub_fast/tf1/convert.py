@@ -65,20 +65,38 @@ class TF1LoadInfo:
 
 
 def resolve_prefix(path: str) -> str:
-    """The checkpoint prefix for a directory, a prefix, an ``.index`` or a data file path."""
+    """The checkpoint prefix for a directory, a prefix, an ``.index`` or a data file path.
+
+    A directory's ``checkpoint`` file (TensorFlow's ``CheckpointState``) picks the prefix, but only
+    inside that directory: TensorFlow writes absolute paths (``/home/x/run/model.ckpt-1000``) and
+    directories get copied, so a named path elsewhere is read as the file of the same basename
+    here, and a name with no such file here is an error, never the other directory's weights."""
     path = os.fspath(path)
     if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(glob.escape(path), "*.index")))
         state = os.path.join(path, "checkpoint")
+        named = None
         if os.path.exists(state):
             with open(state, encoding="utf-8") as f:
                 m = re.search(r'^model_checkpoint_path:\s*"(.*)"', f.read(), re.MULTILINE)
-            if m:
-                # Released zips often name an absolute path on the author's machine.
-                for candidate in (os.path.join(path, m.group(1)),
-                                  os.path.join(path, os.path.basename(m.group(1)))):
-                    if os.path.exists(candidate + ".index"):
-                        return candidate
-        found = sorted(glob.glob(os.path.join(glob.escape(path), "*.index")))
+            named = m.group(1) if m else None
+        if named:
+            candidates = [os.path.join(path, os.path.basename(named))]
+            if not os.path.isabs(named):
+                candidates.insert(0, os.path.join(path, named))
+            root = os.path.join(os.path.realpath(path), "")
+            for candidate in candidates:
+                inside = os.path.join(os.path.realpath(os.path.dirname(candidate)), "")
+                if inside.startswith(root) and os.path.exists(candidate + ".index"):
+                    return candidate
+            raise TF1CheckpointError(
+                f"{state}: model_checkpoint_path names {named!r}, but {path} has no "
+                f"{os.path.basename(named)}.index (it holds "
+                f"{[os.path.basename(p) for p in found] or 'no *.index'}); only a checkpoint in "
+                "this directory is read: pass its prefix, e.g. "
+                f"{found[0][: -len('.index')] if found else os.path.join(path, 'model.ckpt')}, "
+                "or fix the checkpoint file"
+            )
         if len(found) == 1:
             return found[0][: -len(".index")]
         raise TF1CheckpointError(
