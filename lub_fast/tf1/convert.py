@@ -112,16 +112,28 @@ def resolve_prefix(path: str) -> str:
     raise TF1CheckpointError(f"{path}: no TF checkpoint ({path}.index not found)")
 
 
+def _is_tf_config(path: str) -> bool:
+    """A ``config.json`` next to a TF checkpoint is Google's format unless it has HF's model_type."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return "model_type" not in json.load(f)
+    except (OSError, ValueError) as e:
+        raise TF1CheckpointError(f"{path}: not a readable JSON config ({e})") from None
+
+
 def _find_config(directory: str, family: str, generator: bool) -> str | None:
     if family == "electra":
         kind = "generator" if generator else "discriminator"
         patterns = [f"*{kind}_config.json"] + ([] if generator else
-                                               ["electra_config.json", "bert_config.json"])
+                                               ["electra_config.json", "bert_config.json",
+                                                "config.json"])
     else:
         patterns = dict.fromkeys([CONFIG_FILES[family], f"{family}_config*.json",
-                                  "bert_config*.json"])
+                                  "bert_config*.json", "config.json"])
     for pattern in patterns:
         found = sorted(glob.glob(os.path.join(glob.escape(directory), pattern)))
+        if pattern == "config.json":
+            found = [p for p in found if _is_tf_config(p)]
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
@@ -174,6 +186,19 @@ def _detect_layout(names: list[str]) -> tuple[str, str]:
         f"cannot tell the model family from variables {names[:5]}...: expected Google BERT "
         "(bert/...), ALBERT (bert/encoder/transformer/...) or ELECTRA (electra/...) names"
     )
+
+
+def checkpoint_family(path: str) -> tuple[str, bool] | None:
+    """``(family, holds an ELECTRA generator)`` of the TF-1 checkpoint at ``path`` (a directory
+    or prefix), read from its index alone; None when ``path`` is not a readable TF-1 checkpoint
+    (``load_tf1_checkpoint`` then says why)."""
+    try:
+        names = [n.removeprefix("module/") for n in BundleReader(resolve_prefix(path)).entries
+                 if not is_training_state(n)]
+        family, _ = _detect_layout(names)
+    except TF1CheckpointError:
+        return None
+    return family, any(n.startswith(("generator/", "generator_predictions/")) for n in names)
 
 
 def _to_torch(array: np.ndarray, transpose: bool) -> torch.Tensor:
