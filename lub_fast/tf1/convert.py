@@ -182,6 +182,13 @@ def _detect_layout(names: list[str]) -> tuple[str, str]:
         return "albert", "google"
     if any(n.startswith("bert/") for n in names):
         return "bert", "google"
+    if any("/.ATTRIBUTES/" in n for n in names):
+        raise TF1CheckpointError(
+            f"an object-based TF2 checkpoint (tf.train.Checkpoint or Keras; variables like "
+            f"{next(n for n in names if '/.ATTRIBUTES/' in n)!r}): lub_fast reads the name-based "
+            "TF-1 checkpoints that Google's BERT, ALBERT and ELECTRA code writes with "
+            "tf.compat.v1.train.Saver"
+        )
     raise TF1CheckpointError(
         f"cannot tell the model family from variables {names[:5]}...: expected Google BERT "
         "(bert/...), ALBERT (bert/encoder/transformer/...) or ELECTRA (electra/...) names"
@@ -331,7 +338,10 @@ def load_tf1_checkpoint(path: str, *, config_file: str | None = None, generator:
         key = name.removeprefix("module/")  # TF-Hub exports of ALBERT
         sources[key] = lambda name=name: reader.read(name)
         shapes[key] = reader.entries[name].shape
-    family, layout = _detect_layout(list(sources))
+    try:
+        family, layout = _detect_layout(list(sources))
+    except TF1CheckpointError as e:
+        raise TF1CheckpointError(f"{prefix}: {e}") from None
     if generator and family != "electra":
         raise TF1CheckpointError(f"{prefix}: generator=True needs an ELECTRA checkpoint, "
                                  f"this is {family}")
