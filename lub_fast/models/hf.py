@@ -497,7 +497,7 @@ def save_pretrained(model, path) -> None:
         (path / name).write_bytes(data)
 
 
-def _electra_pair_from_tf1(path) -> tuple:
+def _electra_pair_from_tf1(path) -> tuple[ElectraDiscriminator, MaskedLM]:
     """(discriminator, generator) of a TF-1 ELECTRA checkpoint holding both, each of its own size
     (the generator's read from its ``generator/...`` variables)."""
     from lub_fast.tf1 import TF1CheckpointError, load_tf1_checkpoint
