@@ -7,7 +7,8 @@ prefix), or a lub_fast run directory (``python -m lub_fast.pretrain``/``distill`
 valid checkpoint, or a given ``checkpoints/step_*`` directory). Targets: ``--to hf`` (default) writes
 an HF directory the matching ``transformers`` Auto class loads; ``--to tf1`` writes Google's layout
 (``model.ckpt.*``, ``bert_config.json``/``albert_config.json``, ``vocab.txt``) that TensorFlow's
-``tf.train.load_checkpoint`` and bert4keras read. An ELECTRA run converts to ``DST/generator`` and
+``tf.train.load_checkpoint`` and bert4keras read. An ELECTRA run, or a TF-1 ELECTRA checkpoint that
+holds its generator (google-research/electra's), converts to ``DST/generator`` and
 ``DST/discriminator`` (``--to hf``) or one TF-1 checkpoint holding both (``--to tf1``, as
 google-research/electra writes it).
 
@@ -20,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from lub_fast.models.hf import from_pretrained, lub_to_hf
+from lub_fast.models.hf import from_pretrained, from_pretrained_electra_pair, lub_to_hf, tf1_family
 
 
 def is_run_dir(path) -> bool:
@@ -99,6 +100,9 @@ def _models(src):
         for _, model in models:
             model.tokenizer_files.update(files)
         return models
+    if tf1_family(src) == ("electra", True):
+        pair = from_pretrained_electra_pair(src)
+        return [("generator", pair.generator), ("discriminator", pair.discriminator)]
     return [("", from_pretrained(src))]
 
 

@@ -105,7 +105,9 @@ class ElectraSection:
 @dataclass(frozen=True)
 class PretrainConfig:
     recipe: Literal["bert", "roberta", "albert", "electra"] = option("roberta", "what to pretrain (see --help)")
-    init_from: str | None = option(None, "HF directory or TF-1 checkpoint to continue pretraining from")
+    init_from: str | None = option(
+        None, "HF directory or TF-1 checkpoint to continue pretraining from (electra: DISC_DIR,GEN_DIR "
+        "or one TF-1 checkpoint holding both)")
     output: str = option("runs/pretrain", "run directory: checkpoints, logs, plots, HF export")
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -389,14 +391,18 @@ def build_objective(cfg: PretrainConfig, vocab_size: int, special_ids: dict):
     from lub_fast.objectives import ElectraObjective, MaskedLMObjective
 
     if cfg.init_from and cfg.recipe == "electra":
-        from lub_fast.models.hf import from_pretrained_electra_pair
+        from lub_fast.models.hf import from_pretrained_electra_pair, tf1_family
 
         disc_dir, _, gen_dir = cfg.init_from.partition(",")
-        if not gen_dir:
+        tf1 = None if gen_dir else tf1_family(disc_dir)
+        if not gen_dir and (tf1 is None or tf1[0] != "electra"):
             _load_init(cfg)  # names the family of a non-ELECTRA checkpoint
-            raise PretrainError("--recipe electra --init-from needs DISC_DIR,GEN_DIR (the two HF directories)")
+            raise PretrainError(
+                "--recipe electra --init-from needs DISC_DIR,GEN_DIR (the two HF directories) or a "
+                "TF-1 ELECTRA checkpoint that holds both"
+            )
         try:
-            pair = from_pretrained_electra_pair(disc_dir, gen_dir)
+            pair = from_pretrained_electra_pair(disc_dir, gen_dir or None)
         except (FileNotFoundError, ValueError) as error:
             raise PretrainError(f"--init-from {cfg.init_from}: {error}") from None
         config = pair.discriminator.config

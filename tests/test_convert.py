@@ -11,6 +11,7 @@ from transformers import AlbertConfig, AlbertForPreTraining, BertConfig, BertFor
 
 import lub_fast
 from lub_fast.convert import main as convert_main
+from lub_fast.models.hf import from_pretrained_electra_pair
 from lub_fast.tf1 import load_tf1_checkpoint, save_tf1_checkpoint
 
 V = 99
@@ -107,3 +108,66 @@ def test_convert_hf_export_keeps_config(tmp_path):
     assert convert_main([str(directory), str(tmp_path / "hf")]) == 0
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["BertForPreTraining"] and config["hidden_act"] == "gelu"
+
+
+@pytest.mark.parametrize("family", sorted(CASES))
+def test_convert_google_config_json_is_read_as_tf1(tmp_path, family):
+    # Google's ELECTRA layout: *.index files next to a TF config named config.json (no model_type).
+    hf, directory, key = _tf1_checkpoint(tmp_path, family)
+    config_file = next(p for p in directory.glob("*config.json"))
+    config_file.rename(directory / "config.json")
+    assert "model_type" not in json.loads((directory / "config.json").read_text())
+    ours = lub_fast.from_pretrained(directory).eval()
+    ids, mask, types = _batch()
+    with torch.no_grad():
+        expected = getattr(hf(input_ids=ids, attention_mask=mask, token_type_ids=types), key)
+        got = ours(ids, mask, types).logits
+    torch.testing.assert_close(_real_rows(got, mask), _real_rows(expected, mask), atol=1e-5, rtol=1e-5)
+    assert convert_main([str(directory), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == family
+
+
+def _electra_pair_checkpoint(directory, google_release):
+    """A tiny random HF ELECTRA discriminator (128 wide, 2 layers) and generator (64 wide, 1 layer:
+    Google's ``generator_hidden_size`` 0.5, ``generator_layers`` 0.5), embeddings shared, in one TF-1
+    checkpoint. ``google_release``: as Google ships it, no configs (heads by ELECTRA's hidden // 64)
+    and the prefix ``electra_small`` named by an absolute path in ``checkpoint``."""
+    sizes = dict(embedding_size=16, intermediate_size=96, **SMALL)
+    disc_config = ElectraConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, **sizes)
+    gen_config = ElectraConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, **sizes)
+    disc = _seeded(ElectraForPreTraining, disc_config)
+    gen = _seeded(transformers.ElectraForMaskedLM, gen_config, seed=1)
+    gen.electra.embeddings.load_state_dict(disc.electra.embeddings.state_dict())
+    save_tf1_checkpoint(directory, disc_config.to_dict(), disc.state_dict(), "electra",
+                        vocab_file=str(_vocab(directory.parent / "vocab.txt")),
+                        generator=(gen_config.to_dict(), gen.state_dict()))
+    if google_release:
+        for name in ("discriminator_config.json", "generator_config.json"):
+            (directory / name).unlink()
+        for suffix in (".index", ".data-00000-of-00001"):
+            (directory / f"model.ckpt{suffix}").rename(directory / f"electra_small{suffix}")
+        (directory / "checkpoint").write_text('model_checkpoint_path: "/home/author/electra_small/electra_small"\n')
+    return disc, gen
+
+
+@pytest.mark.parametrize("google_release", [False, True])
+def test_convert_tf1_electra_writes_discriminator_and_generator(tmp_path, google_release):
+    disc, gen = _electra_pair_checkpoint(tmp_path / "electra", google_release)
+    assert convert_main([str(tmp_path / "electra"), str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "generator" / "config.json").read_text())
+    shape = (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"])
+    assert shape == (64, 1, 1), config
+    pair = from_pretrained_electra_pair(tmp_path / "electra")
+    ids, mask, types = _batch()
+    for sub, original, ours, cls in (
+        ("discriminator", disc, pair.discriminator, ElectraForPreTraining),
+        ("generator", gen, pair.generator, transformers.ElectraForMaskedLM),
+    ):
+        loaded = cls.from_pretrained(tmp_path / "hf" / sub).eval()
+        assert (tmp_path / "hf" / sub / "vocab.txt").exists(), sub
+        with torch.no_grad():
+            want = _real_rows(original(input_ids=ids, attention_mask=mask, token_type_ids=types).logits, mask)
+            theirs = _real_rows(loaded(input_ids=ids, attention_mask=mask, token_type_ids=types).logits, mask)
+            got = _real_rows(ours.eval()(ids, mask, types).logits, mask)
+        torch.testing.assert_close(theirs, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{sub} HF export: {m}")
+        torch.testing.assert_close(got, theirs, atol=1e-5, rtol=1e-5, msg=lambda m: f"{sub} lub_fast: {m}")

@@ -271,6 +271,60 @@ def test_pretrain_init_from_hf_bert_model(data, hf_bert, tmp_path):
     assert len(records) == 3 and all(r["loss"] > 0 for r in records), records
 
 
+def _tf1_electra(directory, vocab, with_generator=True):
+    """A tiny random ``transformers`` ELECTRA pair written as one TF-1 checkpoint the way
+    google-research/electra does: the generator 32 wide and 1 layer deep (not the discriminator's
+    64 / ``--electra.generator_divisor``, nor its 2 layers), embeddings shared; with
+    ``with_generator=False`` the discriminator alone."""
+    import transformers
+
+    from lub_fast.data.tokenizer import read_vocab
+    from lub_fast.tf1 import save_tf1_checkpoint
+
+    sizes = dict(vocab_size=len(read_vocab(vocab)), embedding_size=32, max_position_embeddings=64)
+    disc_config = transformers.ElectraConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                             intermediate_size=128, **sizes)  # fmt: skip
+    gen_config = transformers.ElectraConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
+                                            intermediate_size=64, **sizes)  # fmt: skip
+    torch.manual_seed(0)
+    disc = transformers.ElectraForPreTraining(disc_config)
+    gen = transformers.ElectraForMaskedLM(gen_config)
+    gen.electra.embeddings.load_state_dict(disc.electra.embeddings.state_dict())
+    save_tf1_checkpoint(directory, disc_config.to_dict(), disc.state_dict(), "electra", vocab_file=str(vocab),
+                        generator=(gen_config.to_dict(), gen.state_dict()) if with_generator else None)  # fmt: skip
+    return disc, gen
+
+
+def test_pretrain_init_from_tf1_electra_continues_both_networks(data, tmp_path):
+    """``--recipe electra --init-from CKPT`` of a TF-1 checkpoint continues the generator at its own
+    size, with no head initialised; with lr 0 both exports are exactly the checkpoint's networks, and
+    the same pair given as DISC_DIR,GEN_DIR HF directories gives the same exports."""
+    import warnings
+
+    import transformers
+
+    from lub_fast.convert import main as convert_main
+
+    disc, gen = _tf1_electra(tmp_path / "tf1", data["vocab"])
+    assert convert_main([str(tmp_path / "tf1"), str(tmp_path / "pair")]) == 0
+    sources = {"tf1": tmp_path / "tf1", "pair": f"{tmp_path / 'pair' / 'discriminator'},{tmp_path / 'pair' / 'generator'}"}
+    for name, source in sources.items():
+        out = tmp_path / f"run_{name}"
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _main(["--recipe", "electra", "--init-from", source, "--data", data["train"], "--output", out,
+                   "--steps", 2, *TINY, "--train.lr=0"])  # fmt: skip
+        initialised = [str(w.message) for w in caught if "initialised" in str(w.message)]
+        assert not initialised, (name, initialised)
+        config = json.loads((out / "hf" / "generator" / "config.json").read_text())
+        assert (config["hidden_size"], config["num_hidden_layers"]) == (32, 1), (name, config)
+        for original, cls, sub in ((gen, transformers.ElectraForMaskedLM, "generator"),
+                                   (disc, transformers.ElectraForPreTraining, "discriminator")):  # fmt: skip
+            exported = cls.from_pretrained(out / "hf" / sub).state_dict()
+            differing = [k for k, v in original.state_dict().items() if not torch.equal(exported[k], v)]
+            assert not differing, (name, sub, differing[:5])
+
+
 def _error_cases(data, hf_bert, tmp):
     """(name, args, words the one-line message must contain)."""
     from lub_fast.data.tokenizer import read_vocab
@@ -282,12 +336,15 @@ def _error_cases(data, hf_bert, tmp):
     tokens = read_vocab(data["vocab"])
     (other_vocab / "vocab.txt").write_text("\n".join(tokens[:-1] + ["另一"]) + "\n", encoding="utf-8")
     base = ["--data", data["train"], *TINY]
+    _tf1_electra(tmp / "tf1_discriminator_only", data["vocab"], with_generator=False)
     return [
         ("vocab size", ["--init-from", bigger, *base], ["vocab_size", str(config["vocab_size"])]),
         ("init vocab", ["--init-from", other_vocab, *base], ["another vocabulary", "vocab.txt"]),
         ("family", ["--recipe", "albert", "--init-from", hf_bert, *base], ["bert checkpoint", "albert"]),
         ("positions", [*base, "--model.max_position_embeddings=32"], ["max_seq_len 64", "32 positions"]),
         ("electra family", ["--recipe", "electra", "--init-from", hf_bert, *base], ["bert checkpoint"]),
+        ("electra without generator", ["--recipe", "electra", "--init-from", tmp / "tf1_discriminator_only", *base],
+         ["tf1_discriminator_only/model.ckpt", "holds no generator", "DISC_DIR,GEN_DIR"]),
     ]
 
 

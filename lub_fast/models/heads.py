@@ -46,15 +46,19 @@ class ModelOutput:
     ``pooler_output`` are read through it. Fields a model does not produce stay None.
 
     ``logits``: MLM ``[M, V]`` at ``masked_positions`` or ``[B, S, V]``; RTD ``[B, S]``; sequence
-    ``[B, C]``; token ``[B, S, C]``. ``seq_relationship_logits`` ``[B, 2]`` (NSP or SOP).
-    ``start_logits``/``end_logits`` ``[B, S]`` (QA). ``loss`` is the total; ``mlm_loss`` and
-    ``pair_loss`` are its parts for ``PreTraining``.
+    ``[B, C]``; token ``[B, S, C]``. ``PreTraining`` names its outputs as transformers'
+    ``BertForPreTraining``/``AlbertForPreTraining`` do: ``prediction_logits`` (the MLM logits, also
+    in ``logits``) and ``seq_relationship_logits`` ``[B, 2]`` (BERT's NSP) or ``sop_logits``
+    ``[B, 2]`` (ALBERT's SOP). ``start_logits``/``end_logits`` ``[B, S]`` (QA). ``loss`` is the
+    total; ``mlm_loss`` and ``pair_loss`` are its parts for ``PreTraining``.
     """
 
     encoder: EncoderOutput
     loss: Tensor | None = None
     logits: Tensor | None = None
+    prediction_logits: Tensor | None = None
     seq_relationship_logits: Tensor | None = None
+    sop_logits: Tensor | None = None
     start_logits: Tensor | None = None
     end_logits: Tensor | None = None
     mlm_loss: Tensor | None = None
@@ -254,13 +258,15 @@ class PreTraining(_Model):
         pair_logits = self.pair(pooled)
         pair_loss = None if pair_labels is None else F.cross_entropy(pair_logits.float(), pair_labels.view(-1))
         parts = [x for x in (mlm_loss, pair_loss) if x is not None]
+        pair_name = "sop_logits" if self.config.family == "albert" else "seq_relationship_logits"
         return ModelOutput(
             out,
             loss=sum(parts) if parts else None,
             logits=logits,
-            seq_relationship_logits=pair_logits,
+            prediction_logits=logits,
             mlm_loss=mlm_loss,
             pair_loss=pair_loss,
+            **{pair_name: pair_logits},
         )
 
 

@@ -412,7 +412,8 @@ def from_hf(hf_config: dict, hf_tensors: dict[str, Tensor], task: str | None = N
 def from_pretrained(path, task: str | None = None, num_labels: int | None = None):
     """Load an HF directory of model_type bert, roberta, albert or electra, or a TensorFlow-1
     checkpoint (Google's BERT/ALBERT/ELECTRA layout: a directory or a ``model.ckpt`` prefix with its
-    ``bert_config.json``/``albert_config.json``; read by ``lub_fast.tf1`` without TensorFlow).
+    ``bert_config.json``/``albert_config.json``, or a ``config.json`` without HF's ``model_type``
+    next to ``*.index`` files; read by ``lub_fast.tf1`` without TensorFlow).
 
     ``task`` (a key of ``TASK_CLASSES``) defaults to the one of ``config.json``'s ``architectures``
     (no architectures: ``"base"``); giving another task loads the encoder and initialises the new head
@@ -422,7 +423,7 @@ def from_pretrained(path, task: str | None = None, num_labels: int | None = None
     """
     path = Path(path)
     config_file = path / "config.json"
-    if not config_file.exists():
+    if _is_tf1(path):
         return _from_tf1(path, task, num_labels)
     hf_config = json.loads(config_file.read_text())
     if hf_config.get("model_type") not in FAMILIES:
@@ -432,6 +433,27 @@ def from_pretrained(path, task: str | None = None, num_labels: int | None = None
         if (path / name).exists():
             model.tokenizer_files[name] = (path / name).read_bytes()
     return model
+
+
+def _is_tf1(path: Path) -> bool:
+    """What ``from_pretrained`` reads as a TF-1 checkpoint: no ``config.json``, or Google's layout
+    (``*.index`` files and a ``config.json`` that is a TF config, without HF's ``model_type``)."""
+    config_file = path / "config.json"
+    if not config_file.exists():
+        return True
+    try:
+        has_model_type = "model_type" in json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return False  # from_pretrained reports the unreadable config.json
+    return not has_model_type and any(path.glob("*.index"))
+
+
+def tf1_family(path) -> tuple[str, bool] | None:
+    """For what ``from_pretrained`` reads as a TF-1 checkpoint: ``(family, holds an ELECTRA
+    generator)`` from its index alone; None for anything else (an HF directory, a missing path)."""
+    from lub_fast.tf1.convert import checkpoint_family
+
+    return checkpoint_family(str(path)) if _is_tf1(Path(path)) else None
 
 
 def _from_tf1(path: Path, task: str | None, num_labels: int | None):
@@ -475,12 +497,39 @@ def save_pretrained(model, path) -> None:
         (path / name).write_bytes(data)
 
 
-def from_pretrained_electra_pair(discriminator_path, generator_path) -> ElectraPair:
+def _electra_pair_from_tf1(path) -> tuple[ElectraDiscriminator, MaskedLM]:
+    """(discriminator, generator) of a TF-1 ELECTRA checkpoint holding both, each of its own size
+    (the generator's read from its ``generator/...`` variables)."""
+    from lub_fast.tf1 import TF1CheckpointError, load_tf1_checkpoint
+
+    disc_config, disc_tensors, info = load_tf1_checkpoint(path)
+    if info.family != "electra":
+        raise TF1CheckpointError(f"{info.prefix}: a {info.family} checkpoint, not an ELECTRA pair")
+    if not any(n.startswith(("generator/", "generator_predictions/")) for n in info.other_network):
+        raise TF1CheckpointError(
+            f"{info.prefix}: this ELECTRA checkpoint holds no generator (no generator/... "
+            "variables; a discriminator-only export); pass DISC_DIR,GEN_DIR HF directories"
+        )
+    gen_config, gen_tensors, _ = load_tf1_checkpoint(path, generator=True)
+    disc = from_hf(disc_config, disc_tensors, "discriminator", origin=info.prefix)
+    gen = from_hf(gen_config, gen_tensors, "masked_lm", origin=f"{info.prefix} (generator)")
+    if info.vocab_file:
+        for model in (disc, gen):
+            model.tokenizer_files["vocab.txt"] = Path(info.vocab_file).read_bytes()
+    return disc, gen
+
+
+def from_pretrained_electra_pair(discriminator_path, generator_path=None) -> ElectraPair:
     """Load an ELECTRA discriminator (``ElectraForPreTraining``) and generator (``ElectraForMaskedLM``)
-    directory into one ``ElectraPair`` sharing the embeddings. Raises when the two checkpoints'
-    embeddings differ (they are one tensor set in ELECTRA pretraining)."""
-    disc = from_pretrained(discriminator_path, task="discriminator")
-    gen = from_pretrained(generator_path, task="masked_lm")
+    directory into one ``ElectraPair`` sharing the embeddings; without ``generator_path``,
+    ``discriminator_path`` is a TF-1 ELECTRA checkpoint that holds both (google-research/electra's
+    pretraining checkpoints). Raises when the two checkpoints' embeddings differ (they are one
+    tensor set in ELECTRA pretraining)."""
+    if generator_path is None:
+        disc, gen = _electra_pair_from_tf1(discriminator_path)
+    else:
+        disc = from_pretrained(discriminator_path, task="discriminator")
+        gen = from_pretrained(generator_path, task="masked_lm")
     if gen.config.family != "electra" or disc.config.family != "electra":
         raise ValueError("from_pretrained_electra_pair: both directories must be model_type electra")
     differing = [

@@ -86,7 +86,7 @@ class MaskedLMObjective(nn.Module):
         loss = mlm_loss
         pair_key = self.pair_key(batch)
         if pair_key is not None:
-            pair_logits = out.seq_relationship_logits.float()
+            pair_logits = (out.sop_logits if out.sop_logits is not None else out.seq_relationship_logits).float()
             pair_labels = batch[pair_key].view(-1)
             pair_loss = nn.functional.cross_entropy(pair_logits, pair_labels)
             loss = loss + pair_loss

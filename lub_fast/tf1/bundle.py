@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lub_fast.errors import UsageError
 from lub_fast.tf1.crc import crc32c, mask_crc, unmask_crc
 from lub_fast.tf1.table import (
     DEFAULT_BLOCK_SIZE,
@@ -62,8 +63,9 @@ TF_DTYPE_NAMES = {
 }
 
 
-class TF1CheckpointError(Exception):
-    """A TensorFlow checkpoint is missing, truncated, corrupt or of an unsupported kind."""
+class TF1CheckpointError(UsageError, ValueError):
+    """A TensorFlow checkpoint is missing, truncated, corrupt or of an unsupported kind (a
+    ``ValueError`` too, which the loaders' callers already report as bad input)."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,20 +65,38 @@ class TF1LoadInfo:
 
 
 def resolve_prefix(path: str) -> str:
-    """The checkpoint prefix for a directory, a prefix, an ``.index`` or a data file path."""
+    """The checkpoint prefix for a directory, a prefix, an ``.index`` or a data file path.
+
+    A directory's ``checkpoint`` file (TensorFlow's ``CheckpointState``) picks the prefix, but only
+    inside that directory: TensorFlow writes absolute paths (``/home/x/run/model.ckpt-1000``) and
+    directories get copied, so a named path elsewhere is read as the file of the same basename
+    here, and a name with no such file here is an error, never the other directory's weights."""
     path = os.fspath(path)
     if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(glob.escape(path), "*.index")))
         state = os.path.join(path, "checkpoint")
+        named = None
         if os.path.exists(state):
             with open(state, encoding="utf-8") as f:
                 m = re.search(r'^model_checkpoint_path:\s*"(.*)"', f.read(), re.MULTILINE)
-            if m:
-                # Released zips often name an absolute path on the author's machine.
-                for candidate in (os.path.join(path, m.group(1)),
-                                  os.path.join(path, os.path.basename(m.group(1)))):
-                    if os.path.exists(candidate + ".index"):
-                        return candidate
-        found = sorted(glob.glob(os.path.join(glob.escape(path), "*.index")))
+            named = m.group(1) if m else None
+        if named:
+            candidates = [os.path.join(path, os.path.basename(named))]
+            if not os.path.isabs(named):
+                candidates.insert(0, os.path.join(path, named))
+            root = os.path.join(os.path.realpath(path), "")
+            for candidate in candidates:
+                inside = os.path.join(os.path.realpath(os.path.dirname(candidate)), "")
+                if inside.startswith(root) and os.path.exists(candidate + ".index"):
+                    return candidate
+            raise TF1CheckpointError(
+                f"{state}: model_checkpoint_path names {named!r}, but {path} has no "
+                f"{os.path.basename(named)}.index (it holds "
+                f"{[os.path.basename(p) for p in found] or 'no *.index'}); only a checkpoint in "
+                "this directory is read: pass its prefix, e.g. "
+                f"{found[0][: -len('.index')] if found else os.path.join(path, 'model.ckpt')}, "
+                "or fix the checkpoint file"
+            )
         if len(found) == 1:
             return found[0][: -len(".index")]
         raise TF1CheckpointError(
@@ -94,16 +112,28 @@ def resolve_prefix(path: str) -> str:
     raise TF1CheckpointError(f"{path}: no TF checkpoint ({path}.index not found)")
 
 
+def _is_tf_config(path: str) -> bool:
+    """A ``config.json`` next to a TF checkpoint is Google's format unless it has HF's model_type."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return "model_type" not in json.load(f)
+    except (OSError, ValueError) as e:
+        raise TF1CheckpointError(f"{path}: not a readable JSON config ({e})") from None
+
+
 def _find_config(directory: str, family: str, generator: bool) -> str | None:
     if family == "electra":
         kind = "generator" if generator else "discriminator"
         patterns = [f"*{kind}_config.json"] + ([] if generator else
-                                               ["electra_config.json", "bert_config.json"])
+                                               ["electra_config.json", "bert_config.json",
+                                                "config.json"])
     else:
         patterns = dict.fromkeys([CONFIG_FILES[family], f"{family}_config*.json",
-                                  "bert_config*.json"])
+                                  "bert_config*.json", "config.json"])
     for pattern in patterns:
         found = sorted(glob.glob(os.path.join(glob.escape(directory), pattern)))
+        if pattern == "config.json":
+            found = [p for p in found if _is_tf_config(p)]
         if len(found) == 1:
             return found[0]
         if len(found) > 1:
@@ -152,10 +182,30 @@ def _detect_layout(names: list[str]) -> tuple[str, str]:
         return "albert", "google"
     if any(n.startswith("bert/") for n in names):
         return "bert", "google"
+    if any("/.ATTRIBUTES/" in n for n in names):
+        raise TF1CheckpointError(
+            f"an object-based TF2 checkpoint (tf.train.Checkpoint or Keras; variables like "
+            f"{next(n for n in names if '/.ATTRIBUTES/' in n)!r}): lub_fast reads the name-based "
+            "TF-1 checkpoints that Google's BERT, ALBERT and ELECTRA code writes with "
+            "tf.compat.v1.train.Saver"
+        )
     raise TF1CheckpointError(
         f"cannot tell the model family from variables {names[:5]}...: expected Google BERT "
         "(bert/...), ALBERT (bert/encoder/transformer/...) or ELECTRA (electra/...) names"
     )
+
+
+def checkpoint_family(path: str) -> tuple[str, bool] | None:
+    """``(family, holds an ELECTRA generator)`` of the TF-1 checkpoint at ``path`` (a directory
+    or prefix), read from its index alone; None when ``path`` is not a readable TF-1 checkpoint
+    (``load_tf1_checkpoint`` then says why)."""
+    try:
+        names = [n.removeprefix("module/") for n in BundleReader(resolve_prefix(path)).entries
+                 if not is_training_state(n)]
+        family, _ = _detect_layout(names)
+    except TF1CheckpointError:
+        return None
+    return family, any(n.startswith(("generator/", "generator_predictions/")) for n in names)
 
 
 def _to_torch(array: np.ndarray, transpose: bool) -> torch.Tensor:
@@ -288,7 +338,10 @@ def load_tf1_checkpoint(path: str, *, config_file: str | None = None, generator:
         key = name.removeprefix("module/")  # TF-Hub exports of ALBERT
         sources[key] = lambda name=name: reader.read(name)
         shapes[key] = reader.entries[name].shape
-    family, layout = _detect_layout(list(sources))
+    try:
+        family, layout = _detect_layout(list(sources))
+    except TF1CheckpointError as e:
+        raise TF1CheckpointError(f"{prefix}: {e}") from None
     if generator and family != "electra":
         raise TF1CheckpointError(f"{prefix}: generator=True needs an ELECTRA checkpoint, "
                                  f"this is {family}")

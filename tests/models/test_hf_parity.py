@@ -98,11 +98,10 @@ def outputs(model, inputs, ours):
     for name in ("pooler_output", "seq_relationship_logits", "sop_logits"):
         if getattr(out, name, None) is not None:
             result[name] = getattr(out, name)
-    if ours:  # lub_fast names its PreTraining MLM logits `logits` and NSP/SOP `seq_relationship_logits`
-        if model.task == "pretraining":
-            result["prediction_logits"] = result.pop("logits")
-            if model.config.family == "albert":
-                result["sop_logits"] = result.pop("seq_relationship_logits")
+    if ours:
+        if model.task == "pretraining":  # lub_fast's PreTraining keeps its MLM logits in `logits` too
+            alias = result.pop("logits")
+            assert torch.equal(alias, result["prediction_logits"]), "PreTraining: logits is not prediction_logits"
         if model.task not in ("base",):
             result.pop("last_hidden_state", None)
             result.pop("pooler_output", None)

@@ -421,6 +421,39 @@ def test_names_resolve_prefix(tmp_path):
         resolve_prefix(tmp_path / "missing.ckpt")
 
 
+def test_names_copied_directory_reads_its_own_checkpoint(tmp_path):
+    # TensorFlow's Saver writes the absolute prefix into `checkpoint`; a copied directory keeps it.
+    config, original = _tiny_bert()
+    _, copy = _tiny_bert()
+    with torch.no_grad():
+        for p in copy.parameters():
+            p.add_(1.0)
+    for name, model in (("run", original), ("copy", copy)):
+        save_tf1_checkpoint(tmp_path / name, config.to_dict(), model.state_dict(), "bert")
+        for suffix in (".index", ".data-00000-of-00001"):
+            os.rename(tmp_path / name / f"model.ckpt{suffix}",
+                      tmp_path / name / f"model.ckpt-1000{suffix}")
+    other = tmp_path / "run" / "model.ckpt-1000"
+    (tmp_path / "copy" / "checkpoint").write_text(
+        f'model_checkpoint_path: "{other}"\nall_model_checkpoint_paths: "{other}"\n')
+    assert resolve_prefix(tmp_path / "copy") == str(tmp_path / "copy" / "model.ckpt-1000")
+    hf_config, state_dict, info = load_tf1_checkpoint(tmp_path / "copy")
+    assert info.prefix == str(tmp_path / "copy" / "model.ckpt-1000")
+    _assert_same_outputs(copy, _reload(BertForPreTraining, hf_config, state_dict),
+                         ["prediction_logits"])
+
+    for suffix in (".index", ".data-00000-of-00001"):
+        os.rename(tmp_path / "copy" / f"model.ckpt-1000{suffix}",
+                  tmp_path / "copy" / f"model.ckpt-2000{suffix}")
+    with pytest.raises(TF1CheckpointError, match=r"checkpoint: model_checkpoint_path names "
+                       r"'.*run/model\.ckpt-1000', but .*copy has no model\.ckpt-1000\.index "
+                       r"\(it holds \['model\.ckpt-2000\.index'\]\).*copy/model\.ckpt-2000"):
+        load_tf1_checkpoint(tmp_path / "copy")
+    (tmp_path / "copy" / "checkpoint").write_text('model_checkpoint_path: "../run/model.ckpt-1000"\n')
+    with pytest.raises(TF1CheckpointError, match=r"only a checkpoint in this directory is read"):
+        resolve_prefix(tmp_path / "copy")
+
+
 @pytest.mark.parametrize("model_cls,heads,labels", [
     (BertForSequenceClassification, ("output_weights", "output_bias"), 3),
     (BertForQuestionAnswering, ("cls/squad/output_weights", "cls/squad/output_bias"), 2),
