@@ -369,8 +369,9 @@ def _init_vocab(path: str) -> tuple[list[str], str] | None:
 
 @dataclass(frozen=True)
 class DataVocab:
-    """The vocabulary the training data must be tokenized with: ``tokens`` in id order, ``file`` (a
-    vocab.txt to prepare raw text with), ``sha256`` (of that file) and ``name`` (for messages)."""
+    """The vocabulary the training data must be tokenized with: ``tokens`` in id order, ``file`` (what
+    ``prepare --vocab`` takes: a vocab.txt, or the model directory of a tokenizer.json), ``sha256`` (of
+    the vocab.txt that ``prepare`` writes into the shards) and ``name`` (for messages)."""
 
     tokens: list[str]
     file: str
@@ -378,14 +379,12 @@ class DataVocab:
     name: str
 
 
-def data_vocab(cfg: PretrainConfig, main: bool) -> DataVocab | None:
+def data_vocab(cfg: PretrainConfig) -> DataVocab | None:
     """The init model's vocabulary (continued pretraining always tokenizes with it), else
     ``--data.vocab``; None when neither is given (shards bring theirs, raw text builds one).
 
-    A tokenizer.json-only init model's WordPiece vocabulary is written (by the main rank) to
-    ``OUTPUT/data/init_vocab.txt`` to prepare raw text with. Raises ``PretrainError`` when
-    ``--data.vocab`` differs from the init model's, and when the init model has no vocabulary and
-    ``--data.vocab`` does not say which one its embeddings index.
+    Raises ``PretrainError`` when ``--data.vocab`` differs from the init model's, and when the init
+    model has no vocabulary and ``--data.vocab`` does not say which one its embeddings index.
     """
     from lub_fast.data.tokenizer import file_sha256, first_difference, read_vocab, vocab_bytes
 
@@ -409,14 +408,9 @@ def data_vocab(cfg: PretrainConfig, main: bool) -> DataVocab | None:
     tokens, source = init
     if source.endswith("vocab.txt"):
         vocab = DataVocab(tokens, source, file_sha256(source), f"the init model's {source}")
-    else:
-        data = vocab_bytes(tokens)
-        file = Path(cfg.output) / "data" / "init_vocab.txt"
-        if main:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            file.with_suffix(".tmp").write_bytes(data)
-            os.replace(file.with_suffix(".tmp"), file)
-        vocab = DataVocab(tokens, str(file), hashlib.sha256(data).hexdigest(), f"the init model's {source} (WordPiece)")
+    else:  # prepare reads the directory's tokenizer.json and writes these bytes as the shards' vocab.txt
+        sha = hashlib.sha256(vocab_bytes(tokens)).hexdigest()
+        vocab = DataVocab(tokens, str(Path(source).parent), sha, f"the init model's {source} (WordPiece)")
     if given is not None and given.tokens != tokens:
         raise PretrainError(
             f"--data.vocab {given.file} (sha256 {given.sha256[:12]}, {len(given.tokens)} tokens) is not {vocab.name} "
@@ -680,7 +674,7 @@ def run(cfg: PretrainConfig, resume: str | None = None, demo: bool = False) -> d
         _barrier()
         if not main:
             cfg = _prepare_demo_data(cfg)
-    vocab = data_vocab(cfg, main)
+    vocab = data_vocab(cfg)
     shard_dirs, eval_dirs = resolve_data(cfg, vocab.file if vocab else None, main) if not demo else (list(cfg.data.data), list(cfg.data.eval_data))
     check_data_vocab(shard_dirs + eval_dirs, vocab)
 
