@@ -83,7 +83,7 @@ class DataSection:
     num_workers: int = option(0, "DataLoader worker processes per rank")
     eval_batches: int = option(8, "held-out micro-batches per evaluation")
     holdout_every: int = option(20, "raw text: every n-th document is held out for evaluation")
-    vocab: str | None = option(None, "vocab.txt the data is tokenized with (default: the init model's, or built); checked against shards; with --init-from it must be the init model's")
+    vocab: str | None = option(None, "vocab.txt of the data (raw text is tokenized, shards checked with it); default: the init model's, or built")
     build_vocab: int = option(8000, "raw text without a vocab: WordPiece vocabulary size to build")
     segmenter: Literal["jieba", "rjieba", "none"] = option("jieba", "raw text: word segmenter for whole-word masking")
     prepare_workers: int = option(1, "raw text: parallel processes for preparing")
