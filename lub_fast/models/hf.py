@@ -31,7 +31,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from lub_fast.data.tokenizer import VOCAB_FILE, bert_tokenizer_config, vocab_bytes, vocab_from_files
+from lub_fast.data.tokenizer import (
+    VOCAB_FILE,
+    VocabularyError,
+    bert_tokenizer_config,
+    first_difference,
+    vocab_bytes,
+    vocab_from_files,
+)
 from lub_fast.models.config import FAMILIES, EncoderConfig
 from lub_fast.models.heads import (
     ElectraDiscriminator,
@@ -548,5 +555,11 @@ def from_pretrained_electra_pair(discriminator_path, generator_path) -> ElectraP
         raise ValueError(
             f"from_pretrained_electra_pair: generator and discriminator embeddings differ in {differing}; "
             "ELECTRA shares them"
+        )
+    vocabs = [vocab_from_files(m.tokenizer_files, str(p)) for m, p in ((disc, discriminator_path), (gen, generator_path))]
+    if None not in vocabs and vocabs[0] != vocabs[1]:
+        raise VocabularyError(
+            f"from_pretrained_electra_pair: {discriminator_path} and {generator_path} have different vocabularies "
+            f"({first_difference(*vocabs, 'the discriminator', 'the generator')}); ELECTRA's two models share one"
         )
     return ElectraPair(gen, disc)

@@ -406,3 +406,16 @@ def test_hf_disagreeing_or_non_wordpiece_tokenizer_is_an_error(tmp_path):
     Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(SHUFFLED)}, merges=[])).save(str(tmp_path / "hf" / "tokenizer.json"))
     with pytest.raises(UsageError, match=r"tokenizer.json: a BPE tokenizer, not WordPiece"):
         lub_fast.from_pretrained(tmp_path / "hf")
+
+
+def test_hf_electra_pair_with_two_vocabularies_is_an_error(tmp_path):
+    from lub_fast.data.tokenizer import VocabularyError
+
+    disc = hf_model("electra", "discriminator", seed=1)
+    gen = hf_model("electra", "masked_lm", seed=2, hidden_size=16, num_attention_heads=2, intermediate_size=20)
+    gen.electra.embeddings.load_state_dict(disc.electra.embeddings.state_dict())
+    for model, name, tokens in ((disc, "disc", SHUFFLED), (gen, "gen", SHUFFLED[:5] + SHUFFLED[5:][::-1])):
+        model.save_pretrained(tmp_path / name)
+        (tmp_path / name / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    with pytest.raises(VocabularyError, match=r"have different vocabularies \(id 5 is 'x0' in the discriminator, 'y50' in the generator\)"):
+        from_pretrained_electra_pair(tmp_path / "disc", tmp_path / "gen")
