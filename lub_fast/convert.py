@@ -19,6 +19,7 @@ google-research/electra writes it).
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from lub_fast.models.hf import from_pretrained, from_pretrained_electra_pair, lub_to_hf, tf1_family
@@ -75,7 +76,8 @@ def load_model(path, task: str | None = None):
 
         objective, vocab = load_run(path)
         model = objective.pair.discriminator if hasattr(objective, "pair") else objective.model
-        model.tokenizer_files.update(_tokenizer_files(vocab))
+        model.tokenizer_files.clear()
+        model.tokenizer_files.update(_tokenizer_files(vocab, model.config))
         if task not in (None, model.task):
             import tempfile
 
@@ -92,13 +94,13 @@ def _models(src):
         from lub_fast.pretrain import _tokenizer_files
 
         objective, vocab = load_run(src)
-        files = _tokenizer_files(vocab)
         if hasattr(objective, "pair"):
             models = [("generator", objective.pair.generator), ("discriminator", objective.pair.discriminator)]
         else:
             models = [("", objective.model)]
         for _, model in models:
-            model.tokenizer_files.update(files)
+            model.tokenizer_files.clear()  # an init model's tokenizer.json: the run's vocab.txt is what it trained on
+            model.tokenizer_files.update(_tokenizer_files(vocab, model.config))
         return models
     if tf1_family(src) == ("electra", True):
         pair = from_pretrained_electra_pair(src)
@@ -131,10 +133,12 @@ def convert(src, dst, to: str = "hf") -> list[Path]:
         raise ValueError("HF RoBERTa (model_type roberta) has no TF-1 layout; Chinese RoBERTa-wwm models are BERT")
     generator = hf_parts(by_name["generator"]) if "generator" in by_name else None
     vocab = None
-    if "vocab.txt" in main.tokenizer_files:
+    if "vocab.txt" in main.tokenizer_files:  # from_pretrained makes one of a tokenizer.json's WordPiece
         dst.mkdir(parents=True, exist_ok=True)
         vocab = dst / "vocab.txt"
         vocab.write_bytes(main.tokenizer_files["vocab.txt"])
+    else:
+        warnings.warn(f"lub_fast.convert: {src} has no vocab.txt or tokenizer.json; {dst} is written without a vocab.txt", stacklevel=2)
     config, state = hf_parts(main)
     save_tf1_checkpoint(dst, config, state, main.config.family, vocab_file=vocab, generator=generator)
     return [dst]

@@ -18,7 +18,8 @@ teacher's is initialised from it as DistilBERT was (``--student.init=auto``; ``t
 layer 0), which for 6 of 12 layers gives DistilBERT's ``[0, 2, 4, 7, 9, 11]``; ALBERT counts
 its unique (shared) layers.
 
-Data: shard directories from ``python -m lub_fast.prepare --vocab TEACHER/vocab.txt``; examples,
+Data: shard directories from ``python -m lub_fast.prepare --vocab TEACHER`` (its vocab.txt, else
+its tokenizer.json's WordPiece vocabulary, as ``lub_fast.from_pretrained`` reads it); examples,
 masking and micro-batch order are those of ``lub_fast.pretrain`` (pure functions of the seed and
 the example index), with no sentence-pair task. Step 1 (``--cache-teacher DIR``) writes the
 teacher's top-k logits and log-normaliser at the masked positions of the
@@ -193,6 +194,8 @@ def weights_sha256(model) -> str:
 
 
 def vocab_sha256(model) -> str | None:
+    """sha256 of the model's vocab.txt (``from_pretrained`` makes one of a tokenizer.json's WordPiece
+    vocabulary); None for a model without tokenizer files."""
     data = model.tokenizer_files.get("vocab.txt")
     return hashlib.sha256(data).hexdigest() if data is not None else None
 
@@ -265,7 +268,8 @@ def check_vocabularies(teacher_vocab: dict, student, data_vocab_size: int, data_
             raise DistillError(
                 f"the {who} and the data have different vocabularies ({detail} vs the data's {data_vocab_size} "
                 f"entries, sha256 {data_vocab_sha[:12]}): distillation compares teacher and student token by token, "
-                "so teacher, student and data must share one vocab.txt (prepare the data with the teacher's)"
+                "so teacher, student and data must share one vocab.txt (prepare the data with python -m lub_fast.prepare "
+                "--vocab TEACHER_DIR: its vocab.txt, or the WordPiece vocabulary of its tokenizer.json)"
             )
     if student_sha and teacher_vocab["vocab_sha256"] and student_sha != teacher_vocab["vocab_sha256"]:
         raise DistillError("the teacher's and the student's vocab.txt differ: they must share one vocabulary")

@@ -166,13 +166,16 @@ def load_tokenizer(model_dir):
     """The model directory's tokenizer as an HF ``tokenizers.Tokenizer`` (no specials added).
 
     ``tokenizer.json`` when present (its truncation and padding turned off), else ``vocab.txt``
-    through BERT's Chinese pipeline (``lub_fast.data.tokenizer.hf_tokenizer``).
+    through BERT's Chinese pipeline (``lub_fast.data.tokenizer.hf_tokenizer``). Both are checked by
+    ``lub_fast.data.tokenizer.model_vocab``: a ``tokenizer.json`` that is not WordPiece, or that
+    disagrees with ``vocab.txt``, raises ``VocabularyError``.
     """
     from tokenizers import Tokenizer
 
-    from lub_fast.data.tokenizer import hf_tokenizer
+    from lub_fast.data.tokenizer import hf_tokenizer, model_vocab
 
     path = Path(model_dir)
+    model_vocab(path)
     if (path / "tokenizer.json").exists():
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         tokenizer.no_truncation()

@@ -29,7 +29,6 @@ import json
 import multiprocessing
 import os
 import pickle
-import shutil
 import sys
 import tempfile
 import time
@@ -542,6 +541,31 @@ def _complete_shards(output_dir, settings_sha256):
 # ----------------------------------------------------------------------------- entry points
 
 
+def _vocab_data(vocab):
+    """The vocab.txt bytes of ``--vocab``: a vocab.txt file as it is, or a model directory's (or a
+    tokenizer.json file's) vocabulary as ``lub_fast.data.tokenizer.model_vocab`` reads it."""
+    from lub_fast.data.tokenizer import TOKENIZER_JSON, VocabularyError, model_vocab, vocab_bytes, vocab_from_files
+
+    try:
+        if os.path.isdir(vocab):
+            found = model_vocab(vocab)
+            if found is None:
+                raise PrepareError(f"{vocab}: a directory without vocab.txt or tokenizer.json")
+            tokens, source = found
+            vocab = source
+            if source.endswith(TOKENIZER_JSON):
+                return vocab_bytes(tokens)
+        if not os.path.isfile(vocab):
+            raise PrepareError(f"{vocab}: no such vocabulary file")
+        with open(vocab, "rb") as f:
+            data = f.read()
+        if os.path.basename(vocab) == TOKENIZER_JSON:
+            return vocab_bytes(vocab_from_files({TOKENIZER_JSON: data}, os.path.dirname(vocab)))
+        return data
+    except VocabularyError as error:
+        raise PrepareError(str(error)) from None
+
+
 def prepare_corpus(
     inputs,
     output_dir,
@@ -562,7 +586,8 @@ def prepare_corpus(
 ):
     """Prepare ``inputs`` (paths, directories, globs) into the shard directory ``output_dir``.
 
-    Exactly one of ``vocab`` (a bert-base-chinese-format vocab.txt) and ``build_vocab`` (train a
+    Exactly one of ``vocab`` (a bert-base-chinese-format vocab.txt, or a model directory: see
+    ``_vocab_data``) and ``build_vocab`` (train a
     WordPiece vocabulary of about that many entries on the cleaned corpus) is needed. A re-run with
     the same arguments skips complete shards; other settings in a used directory raise
     ``PrepareError`` unless ``overwrite``. Returns a ``PrepareSummary``.
@@ -580,8 +605,7 @@ def prepare_corpus(
     )
     if (vocab is None) == (build_vocab is None):
         raise PrepareError("give exactly one of --vocab FILE and --build-vocab N")
-    if vocab is not None and not os.path.isfile(vocab):
-        raise PrepareError(f"{vocab}: no such vocabulary file")
+    vocab_data = _vocab_data(vocab) if vocab is not None else None
     if build_vocab is not None and build_vocab <= 10:
         raise PrepareError(f"--build-vocab {build_vocab}: too small for a vocabulary")
     if user_dict is not None and not os.path.isfile(user_dict):
@@ -607,11 +631,12 @@ def prepare_corpus(
                 f"(differs in: {', '.join(_differences(old_base, base))}); use --overwrite or another --output"
             )
     if vocab is not None:
-        vocab_sha256 = file_sha256(vocab)
+        vocab_sha256 = hashlib.sha256(vocab_data).hexdigest()
         if previous is not None and previous["vocab_sha256"] != vocab_sha256:
             raise PrepareError(f"{output_dir}: holds shards of another vocabulary; use --overwrite or another --output")
         if not (os.path.isfile(vocab_path) and file_sha256(vocab_path) == vocab_sha256):
-            shutil.copyfile(vocab, vocab_path + ".tmp")
+            with open(vocab_path + ".tmp", "wb") as f:
+                f.write(vocab_data)
             os.replace(vocab_path + ".tmp", vocab_path)
     elif previous is not None and os.path.isfile(vocab_path) and file_sha256(vocab_path) == previous["vocab_sha256"]:
         vocab_sha256 = previous["vocab_sha256"]
@@ -758,7 +783,11 @@ def _parser():
     )
     p.add_argument("--output", required=True, help="shard directory to write (created; vocab.txt is copied into it)")
     v = p.add_mutually_exclusive_group(required=True)
-    v.add_argument("--vocab", help="vocab.txt in bert-base-chinese's format (e.g. a released model's)")
+    v.add_argument(
+        "--vocab",
+        help="vocab.txt in bert-base-chinese's format (e.g. a released model's), or a model directory (its "
+        "vocab.txt, else its tokenizer.json's WordPiece vocabulary)",
+    )
     v.add_argument(
         "--build-vocab", type=int, metavar="N", help="train a WordPiece vocabulary of about N tokens on the corpus"
     )

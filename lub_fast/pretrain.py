@@ -27,6 +27,7 @@ directory or a TensorFlow-1 checkpoint: the family, shape and vocabulary come fr
 import argparse
 import dataclasses
 import glob
+import hashlib
 import importlib.util
 import json
 import os
@@ -82,7 +83,7 @@ class DataSection:
     num_workers: int = option(0, "DataLoader worker processes per rank")
     eval_batches: int = option(8, "held-out micro-batches per evaluation")
     holdout_every: int = option(20, "raw text: every n-th document is held out for evaluation")
-    vocab: str | None = option(None, "raw text: vocab.txt to tokenize with (default: the init model's, or built)")
+    vocab: str | None = option(None, "vocab.txt of the data (raw text is tokenized, shards checked with it); default: the init model's, or built")
     build_vocab: int = option(8000, "raw text without a vocab: WordPiece vocabulary size to build")
     segmenter: Literal["jieba", "rjieba", "none"] = option("jieba", "raw text: word segmenter for whole-word masking")
     prepare_workers: int = option(1, "raw text: parallel processes for preparing")
@@ -357,9 +358,68 @@ def _model_overrides(cfg: PretrainConfig) -> dict:
             if f.name != "size" and getattr(cfg.model, f.name) is not None}
 
 
-def _init_vocab(path: str) -> str | None:
-    vocab = Path(path) / "vocab.txt" if Path(path).is_dir() else Path(path).parent / "vocab.txt"
-    return str(vocab) if vocab.exists() else None
+def _init_vocab(path: str) -> tuple[list[str], str] | None:
+    """``(tokens, source file)`` of the init model's vocabulary: its directory's (an HF directory, or
+    a TF-1 checkpoint's directory) vocab.txt, else tokenizer.json's WordPiece; None when it has none."""
+    from lub_fast.data.tokenizer import VocabularyError, model_vocab
+
+    try:
+        return model_vocab(Path(path) if Path(path).is_dir() else Path(path).parent)
+    except VocabularyError as error:
+        raise PretrainError(f"--init-from {path}: {error}") from None
+
+
+@dataclass(frozen=True)
+class DataVocab:
+    """The vocabulary the training data must be tokenized with: ``tokens`` in id order, ``file`` (what
+    ``prepare --vocab`` takes: a vocab.txt, or the model directory of a tokenizer.json), ``sha256`` (of
+    the vocab.txt that ``prepare`` writes into the shards) and ``name`` (for messages)."""
+
+    tokens: list[str]
+    file: str
+    sha256: str
+    name: str
+
+
+def data_vocab(cfg: PretrainConfig) -> DataVocab | None:
+    """The init model's vocabulary (continued pretraining always tokenizes with it), else
+    ``--data.vocab``; None when neither is given (shards bring theirs, raw text builds one).
+
+    Raises ``PretrainError`` when ``--data.vocab`` differs from the init model's, and when the init
+    model has no vocabulary and ``--data.vocab`` does not say which one its embeddings index.
+    """
+    from lub_fast.data.tokenizer import file_sha256, first_difference, read_vocab, vocab_bytes
+
+    given = None
+    if cfg.data.vocab:
+        try:
+            given = DataVocab(read_vocab(cfg.data.vocab), cfg.data.vocab, file_sha256(cfg.data.vocab), f"--data.vocab {cfg.data.vocab}")
+        except (OSError, ValueError) as error:
+            raise PretrainError(f"--data.vocab {cfg.data.vocab}: {error}") from None
+    if not cfg.init_from:
+        return given
+    path = cfg.init_from.partition(",")[0]
+    init = _init_vocab(path)
+    if init is None:
+        if given is None:
+            raise PretrainError(
+                f"--init-from {path} has no vocab.txt or tokenizer.json beside it, so the token ids its embeddings "
+                "index are unknown: pass the model's vocabulary with --data.vocab=VOCAB.txt"
+            )
+        return given
+    tokens, source = init
+    if source.endswith("vocab.txt"):
+        vocab = DataVocab(tokens, source, file_sha256(source), f"the init model's {source}")
+    else:  # prepare reads the directory's tokenizer.json and writes these bytes as the shards' vocab.txt
+        sha = hashlib.sha256(vocab_bytes(tokens)).hexdigest()
+        vocab = DataVocab(tokens, str(Path(source).parent), sha, f"the init model's {source} (WordPiece)")
+    if given is not None and given.tokens != tokens:
+        raise PretrainError(
+            f"--data.vocab {given.file} (sha256 {given.sha256[:12]}, {len(given.tokens)} tokens) is not {vocab.name} "
+            f"(sha256 {vocab.sha256[:12]}, {len(tokens)} tokens; {first_difference(given.tokens, tokens, '--data.vocab', 'the model')}): "
+            "continued pretraining tokenizes with the init model's vocabulary; drop --data.vocab"
+        )
+    return vocab
 
 
 def _load_init(cfg: PretrainConfig):
@@ -427,27 +487,31 @@ def build_objective(cfg: PretrainConfig, vocab_size: int, special_ids: dict):
     return MaskedLMObjective(model), config
 
 
-def check_data_vocab(shard_dirs, init_vocab: str | None) -> None:
-    """Every shard directory (training and held-out) was made with one vocabulary, and with the
-    init model's vocab.txt when there is one."""
+def check_data_vocab(shard_dirs, vocab: DataVocab | None) -> None:
+    """Every shard directory (training and held-out) was made with one vocabulary, and with ``vocab``
+    (``data_vocab``'s) when there is one: the same tokens in the same order."""
     from lub_fast.data.shards import ShardError, open_shards
-    from lub_fast.data.tokenizer import file_sha256
+    from lub_fast.data.tokenizer import first_difference, read_vocab
 
     try:
-        hashes = {d: open_shards(d, check_tokens=False).vocab_sha256 for d in shard_dirs}
+        opened = {d: open_shards(d, check_tokens=False) for d in shard_dirs}
     except ShardError as error:
         raise PretrainError(str(error)) from None
-    if init_vocab is not None:
-        expected = file_sha256(init_vocab)
-        for d, sha in hashes.items():
-            if sha != expected:
+    if vocab is not None:
+        for d, shards in opened.items():
+            if shards.vocab_sha256 == vocab.sha256:
+                continue
+            tokens = read_vocab(shards.vocab_path)
+            if tokens != vocab.tokens:
                 raise PretrainError(
-                    f"{d} was prepared with another vocabulary than the init model's {init_vocab}: "
-                    f"re-run python -m lub_fast.prepare with --vocab {init_vocab}"
+                    f"{d} was prepared with another vocabulary ({shards.vocab_path}, sha256 {shards.vocab_sha256[:12]}, "
+                    f"{len(tokens)} tokens) than {vocab.name} (sha256 {vocab.sha256[:12]}, {len(vocab.tokens)} tokens; "
+                    f"{first_difference(tokens, vocab.tokens, 'the data', 'the model')}): its ids would index the "
+                    f"wrong embeddings; re-run python -m lub_fast.prepare with --vocab {vocab.file}, or pass the raw text"
                 )
     first = shard_dirs[0]
-    for d, sha in hashes.items():
-        if sha != hashes[first]:
+    for d, shards in opened.items():
+        if shards.vocab_sha256 != opened[first].vocab_sha256:
             raise PretrainError(f"{d} was prepared with another vocabulary than {first}: prepare both with one vocab.txt")
 
 
@@ -473,36 +537,34 @@ def check_before_training(cfg: PretrainConfig, config, vocab_size: int) -> None:
 # -------------------------------------------------------------------------------------- export
 
 
-def _tokenizer_files(vocab_path: str) -> dict[str, bytes]:
-    """vocab.txt plus a tokenizer_config.json for ``transformers``' BertTokenizer (lower case, the
-    Chinese characters split as bert-base-chinese does)."""
-    config = {
-        "tokenizer_class": "BertTokenizer",
-        "do_lower_case": True,
-        "tokenize_chinese_chars": True,
-        "strip_accents": None,
-        "unk_token": "[UNK]",
-        "sep_token": "[SEP]",
-        "pad_token": "[PAD]",
-        "cls_token": "[CLS]",
-        "mask_token": "[MASK]",
-        "model_max_length": 512,
-    }
-    return {"vocab.txt": Path(vocab_path).read_bytes(), "tokenizer_config.json": json.dumps(config, indent=2).encode()}
+def _tokenizer_files(vocab_path: str, config) -> dict[str, bytes]:
+    """The tokenizer files of a model trained on ``vocab_path``'s ids: that vocab.txt and a
+    tokenizer_config.json for ``transformers``' BertTokenizer (lower case, the Chinese characters
+    split as bert-base-chinese does, ``model_max_length`` the positions of ``config``, an
+    ``EncoderConfig``), and nothing else: no tokenizer.json of an init model to disagree with it."""
+    from lub_fast.data.tokenizer import bert_tokenizer_config
+
+    settings = bert_tokenizer_config(config.max_position_embeddings - config.position_offset)
+    return {"vocab.txt": Path(vocab_path).read_bytes(), "tokenizer_config.json": json.dumps(settings, indent=2).encode()}
+
+
+def _set_tokenizer_files(model, vocab_path: str) -> None:
+    model.tokenizer_files.clear()
+    model.tokenizer_files.update(_tokenizer_files(vocab_path, model.config))
 
 
 def export_hf(objective, vocab_path: str, directory: Path) -> list[Path]:
-    """Write the trained model(s) as HF directories; returns their paths."""
+    """Write the trained model(s) as HF directories with the vocabulary they trained on; returns
+    their paths."""
     from lub_fast.objectives import ElectraObjective
 
-    files = _tokenizer_files(vocab_path)
     if isinstance(objective, ElectraObjective):
         pair = objective.pair
         for model in (pair.generator, pair.discriminator):
-            model.tokenizer_files.update(files)
+            _set_tokenizer_files(model, vocab_path)
         pair.save_pretrained(directory)
         return [directory / "discriminator", directory / "generator"]
-    objective.model.tokenizer_files.update(files)
+    _set_tokenizer_files(objective.model, vocab_path)
     objective.model.save_pretrained(directory)
     return [directory]
 
@@ -618,9 +680,9 @@ def run(cfg: PretrainConfig, resume: str | None = None, demo: bool = False) -> d
         _barrier()
         if not main:
             cfg = _prepare_demo_data(cfg)
-    init_vocab = _init_vocab(cfg.init_from.partition(",")[0]) if cfg.init_from else None
-    shard_dirs, eval_dirs = resolve_data(cfg, cfg.data.vocab or init_vocab, main) if not demo else (list(cfg.data.data), list(cfg.data.eval_data))
-    check_data_vocab(shard_dirs + eval_dirs, init_vocab)
+    vocab = data_vocab(cfg)
+    shard_dirs, eval_dirs = resolve_data(cfg, vocab.file if vocab else None, main) if not demo else (list(cfg.data.data), list(cfg.data.eval_data))
+    check_data_vocab(shard_dirs + eval_dirs, vocab)
 
     pair = cfg.pair
     common = dict(max_seq_len=cfg.data.max_seq_len, pair=pair, short_seq_prob=cfg.data.short_seq_prob, seed=cfg.data.seed)
@@ -639,7 +701,7 @@ def run(cfg: PretrainConfig, resume: str | None = None, demo: bool = False) -> d
     batches = make_batches(dataset, collator, cfg.data.batch_size, cfg.data.num_workers)
     eval_fn = None
     if eval_dirs:
-        eval_set = PretrainDataset(eval_dirs, rank=0, world_size=1, shuffle=False, **common)
+        eval_set = _eval_dataset(eval_dirs, common)
         eval_collator = MaskingCollator(dataclasses.replace(masking, seed=cfg.data.seed + 1))
         eval_fn = make_eval_fn(eval_set, eval_collator, cfg.data.batch_size, cfg.data.eval_batches)
     elif main:
@@ -661,6 +723,27 @@ def run(cfg: PretrainConfig, resume: str | None = None, demo: bool = False) -> d
         (Path(cfg.output) / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     _barrier()
     return summary
+
+
+def _eval_dataset(eval_dirs, common: dict):
+    """The held-out dataset. Next-sentence prediction takes the second segment of half the examples
+    from another document, so held-out data of one document is an error here, before training (its
+    NSP accuracy would measure nothing), with what to do."""
+    from lub_fast.data.dataset import PretrainDataset
+    from lub_fast.data.shards import open_shards
+
+    if common["pair"] == "nsp":
+        documents = sum(open_shards(d, check_tokens=False).num_documents for d in eval_dirs)
+        if documents < 2:
+            raise PretrainError(
+                f"--data.eval_data {', '.join(eval_dirs)} holds {documents} document: next-sentence prediction "
+                "takes the second segment from another document, so its evaluation needs at least 2; give more "
+                "held-out documents (more raw text, a lower --data.holdout_every, or --data.eval_data), or --data.pair=none"
+            )
+    try:
+        return PretrainDataset(eval_dirs, rank=0, world_size=1, shuffle=False, **common)
+    except ValueError as error:  # ShardError included
+        raise PretrainError(f"--data.eval_data {', '.join(eval_dirs)}: {error}") from None
 
 
 def _print_summary(summary: dict, demo: bool) -> None:

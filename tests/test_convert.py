@@ -39,8 +39,12 @@ def _batch():
     return ids, mask, types
 
 
+CHARS = list("今天气很好")
+TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"t{i}" for i in range(V - 5 - len(CHARS))] + CHARS
+
+
 def _vocab(path):
-    path.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"t{i}" for i in range(V - 5)]) + "\n")
+    path.write_text("\n".join(TOKENS) + "\n", encoding="utf-8")
     return path
 
 
@@ -171,3 +175,32 @@ def test_convert_tf1_electra_writes_discriminator_and_generator(tmp_path, google
             got = _real_rows(ours.eval()(ids, mask, types).logits, mask)
         torch.testing.assert_close(theirs, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{sub} HF export: {m}")
         torch.testing.assert_close(got, theirs, atol=1e-5, rtol=1e-5, msg=lambda m: f"{sub} lub_fast: {m}")
+
+
+def test_convert_tf1_export_tokenizer_splits_chinese_characters(tmp_path, family):
+    """``AutoTokenizer`` of every family's export is BERT's WordPiece on the vocab.txt (not ALBERT's
+    SentencePiece, which makes a whole Chinese sentence one token), within the model's positions."""
+    _, directory, _ = _tf1_checkpoint(tmp_path, family)
+    assert convert_main([str(directory), str(tmp_path / "hf")]) == 0
+    settings = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert settings["tokenizer_class"] == "BertTokenizer" and settings["do_lower_case"] is True, settings
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = tokenizer("今天天气很好")["input_ids"]
+    expected = [TOKENS.index(t) for t in ["[CLS]", *"今天天气很好", "[SEP]"]]
+    assert ids == expected, (type(tokenizer).__name__, ids, expected)
+    assert tokenizer.model_max_length == SMALL["max_position_embeddings"], tokenizer.model_max_length
+
+
+def test_convert_tokenizer_json_only_hf_to_tf1_writes_its_vocab(tmp_path):
+    """A transformers-5-saved directory (tokenizer.json, no vocab.txt) converts to a TF-1 checkpoint
+    whose vocab.txt is tokenizer.json's WordPiece vocabulary, in its id order."""
+    shuffled = TOKENS[:5] + TOKENS[5:][::-1]
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "vocab.txt").write_text("\n".join(shuffled) + "\n", encoding="utf-8")
+    hf = tmp_path / "hf"
+    _seeded(BertForPreTraining, BertConfig(**CASES["bert"][3], **SMALL)).save_pretrained(hf)
+    transformers.BertTokenizer.from_pretrained(source).save_pretrained(hf)
+    assert not (hf / "vocab.txt").exists() and (hf / "tokenizer.json").exists()
+    assert convert_main([str(hf), str(tmp_path / "tf1"), "--to", "tf1"]) == 0
+    assert (tmp_path / "tf1" / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1] == shuffled

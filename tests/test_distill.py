@@ -335,6 +335,34 @@ def test_distill_errors_name_the_problem(shards, random_teacher, tmp_path, capsy
     assert "cannot be initialised from the teacher" in capsys.readouterr().err
 
 
+def test_distill_teacher_with_only_tokenizer_json_is_checked_by_its_vocabulary(shards, tmp_path):
+    """A teacher saved as transformers 5 saves a tokenizer (tokenizer.json, no vocab.txt), of the
+    data's tokens in another order: shards of the corpus's vocab.txt are refused, shards prepared
+    with ``--vocab TEACHER_DIR`` train and export the teacher's vocabulary."""
+    import transformers
+
+    from lub_fast.prepare import prepare_corpus
+
+    vocab = Path(shards[0], "vocab.txt").read_text(encoding="utf-8").splitlines()
+    shuffled = vocab[:5] + vocab[5:][::-1]
+    (tmp_path / "source").mkdir()
+    (tmp_path / "source" / "vocab.txt").write_text("\n".join(shuffled) + "\n", encoding="utf-8")
+    config = EncoderConfig.preset("bert", "tiny", vocab_size=len(vocab), hidden_size=32, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=SEQ)  # fmt: skip
+    teacher = tmp_path / "teacher"
+    MaskedLM(config).save_pretrained(teacher)
+    transformers.BertTokenizer.from_pretrained(tmp_path / "source").save_pretrained(teacher)
+    assert not (teacher / "vocab.txt").exists() and (teacher / "tokenizer.json").exists()
+    with pytest.raises(DistillError, match="the teacher and the data have different vocabularies"):
+        distill.run(_config(shards, str(teacher), tmp_path / "a", steps=2))
+
+    data = tmp_path / "teacher_data"
+    prepare_corpus([str(Path(shards[1]).parent / "held.txt")], str(data), vocab=str(teacher), segmenter="jieba")
+    sections = dict(data=DataSection(data=(str(data),), max_seq_len=SEQ, batch_size=8))
+    summary = distill.run(_config(shards, str(teacher), tmp_path / "b", steps=2, **sections))
+    assert Path(summary["hf"], "vocab.txt").read_text(encoding="utf-8").splitlines() == shuffled
+
+
 def test_distill_help_lists_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         distill.main(["--help"])

@@ -252,6 +252,69 @@ def hf_bert(data, tmp_path_factory):
     return _save_hf_bert(tmp_path_factory.mktemp("hf_bert"), data["vocab"])
 
 
+@pytest.fixture(scope="module")
+def hf5_bert(data, tmp_path_factory):
+    """A tiny random BertModel whose tokenizer transformers 5 saved (tokenizer.json and
+    tokenizer_config.json, no vocab.txt) from the corpus's vocabulary in another order: special
+    tokens first, the rest shuffled. Returns the directory and the tokens in id order."""
+    import random
+
+    import transformers
+
+    from lub_fast.data.tokenizer import read_vocab
+
+    root = tmp_path_factory.mktemp("hf5_bert")
+    tokens = read_vocab(data["vocab"])
+    rest = tokens[5:]
+    random.Random(0).shuffle(rest)
+    shuffled = tokens[:5] + rest
+    (root / "source").mkdir()
+    (root / "source" / "vocab.txt").write_text("\n".join(shuffled) + "\n", encoding="utf-8")
+    directory = _save_hf_bert(root / "model", data["vocab"])
+    (directory / "vocab.txt").unlink()
+    transformers.BertTokenizer.from_pretrained(root / "source").save_pretrained(directory)
+    assert not (directory / "vocab.txt").exists() and (directory / "tokenizer.json").exists()
+    return directory, shuffled
+
+
+def _documents(data, n):
+    return data["corpus"].read_text(encoding="utf-8").split("\n\n")[:n]
+
+
+def test_pretrain_init_from_tokenizer_json_trains_and_exports_its_ids(data, hf5_bert, tmp_path):
+    """Continued pretraining of a transformers-5-saved model on raw text tokenizes with the model's
+    own (shuffled) vocabulary: the shards' ids are the ids of the model's tokenizer, the embeddings
+    stay on their tokens (lr 0), and the exported tokenizer gives exactly those ids."""
+    import transformers
+
+    from lub_fast.data.shards import open_shards
+    from lub_fast.data.tokenizer import read_vocab
+
+    init, shuffled = hf5_bert
+    text, out = tmp_path / "corpus.txt", tmp_path / "run"
+    docs = _documents(data, 60)
+    text.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"no weights for \['mlm'\]"):
+        _main(["--init-from", init, "--data", text, "--output", out, "--steps", 2, *TINY, "--train.lr=0"])
+    assert read_vocab(out / "data" / "train" / "vocab.txt") == shuffled
+    model_tokenizer = transformers.AutoTokenizer.from_pretrained(init)
+    shards = open_shards(out / "data" / "train").shards[0]
+    first_document = [line for line in docs[0].split("\n") if line.strip()]
+    expected = [i for line in first_document for i in model_tokenizer(line, add_special_tokens=False)["input_ids"]]
+    first, last = shards.sentence_offsets[shards.document_offsets[:2]]  # documents count sentences
+    trained = shards.ids[first:last].tolist()
+    assert trained == expected, (len(trained), len(expected), first_document[0][:40])
+
+    hf_dir = out / "hf"
+    assert read_vocab(hf_dir / "vocab.txt") == shuffled and not (hf_dir / "tokenizer.json").exists()
+    exported_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert exported_tokenizer("\n".join(first_document), add_special_tokens=False)["input_ids"] == expected
+    assert exported_tokenizer.model_max_length <= json.loads((hf_dir / "config.json").read_text())["max_position_embeddings"]
+    exported = transformers.BertForMaskedLM.from_pretrained(hf_dir).bert.embeddings.word_embeddings.weight
+    original = transformers.BertModel.from_pretrained(init).embeddings.word_embeddings.weight
+    assert torch.equal(exported, original), float((exported - original).abs().max())
+
+
 def test_pretrain_init_from_hf_bert_model(data, hf_bert, tmp_path):
     """Continued pretraining from a BertModel directory: the MLM head is initialised and reported;
     with lr 0 the exported encoder is exactly the HF one."""
@@ -325,7 +388,7 @@ def test_pretrain_init_from_tf1_electra_continues_both_networks(data, tmp_path):
             assert not differing, (name, sub, differing[:5])
 
 
-def _error_cases(data, hf_bert, tmp):
+def _error_cases(data, hf_bert, hf5_bert, tmp):
     """(name, args, words the one-line message must contain)."""
     from lub_fast.data.tokenizer import read_vocab
 
@@ -338,6 +401,7 @@ def _error_cases(data, hf_bert, tmp):
     base = ["--data", data["train"], *TINY]
     _tf1_electra(tmp / "tf1_discriminator_only", data["vocab"], with_generator=False)
     return [
+        *_vocab_error_cases(data, hf5_bert, tmp, base),
         ("vocab size", ["--init-from", bigger, *base], ["vocab_size", str(config["vocab_size"])]),
         ("init vocab", ["--init-from", other_vocab, *base], ["another vocabulary", "vocab.txt"]),
         ("family", ["--recipe", "albert", "--init-from", hf_bert, *base], ["bert checkpoint", "albert"]),
@@ -348,8 +412,43 @@ def _error_cases(data, hf_bert, tmp):
     ]
 
 
-def test_pretrain_refuses_bad_combinations_before_training(data, hf_bert, tmp_path, capsys):
-    cases = _error_cases(data, hf_bert, tmp_path)
+def _vocab_error_cases(data, hf5_bert, tmp, base):
+    """Vocabulary cases of ``_error_cases``: the init model's tokenizer.json (a shuffled vocabulary)
+    against the corpus-built shards and --data.vocab, a BPE tokenizer.json, no vocabulary at all,
+    and NSP on a held-out split of one document."""
+    import hashlib
+
+    from tokenizers import Tokenizer, models
+
+    from lub_fast.data.tokenizer import file_sha256, read_vocab, vocab_bytes
+
+    init, shuffled = hf5_bert
+    init_sha = hashlib.sha256(vocab_bytes(shuffled)).hexdigest()[:12]
+    data_sha = file_sha256(data["vocab"])[:12]
+    bpe = tmp / "bpe"
+    shutil.copytree(init, bpe)
+    vocab = {t: i for i, t in enumerate(read_vocab(data["vocab"]))}
+    Tokenizer(models.BPE(vocab=vocab, merges=[])).save(str(bpe / "tokenizer.json"))
+    bare = tmp / "no_vocab"
+    shutil.copytree(init, bare)
+    (bare / "tokenizer.json").unlink()
+    one_heldout = tmp / "21_documents.txt"
+    one_heldout.write_text("\n\n".join(_documents(data, 21)) + "\n", encoding="utf-8")
+    shard_vocab = str(Path(data["train"]) / "vocab.txt")
+    return [
+        ("tokenizer.json vs shards", ["--init-from", init, *base],
+         ["another vocabulary", shard_vocab, data_sha, str(init / "tokenizer.json"), init_sha, "--vocab"]),
+        ("data.vocab vs init", ["--init-from", init, f"--data.vocab={data['vocab']}", *base],
+         ["--data.vocab", data_sha, "is not the init model's", init_sha, "drop --data.vocab"]),
+        ("bpe tokenizer.json", ["--init-from", bpe, *base], [str(bpe / "tokenizer.json"), "BPE", "not WordPiece"]),
+        ("no vocabulary", ["--init-from", bare, *base], ["has no vocab.txt or tokenizer.json", "--data.vocab"]),
+        ("nsp one heldout document", ["--recipe", "bert", "--data", one_heldout, *TINY, "--data.build_vocab=2000"],
+         ["holds 1 document", "next-sentence prediction", "--data.pair=none"]),
+    ]  # fmt: skip
+
+
+def test_pretrain_refuses_bad_combinations_before_training(data, hf_bert, hf5_bert, tmp_path, capsys):
+    cases = _error_cases(data, hf_bert, hf5_bert, tmp_path)
     capsys.readouterr()  # transformers' save_pretrained progress bars
     for name, args, words in cases:
         out = tmp_path / name.replace(" ", "_")

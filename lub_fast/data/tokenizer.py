@@ -19,6 +19,13 @@ continuation tokens. Given the segmenter's word boundaries (character positions)
 - any other token (Latin words, numbers, punctuation) starts a word (non-Chinese words follow
   WordPiece's ``##``).
 
+Model vocabularies (``model_vocab``, ``vocab_from_files``). A model directory's vocabulary is its
+``vocab.txt`` or, where there is none (``transformers`` 5 saves a BERT tokenizer as ``tokenizer.json``
++ ``tokenizer_config.json`` only), the WordPiece model inside ``tokenizer.json``. A ``tokenizer.json``
+that is not WordPiece (BPE, Unigram), whose ids are not ``0..n-1``, or that maps a token to another
+id than the directory's ``vocab.txt`` is a ``VocabularyError``: lub_fast tokenizes with BERT's
+WordPiece and never guesses which of two vocabularies a model was trained with.
+
 Special-token strings in the text ("[MASK]") are text, not special tokens: the corpus cannot inject
 them. Where the segmentation disagrees with the tokens, the tokens win and the disagreement is counted as
 a mismatch: a word boundary at a ``##`` token or strictly inside a token, or a non-Chinese,
@@ -31,6 +38,8 @@ import os
 import unicodedata
 
 import numpy as np
+
+from lub_fast.errors import UsageError
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CONTINUATION_PREFIX = "##"
@@ -50,6 +59,11 @@ CJK_RANGES = (
 _TABLE_SIZE = 0x30000  # covers every CJK range above
 _ASCII_PUNCTUATION = frozenset(chr(c) for c in [*range(33, 48), *range(58, 65), *range(91, 97), *range(123, 127)])
 _NEWLINE, _SPACE = 10, 32
+VOCAB_FILE, TOKENIZER_JSON = "vocab.txt", "tokenizer.json"
+
+
+class VocabularyError(UsageError, ValueError):
+    """A model's or a corpus's vocabulary that lub_fast cannot use, or two that disagree."""
 
 
 def file_sha256(path):
@@ -69,6 +83,110 @@ def read_vocab(path):
     if missing:
         raise ValueError(f"{path}: vocabulary lacks the special tokens {missing}")
     return tokens
+
+
+def vocab_bytes(tokens):
+    """``tokens`` in BERT's vocab.txt format (one token a line, ``\\n`` after each)."""
+    return "".join(t + "\n" for t in tokens).encode("utf-8")
+
+
+def vocab_from_files(files, origin):
+    """The WordPiece tokens (id order) of a model's tokenizer files, or None when it has neither a
+    ``vocab.txt`` nor a ``tokenizer.json``.
+
+    ``files``: file name -> bytes (``model.tokenizer_files``); ``origin``: the directory, for
+    messages. Raises ``VocabularyError`` for a ``tokenizer.json`` that is not WordPiece, has ids
+    that are not ``0..n-1``, or disagrees with ``vocab.txt``, and for missing special tokens.
+    """
+    tokens = None
+    if VOCAB_FILE in files:
+        tokens = files[VOCAB_FILE].decode("utf-8").split("\n")
+        tokens = [t.rstrip("\r") for t in (tokens[:-1] if tokens[-1] == "" else tokens)]
+        _check_specials(tokens, os.path.join(origin, VOCAB_FILE))
+    if TOKENIZER_JSON in files:
+        from_json = _tokenizer_json_vocab(files[TOKENIZER_JSON], os.path.join(origin, TOKENIZER_JSON))
+        if tokens is not None and from_json != tokens:
+            raise VocabularyError(
+                f"{origin}: {VOCAB_FILE} ({len(tokens)} tokens) and {TOKENIZER_JSON} ({len(from_json)} tokens) are "
+                f"different vocabularies ({first_difference(tokens, from_json, VOCAB_FILE, TOKENIZER_JSON)}): the "
+                "model was trained with one of them; delete the other"
+            )
+        tokens = from_json
+    return tokens
+
+
+def first_difference(a, b, name_a, name_b):
+    """Where token lists ``a`` and ``b`` first differ, for messages: "id 7 is 'x' in A, 'y' in B"."""
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    shown = [repr(ts[i]) if i < len(ts) else "absent" for ts in (a, b)]
+    return f"id {i} is {shown[0]} in {name_a}, {shown[1]} in {name_b}"
+
+
+def _tokenizer_json_vocab(data, path):
+    import json
+
+    from tokenizers import Tokenizer, models
+
+    try:
+        tok = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as e:  # tokenizers raises a bare Exception on malformed files
+        raise VocabularyError(f"{path}: not a readable tokenizers file ({e})") from None
+    if not isinstance(tok.model, models.WordPiece):
+        kind = json.loads(data).get("model", {}).get("type", type(tok.model).__name__)
+        raise VocabularyError(
+            f"{path}: a {kind} tokenizer, not WordPiece: lub_fast pretrains and fine-tunes BERT-style WordPiece "
+            f"models only; give a directory whose {VOCAB_FILE} or {TOKENIZER_JSON} is WordPiece"
+        )
+    if tok.model.continuing_subword_prefix != CONTINUATION_PREFIX:
+        raise VocabularyError(
+            f"{path}: WordPiece continuation prefix {tok.model.continuing_subword_prefix!r}, lub_fast reads BERT's "
+            f"{CONTINUATION_PREFIX!r}"
+        )
+    vocab = tok.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    if [vocab[t] for t in tokens] != list(range(len(tokens))):
+        raise VocabularyError(f"{path}: the token ids are not 0..{len(tokens) - 1} without gaps, as a vocab.txt needs")
+    _check_specials(tokens, path)
+    return tokens
+
+
+def _check_specials(tokens, path):
+    missing = [t for t in SPECIAL_TOKENS if t not in tokens]
+    if missing:
+        raise VocabularyError(f"{path}: vocabulary lacks the special tokens {missing}")
+
+
+def model_vocab(directory):
+    """``(tokens, source)`` of a model directory's vocabulary (see ``vocab_from_files``); ``source``
+    is the path of the file the tokens come from, ``vocab.txt`` first. None when it has neither."""
+    files = {}
+    for name in (VOCAB_FILE, TOKENIZER_JSON):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                files[name] = f.read()
+    tokens = vocab_from_files(files, os.fspath(directory))
+    if tokens is None:
+        return None
+    return tokens, os.path.join(directory, VOCAB_FILE if VOCAB_FILE in files else TOKENIZER_JSON)
+
+
+def bert_tokenizer_config(model_max_length):
+    """The ``tokenizer_config.json`` dict for ``transformers``' BertTokenizer on a vocab.txt, as
+    lub_fast tokenizes: lower case, accents stripped, each Chinese character its own token (every
+    family: without it ``AutoTokenizer`` of an ALBERT directory falls back to SentencePiece)."""
+    return {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": True,
+        "tokenize_chinese_chars": True,
+        "strip_accents": None,
+        "unk_token": "[UNK]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "cls_token": "[CLS]",
+        "mask_token": "[MASK]",
+        "model_max_length": model_max_length,
+    }
 
 
 def is_cjk(cps):

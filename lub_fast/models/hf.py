@@ -1,7 +1,7 @@
 """HuggingFace ``transformers`` interop: the only module that knows HF parameter names.
 
-Reads and writes HF directories (``config.json`` + ``model.safetensors``, sharded safetensors or a
-``pytorch_model.bin`` read with ``weights_only=True``) for model_type bert, roberta, albert and
+Reads and writes HF directories (``config.json`` + ``model.safetensors``, sharded safetensors, or a
+``pytorch_model.bin``, sharded or not, read with ``weights_only=True``) for model_type bert, roberta, albert and
 electra, following the layouts of ``transformers`` 5 (``modeling_bert.py``, ``modeling_roberta.py``,
 ``modeling_albert.py``, ``modeling_electra.py``):
 
@@ -31,6 +31,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from lub_fast.data.tokenizer import (
+    VOCAB_FILE,
+    VocabularyError,
+    bert_tokenizer_config,
+    first_difference,
+    vocab_bytes,
+    vocab_from_files,
+)
 from lub_fast.models.config import FAMILIES, EncoderConfig
 from lub_fast.models.heads import (
     ElectraDiscriminator,
@@ -316,29 +324,60 @@ def lub_to_hf(state_dict: dict[str, Tensor], config: EncoderConfig, task: str) -
 
 
 def _read_weights(path: Path) -> dict[str, Tensor]:
+    """All tensors of an HF directory, in ``transformers``' order of preference: ``model.safetensors``,
+    sharded safetensors (``model.safetensors.index.json``), ``pytorch_model.bin``, sharded PyTorch
+    (``pytorch_model.bin.index.json``, as transformers 4 writes above ``max_shard_size``). ``.bin``
+    files are read with ``torch.load(weights_only=True)``; a shard index must name exactly the
+    tensors its shards hold."""
     single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
+    bin_single = path / "pytorch_model.bin"
+    bin_index = path / "pytorch_model.bin.index.json"
     if single.exists():
-        files = [single]
-    elif index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [path / s for s in shards]
-    elif (path / "pytorch_model.bin").exists():
-        file = path / "pytorch_model.bin"
-        try:
-            return torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e:  # zip/pickle errors of a truncated or foreign file
-            raise ValueError(f"{file}: cannot read PyTorch weights ({type(e).__name__}: {e})") from e
-    else:
-        raise FileNotFoundError(
-            f"{path}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
-        )
-    tensors = {}
-    for file in files:
-        try:
-            tensors.update(load_file(file))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{file}: not a readable safetensors file, truncated or corrupt? ({e})") from e
+        return _read_safetensors(single)
+    if index.exists():
+        return _read_sharded(index, _read_safetensors)
+    if bin_single.exists():
+        return _read_bin(bin_single)
+    if bin_index.exists():
+        return _read_sharded(bin_index, _read_bin)
+    raise FileNotFoundError(
+        f"{path}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json"
+    )
+
+
+def _read_safetensors(file: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{file}: not a readable safetensors file, truncated or corrupt? ({e})") from e
+
+
+def _read_bin(file: Path) -> dict[str, Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # zip/pickle errors of a truncated or foreign file
+        raise ValueError(f"{file}: cannot read PyTorch weights ({type(e).__name__}: {e})") from e
+
+
+def _read_sharded(index: Path, read) -> dict[str, Tensor]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a shard index (a JSON object with a \"weight_map\"): {e}") from None
+    tensors: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        file = index.parent / shard
+        if not file.exists():
+            raise ValueError(f"{index} names the shard {shard}, which is missing: copy every shard of the checkpoint")
+        held = read(file)
+        misplaced = sorted(k for k in held if weight_map.get(k) != shard)
+        if misplaced:
+            raise ValueError(f"{file} holds {len(misplaced)} tensors that {index.name} does not place there: {misplaced[:5]}")
+        tensors.update(held)
+    absent = sorted(set(weight_map) - set(tensors))
+    if absent:
+        raise ValueError(f"{index} lists {len(absent)} tensors that its shards lack: {absent[:5]}")
     return tensors
 
 
@@ -419,7 +458,9 @@ def from_pretrained(path, task: str | None = None, num_labels: int | None = None
     (no architectures: ``"base"``); giving another task loads the encoder and initialises the new head
     (with a warning). ``num_labels`` overrides the checkpoint's for classification tasks. Tokenizer
     files in the directory (a TF-1 checkpoint's ``vocab.txt``) are kept in ``model.tokenizer_files``
-    and written back by ``save_pretrained``.
+    and written back by ``save_pretrained``; where there is no ``vocab.txt``, the WordPiece vocabulary
+    of ``tokenizer.json`` (what ``transformers`` 5 saves) becomes one. Raises ``VocabularyError`` for a
+    ``tokenizer.json`` that is not WordPiece or disagrees with ``vocab.txt``.
     """
     path = Path(path)
     config_file = path / "config.json"
@@ -428,10 +469,12 @@ def from_pretrained(path, task: str | None = None, num_labels: int | None = None
     hf_config = json.loads(config_file.read_text())
     if hf_config.get("model_type") not in FAMILIES:
         raise ValueError(f"{config_file}: unsupported HF model_type {hf_config.get('model_type')!r}; lub_fast loads {FAMILIES}")
+    files = {name: (path / name).read_bytes() for name in TOKENIZER_FILES if (path / name).exists()}
+    tokens = vocab_from_files(files, str(path))
     model = from_hf(hf_config, _read_weights(path), task, num_labels, origin=str(path))
-    for name in TOKENIZER_FILES:
-        if (path / name).exists():
-            model.tokenizer_files[name] = (path / name).read_bytes()
+    if tokens is not None and VOCAB_FILE not in files:
+        files[VOCAB_FILE] = vocab_bytes(tokens)  # the WordPiece vocabulary of tokenizer.json
+    model.tokenizer_files.update(files)
     return model
 
 
@@ -493,7 +536,7 @@ def save_pretrained(model, path) -> None:
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    for name, data in model.tokenizer_files.items():
+    for name, data in _export_tokenizer_files(model, path).items():
         (path / name).write_bytes(data)
 
 
@@ -519,6 +562,25 @@ def _electra_pair_from_tf1(path) -> tuple[ElectraDiscriminator, MaskedLM]:
     return disc, gen
 
 
+def _export_tokenizer_files(model, path: Path) -> dict[str, bytes]:
+    """``model.tokenizer_files`` checked to agree (vocab.txt and tokenizer.json, see
+    ``lub_fast.data.tokenizer.vocab_from_files``), with BERT's ``tokenizer_config.json`` added beside a
+    vocab.txt that has none, a ``tokenizer_class`` where it names none (``AutoTokenizer`` would pick the
+    family's own, SentencePiece for ALBERT), and ``model_max_length`` at most the model's positions."""
+    files = dict(model.tokenizer_files)
+    if vocab_from_files(files, str(path)) is None:
+        return files
+    positions = model.config.max_position_embeddings - model.config.position_offset
+    settings = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else bert_tokenizer_config(positions)
+    fixed = dict(settings)
+    fixed.setdefault("tokenizer_class", "BertTokenizer")
+    if not isinstance(fixed.get("model_max_length"), int) or fixed["model_max_length"] > positions:
+        fixed["model_max_length"] = positions
+    if fixed != settings or "tokenizer_config.json" not in files:
+        files["tokenizer_config.json"] = (json.dumps(fixed, indent=2) + "\n").encode()
+    return files
+
+
 def from_pretrained_electra_pair(discriminator_path, generator_path=None) -> ElectraPair:
     """Load an ELECTRA discriminator (``ElectraForPreTraining``) and generator (``ElectraForMaskedLM``)
     directory into one ``ElectraPair`` sharing the embeddings; without ``generator_path``,
@@ -542,5 +604,11 @@ def from_pretrained_electra_pair(discriminator_path, generator_path=None) -> Ele
         raise ValueError(
             f"from_pretrained_electra_pair: generator and discriminator embeddings differ in {differing}; "
             "ELECTRA shares them"
+        )
+    vocabs = [vocab_from_files(m.tokenizer_files, str(p)) for m, p in ((disc, discriminator_path), (gen, generator_path))]
+    if None not in vocabs and vocabs[0] != vocabs[1]:
+        raise VocabularyError(
+            f"from_pretrained_electra_pair: {discriminator_path} and {generator_path} have different vocabularies "
+            f"({first_difference(*vocabs, 'the discriminator', 'the generator')}); ELECTRA's two models share one"
         )
     return ElectraPair(gen, disc)

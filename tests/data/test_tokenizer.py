@@ -143,3 +143,32 @@ def test_tokenizer_is_picklable_for_workers(tokenizer):
     clone = pickle.loads(pickle.dumps(tokenizer))
     assert clone.encode("中文abc")[0].tolist() == tokenizer.encode("中文abc")[0].tolist()
     assert os.path.samefile(clone.vocab_path, tokenizer.vocab_path)
+
+
+def test_model_vocab_reads_tokenizer_json_and_refuses_what_is_not_wordpiece(tmp_path):
+    """``model_vocab``: vocab.txt, else tokenizer.json's WordPiece in id order; the finetune loader
+    refuses a non-WordPiece tokenizer.json and ids with gaps through it."""
+    import json
+
+    from tokenizers import Tokenizer, models
+
+    from lub_fast.data.tokenizer import VocabularyError, _bert_pipeline, model_vocab
+    from lub_fast.finetune import load_tokenizer
+
+    tokens = list(SPECIAL_TOKENS) + ["人", "中", "##国", "a"]
+    assert model_vocab(tmp_path) is None
+    vocab = {t: i for i, t in enumerate(tokens)}
+    _bert_pipeline(models.WordPiece(vocab, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    assert model_vocab(tmp_path) == (tokens, str(tmp_path / "tokenizer.json"))
+    (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    assert model_vocab(tmp_path) == (tokens, str(tmp_path / "vocab.txt"))
+
+    (tmp_path / "vocab.txt").unlink()
+    gaps = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    gaps["model"]["vocab"]["a"] = 20
+    (tmp_path / "tokenizer.json").write_text(json.dumps(gaps), encoding="utf-8")
+    with pytest.raises(VocabularyError, match=r"ids are not 0..8 without gaps"):
+        load_tokenizer(tmp_path)
+    Tokenizer(models.Unigram([(t, -1.0) for t in tokens], unk_id=1)).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(VocabularyError, match=r"a Unigram tokenizer, not WordPiece"):
+        load_tokenizer(tmp_path)

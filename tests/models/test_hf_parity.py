@@ -7,6 +7,7 @@ there, HF returns states of padded queries).
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -331,3 +332,89 @@ def test_hf_sharded_safetensors_load(tmp_path):
     hf.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert_same_outputs(hf, lub_fast.from_pretrained(tmp_path).eval(), batch("roberta"))
+
+
+def test_hf_sharded_pytorch_bin_loads(tmp_path):
+    """transformers 4's ``save_pretrained(safe_serialization=False)`` above ``max_shard_size``: one
+    ``torch.save``d dict per ``pytorch_model-0000i-of-0000N.bin`` and an index with ``metadata`` and
+    ``weight_map``, written here as transformers 4 writes them."""
+    hf = hf_model("bert", "masked_lm")
+    hf.config.architectures = ["BertForMaskedLM"]
+    hf.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    names = sorted(state)
+    shards = [names[i::3] for i in range(3)]
+    weight_map = {}
+    for i, keys in enumerate(shards, 1):
+        file = f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
+        torch.save({k: state[k] for k in keys}, tmp_path / file)
+        weight_map.update(dict.fromkeys(keys, file))
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    assert_same_outputs(hf, lub_fast.from_pretrained(tmp_path).eval(), batch("bert"))
+
+    (tmp_path / "pytorch_model-00002-of-00003.bin").unlink()
+    with pytest.raises(ValueError, match="names the shard pytorch_model-00002-of-00003.bin, which is missing"):
+        lub_fast.from_pretrained(tmp_path)
+
+
+def _save_bert_tokenizer(tokens, directory, tmp_path):
+    """A transformers 5 BertTokenizer of ``tokens`` saved as it saves one: tokenizer.json and
+    tokenizer_config.json, no vocab.txt."""
+    source = tmp_path / "tokenizer_source"
+    source.mkdir(exist_ok=True)
+    (source / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    transformers.BertTokenizer.from_pretrained(source).save_pretrained(directory)
+    assert not (Path(directory) / "vocab.txt").exists()
+
+
+SHUFFLED = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"x{i}" for i in range(40)] + ["人", "国", "中"] + [
+    f"y{i}" for i in range(51)
+]
+
+
+def test_hf_tokenizer_json_only_gives_vocab_txt(tmp_path):
+    """A transformers-5-saved directory (no vocab.txt): ``from_pretrained`` reads tokenizer.json's
+    WordPiece, and the re-saved directory's vocab.txt and tokenizer.json give identical ids."""
+    hf_model("bert", "masked_lm").save_pretrained(tmp_path / "hf")
+    _save_bert_tokenizer(SHUFFLED, tmp_path / "hf", tmp_path)
+    ours = lub_fast.from_pretrained(tmp_path / "hf")
+    assert ours.tokenizer_files["vocab.txt"].decode().split("\n")[:-1] == SHUFFLED
+    ours.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1] == SHUFFLED
+    by_json = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    (tmp_path / "out" / "tokenizer.json").unlink()
+    by_vocab = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert by_json("中国人")["input_ids"] == by_vocab("中国人")["input_ids"] == [2, 47, 46, 45, 3]
+
+
+def test_hf_disagreeing_or_non_wordpiece_tokenizer_is_an_error(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    from lub_fast.data.tokenizer import VocabularyError
+    from lub_fast.errors import UsageError
+
+    hf_model("bert", "masked_lm").save_pretrained(tmp_path / "hf")
+    _save_bert_tokenizer(SHUFFLED, tmp_path / "hf", tmp_path)
+    (tmp_path / "hf" / "vocab.txt").write_text("\n".join(sorted(SHUFFLED)) + "\n", encoding="utf-8")
+    with pytest.raises(VocabularyError, match=r"vocab.txt \(99 tokens\) and tokenizer.json \(99 tokens\) are different vocabularies \(id 0 is"):
+        lub_fast.from_pretrained(tmp_path / "hf")
+
+    (tmp_path / "hf" / "vocab.txt").unlink()
+    Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(SHUFFLED)}, merges=[])).save(str(tmp_path / "hf" / "tokenizer.json"))
+    with pytest.raises(UsageError, match=r"tokenizer.json: a BPE tokenizer, not WordPiece"):
+        lub_fast.from_pretrained(tmp_path / "hf")
+
+
+def test_hf_electra_pair_with_two_vocabularies_is_an_error(tmp_path):
+    from lub_fast.data.tokenizer import VocabularyError
+
+    disc = hf_model("electra", "discriminator", seed=1)
+    gen = hf_model("electra", "masked_lm", seed=2, hidden_size=16, num_attention_heads=2, intermediate_size=20)
+    gen.electra.embeddings.load_state_dict(disc.electra.embeddings.state_dict())
+    for model, name, tokens in ((disc, "disc", SHUFFLED), (gen, "gen", SHUFFLED[:5] + SHUFFLED[5:][::-1])):
+        model.save_pretrained(tmp_path / name)
+        (tmp_path / name / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    with pytest.raises(VocabularyError, match=r"have different vocabularies \(id 5 is 'x0' in the discriminator, 'y50' in the generator\)"):
+        from_pretrained_electra_pair(tmp_path / "disc", tmp_path / "gen")
