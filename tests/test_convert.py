@@ -177,6 +177,7 @@ def test_convert_tf1_electra_writes_discriminator_and_generator(tmp_path, google
         torch.testing.assert_close(got, theirs, atol=1e-5, rtol=1e-5, msg=lambda m: f"{sub} lub_fast: {m}")
 
 
+@pytest.mark.parametrize("family", sorted(CASES))
 def test_convert_tf1_export_tokenizer_splits_chinese_characters(tmp_path, family):
     """``AutoTokenizer`` of every family's export is BERT's WordPiece on the vocab.txt (not ALBERT's
     SentencePiece, which makes a whole Chinese sentence one token), within the model's positions."""
