@@ -128,17 +128,37 @@ def test_prepare_binary_file_dropped_or_strict_error(tmp_path, vocab_path, real_
         _run(tmp_path, [binary, text], vocab_path, "strict", strict=True)
 
 
-def test_prepare_ten_megabyte_line(tmp_path, vocab_path):
+def test_prepare_ten_megabyte_line_is_one_line_read_in_pieces(tmp_path, vocab_path):
     tail = 2_450_000  # characters without any punctuation: cut every 256
     line = ("中华人民共和国成立了" * 5 + "。") * 20_000 + "无标点的长句子" * (tail // 7)
     (tmp_path / "long.txt").write_text(line + "\n", encoding="utf-8")
     assert os.path.getsize(tmp_path / "long.txt") > 10_000_000
     summary = _run(tmp_path, [tmp_path / "long.txt"], vocab_path)
-    pieces = -(-tail // 256)
-    assert summary.sentences == 20_000 + pieces
-    assert (summary.counts["long_lines"], summary.counts["hard_cuts"]) == (1, pieces - 1)
+    c = summary.counts
+    assert (c["lines_read"], c["lines_kept"]) == (1, 1), c
+    assert summary.tokens == len(line), "every character is one token: nothing is lost between the pieces"
+    # The tail is read in 1 MiB pieces cut between characters, each then cut every 256 characters.
+    assert -(-tail // 256) <= summary.sentences - 20_000 <= -(-tail // 256) + 8, summary.sentences
     shards = open_shards(summary.output_dir)
     assert max(int(np.diff(s.sentence_offsets).max()) for s in shards.shards) <= 256
+
+
+def test_prepare_long_line_pieces_end_at_sentences_and_stay_small(tmp_path):
+    sentence = "中华人民共和国成立了，人民站起来了。"
+    line = sentence * 20_000  # 1 MB
+    path = tmp_path / "long.txt"
+    path.write_text("第一行。\n" + line + "\n最后一行。\n", encoding="utf-8")
+    config = prepare.PrepareConfig(chunk_kb=64)
+    reader = prepare._Reader([str(path)], config)
+    chunks = list(reader.chunks())
+    pieces = [(line_text, i in continued) for chunk in chunks for _, _, lines, continued in chunk.docs
+              for i, line_text in enumerate(lines)]
+    sizes = [sum(len(t.encode()) for _, _, lines, _ in chunk.docs for t in lines) for chunk in chunks]
+    assert max(sizes) <= 2 * 64 * 1024, f"chunk bytes {max(sizes)}: memory is bounded by the chunk size"
+    assert reader.counts["lines_read"] == 3
+    assert [p[1] for p in pieces].count(False) == 3, "one first piece per line"
+    assert "".join(t for t, _ in pieces[1:-1]) == line + "\n"
+    assert len(pieces) > 10 and all(t.rstrip().endswith("。") for t, _ in pieces[1:-1]), "pieces end at sentence ends"
 
 
 def test_prepare_gbk_text_replaced_and_counted_or_strict_error(tmp_path, vocab_path):
@@ -212,6 +232,7 @@ def test_prepare_line_longer_than_read_limit(tmp_path, vocab_path, monkeypatch):
     summary = _run(tmp_path, [tmp_path / "wide.txt"], vocab_path)
     assert summary.counts.get("invalid_utf8", 0) == 0
     assert summary.tokens == len(text) + 4
+    assert (summary.counts["lines_read"], summary.counts["lines_kept"]) == (2, 2), summary.counts
 
 
 def test_prepare_user_dict_and_t2s(tmp_path, vocab_path):
