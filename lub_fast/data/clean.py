@@ -32,6 +32,7 @@ import functools
 import re
 import sys
 import unicodedata
+from collections import Counter
 
 # Sentence-final punctuation (a run of it ends one sentence) and the closers that stay with it.
 _SENTENCE_END = re.compile(r"(?:[。！？!?]+|…+|\.{3,})[”’\"'」』）)》〉】〕\]]*")
@@ -145,10 +146,15 @@ _BOMS = (  # UTF-32's marks first: UTF-32-LE's begins with UTF-16-LE's
 
 
 def _bad_share(sample, encoding):
-    """Share of the sample's characters that do not decode or are controls (tab, LF, CR aside)."""
+    """Share of the sample's characters that do not decode, are controls (tab, LF, CR aside),
+    unassigned, private-use or surrogates: what text decoded with the wrong codec is full of."""
     unit = 4 if encoding.startswith("utf-32") else 2 if encoding.startswith("utf-16") else 1
     text = sample[: len(sample) // unit * unit].decode(encoding, "replace")
-    bad = text.count("\ufffd") + sum(1 for ch in text if ch < " " and ch not in "\t\n\r")
+    bad = sum(
+        n
+        for ch, n in Counter(text).items()
+        if ch == "\ufffd" or ch not in "\t\n\r" and unicodedata.category(ch) in ("Cc", "Cn", "Co", "Cs")
+    )
     return bad / max(len(text), 1)
 
 
@@ -158,8 +164,9 @@ def sniff_encoding(head):
     ``encoding`` is a Python codec name ("utf-8"; "utf-16" or "utf-32" after a byte-order mark,
     which the codec consumes; "utf-16-le" or "utf-16-be" without one) or None for a binary file.
     UTF-16 without a mark: at least 0.5% NUL bytes (ASCII has one a character, Chinese text one a
-    line and one for each U+xx00 character), the endianness from where most of them are (the high
-    byte of ASCII), at most 1% bad characters decoded so and at least 5% decoded as UTF-8. ``why``
+    line and one for each U+xx00 character such as 一), the endianness that decodes with fewer bad
+    characters (controls, unassigned: a newline read backwards is the unassigned U+0A00), at most
+    1% of them, and at least 5% decoded as UTF-8. ``why``
     says in a few words how it was recognised, for the summary ("" for plain UTF-8).
     """
     for bom, encoding in _BOMS:
@@ -167,10 +174,9 @@ def sniff_encoding(head):
             return encoding, f"{encoding.upper()} with a byte-order mark"
     nul = head.count(0)
     if nul >= max(2, len(head) // 200):
-        even = head[0::2].count(0)
-        encoding, where = ("utf-16-be", "even") if 2 * even > nul else ("utf-16-le", "odd")
-        if _bad_share(head, encoding) <= 0.01 and _bad_share(head, "utf-8") >= 0.05:
-            return encoding, f"{encoding.upper()} without a byte-order mark (NUL bytes mostly at {where} positions)"
+        share, encoding = min((_bad_share(head, e), e) for e in ("utf-16-le", "utf-16-be"))
+        if share <= 0.01 and _bad_share(head, "utf-8") >= 0.05:
+            return encoding, f"{encoding.upper()} without a byte-order mark ({nul} NUL bytes in the first {len(head)})"
     binary = len(head) - len(head.translate(None, _BINARY_BYTES))
     if binary and binary >= BINARY_SHARE * len(head):
         return None, f"binary file: {binary} of the first {len(head)} bytes are NUL or control bytes"
