@@ -51,8 +51,10 @@ from lub_fast.data.shards import (
     META_FILE,
     SHARD_FILES,
     VOCAB_FILE,
+    ShardError,
     ShardWriter,
     expected_sizes,
+    open_shards,
     shard_name,
     token_dtype,
     write_json_atomic,
@@ -981,14 +983,21 @@ def _parser():
     )
     p.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
         help=".txt (one sentence or paragraph a line, a blank line between documents), .jsonl "
         "(one document a line in a 'text' field), .gz of either, directories (searched for those) "
         "or quoted globs",
     )
-    p.add_argument("--output", required=True, help="shard directory to write (created; vocab.txt is copied into it)")
-    v = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--output", help="shard directory to write (created; vocab.txt is copied into it); required")
+    p.add_argument(
+        "--verify",
+        nargs="+",
+        metavar="DIR",
+        help="only check shard directories: sizes, index, ids and every file's sha256 (exit 0 all good, "
+        "2 naming the shard file otherwise)",
+    )
+    v = p.add_mutually_exclusive_group()
     v.add_argument("--vocab", help="vocab.txt in bert-base-chinese's format (e.g. a released model's)")
     v.add_argument(
         "--build-vocab", type=int, metavar="N", help="train a WordPiece vocabulary of about N tokens on the corpus"
@@ -1028,9 +1037,35 @@ def _parser():
     return p
 
 
+def verify_main(directories):
+    """``--verify DIR ...``: open every shard directory with all checks and checksums; prints one
+    line a directory (its shards, bytes and seconds), or one error line naming the file. Returns
+    the exit status: 0 all good, 2 a problem."""
+    for directory in directories:
+        started = time.perf_counter()
+        try:
+            shards = open_shards(directory, check_tokens=True, check_checksums=True)
+        except ShardError as e:
+            print(f"lub_fast.prepare: error: {e}", file=sys.stderr)
+            return 2
+        size = sum(os.path.getsize(path) for shard in shards.shards for path in shard.paths.values())
+        print(
+            f"{directory}: {len(shards.shards)} shards, {shards.num_tokens:,} tokens, {size / 1e9:.2f} GB: "
+            f"sizes, index, ids and sha256 checksums good in {time.perf_counter() - started:.1f} s"
+        )
+    return 0
+
+
 def main(argv=None):
     """CLI entry point; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.verify:
+        if args.inputs or args.output:
+            parser.error("--verify DIR checks shard directories: give no INPUT and no --output")
+        return verify_main(args.verify)
+    if not args.inputs or not args.output:
+        parser.error("INPUT and --output are required (or --verify DIR)")
     try:
         summary = prepare_corpus(
             args.inputs,

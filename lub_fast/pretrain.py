@@ -86,6 +86,7 @@ class DataSection:
     build_vocab: int = option(8000, "raw text without a vocab: WordPiece vocabulary size to build")
     segmenter: Literal["jieba", "rjieba", "none"] = option("jieba", "raw text: word segmenter for whole-word masking")
     prepare_workers: int = option(1, "raw text: parallel processes for preparing")
+    verify: bool = option(True, "check the shards' sha256 checksums at start (each rank a share); false if verified")
 
 
 @dataclass(frozen=True)
@@ -619,7 +620,9 @@ def run(cfg: PretrainConfig, resume: str | None = None, demo: bool = False) -> d
     pair = cfg.pair
     common = dict(max_seq_len=cfg.data.max_seq_len, pair=pair, short_seq_prob=cfg.data.short_seq_prob, seed=cfg.data.seed)
     try:
-        dataset = PretrainDataset(shard_dirs, rank=env.rank, world_size=env.world_size, **common)
+        dataset = PretrainDataset(
+            shard_dirs, rank=env.rank, world_size=env.world_size, verify_checksums=cfg.data.verify, **common
+        )
     except ValueError as error:  # ShardError included
         raise PretrainError(f"--data.data {', '.join(shard_dirs)}: {error}") from None
     vocab_path = dataset.vocab_path
@@ -633,7 +636,9 @@ def run(cfg: PretrainConfig, resume: str | None = None, demo: bool = False) -> d
     batches = make_batches(dataset, collator, cfg.data.batch_size, cfg.data.num_workers)
     eval_fn = None
     if eval_dirs:
-        eval_set = PretrainDataset(eval_dirs, rank=0, world_size=1, shuffle=False, **common)
+        eval_set = PretrainDataset(
+            eval_dirs, rank=0, world_size=1, shuffle=False, verify_checksums=cfg.data.verify and main, **common
+        )
         eval_collator = MaskingCollator(dataclasses.replace(masking, seed=cfg.data.seed + 1))
         eval_fn = make_eval_fn(eval_set, eval_collator, cfg.data.batch_size, cfg.data.eval_batches)
     elif main:

@@ -444,3 +444,23 @@ def test_prepare_lines_add_up_on_real_text_with_bad_lines(tmp_path, vocab_path, 
     printed = one.format().splitlines()
     assert printed[1].endswith(f"from {report['lines_kept']:,} of {physical:,} lines"), printed[1]
     assert printed[2].startswith("lines dropped: blank "), printed[2]
+
+
+def test_prepare_verify_names_the_corrupt_shard_file(tmp_path, prepared_dir, capsys):
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(prepared_dir, copy)
+    assert main(["--verify", str(copy)]) == 0
+    assert "sha256 checksums good" in capsys.readouterr().out
+    ids = np.memmap(copy / "shard-00002.ids", dtype="<u2", mode="r+")
+    ids[7] ^= 1  # still a valid id: only the checksum sees it
+    ids.flush()
+    del ids
+    assert main(["--verify", str(copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lub_fast.prepare: error: "), err
+    assert f"{copy / 'shard-00002.ids'}: sha256" in err[0], err
+    with pytest.raises(SystemExit) as e:
+        main(["--verify", str(copy), "--output", str(tmp_path / "o")])
+    assert e.value.code == 2
