@@ -15,9 +15,22 @@ ids. Its header, written last and atomically, marks it complete: a re-run with t
 skips complete shards (reading, not processing, their chunks) and goes on from there.
 
 Input format. ``.txt``: one sentence or paragraph a line, a blank line between documents; a
-document longer than the chunk size is split into documents of about that size. ``.jsonl``: one
-JSON object a line, the document in its ``"text"`` field. Every kept line is split into sentences
-at Chinese sentence punctuation (``lub_fast.data.clean``).
+document longer than the chunk size is split into documents of about that size, and a line longer
+than it is read in pieces cut after sentence ends (memory stays bounded inside a line) and counted
+as one line (kept when a sentence of its pieces in the chunk of its first piece is). ``.jsonl``: one
+JSON object a line, the document in its ``"text"`` field; a line over 16 MiB is dropped and named.
+Every kept line is split into sentences at Chinese sentence punctuation (``lub_fast.data.clean``).
+Files are UTF-8, or UTF-16/UTF-32 (decoded) as ``clean.sniff_encoding`` recognises them; binary
+files are skipped. In input directories FIFOs, sockets, devices and broken symbolic links are
+skipped (named on the command line they are an error).
+
+Accounting. Every line read is kept or dropped for one reason (``LINE_DROPS``), so that
+``lines_read == lines_kept + sum(lines_dropped)``; ``summary.json`` in the output holds these
+counts, the sentences and documents dropped, what was fixed, and the files (or lines) skipped or
+repaired by name (the first few per reason, then a count). The printed summary is made from it.
+
+``--verify DIR``: check a shard directory (sizes, index, ids, sha256 of every file) and exit 0, or
+2 with one line naming the shard file.
 """
 
 import argparse

@@ -221,6 +221,11 @@ def test_prepare_truncated_gzip(tmp_path, vocab_path, real_lines):
     summary = _run(tmp_path, [tmp_path / "cut.txt.gz"], vocab_path)
     assert summary.counts["corrupt_files"] == 1
     assert 0 < summary.counts["lines_read"] < 200
+    report = _summary_json(summary)
+    _assert_lines_add_up(report)
+    (entry,) = report["named"]["corrupt_files"]["first"]
+    assert entry.startswith(f"{tmp_path / 'cut.txt.gz'}:") and "ended before the end-of-stream marker" in entry, entry
+    assert f"corrupt compressed files (rest of the file skipped) 1: {entry}" in summary.format()
     with pytest.raises(PrepareError, match=r"cut\.txt\.gz:\d+: corrupt or truncated compressed file"):
         _run(tmp_path, [tmp_path / "cut.txt.gz"], vocab_path, "strict", strict=True)
 
