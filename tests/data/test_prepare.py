@@ -189,6 +189,7 @@ def test_prepare_malformed_jsonl(tmp_path, vocab_path):
     assert (summary.documents, summary.sentences) == (2, 4)
     c = summary.counts
     assert (c["malformed_json"], c["no_text_field"], c["blank"], c["lines_kept"]) == (1, 3, 1, 2), c
+    assert c["lines_read"] == 7 and c.get("empty_documents", 0) == 0, "a JSON line without text is no empty document"
     with pytest.raises(PrepareError, match=r"docs\.jsonl:2: malformed JSON"):
         _run(tmp_path, [path], vocab_path, "strict", strict=True)
 
