@@ -90,6 +90,7 @@ class DataSection:
     seed: int = option(12345, "seed of example order and masking")
     num_workers: int = option(0, "DataLoader worker processes per rank")
     eval_batches: int = option(8, "held-out micro-batches per evaluation")
+    verify: bool = option(True, "check the shards' sha256 checksums at start (each rank a share); false if verified")
 
 
 @dataclass(frozen=True)
@@ -303,8 +304,13 @@ def _pipeline(cfg: DistillConfig, env):
         raise DistillError("no training data: pass --data SHARD_DIR ... (made by python -m lub_fast.prepare)")
     common = dict(max_seq_len=cfg.data.max_seq_len, pair=None, short_seq_prob=cfg.data.short_seq_prob, seed=cfg.data.seed)
     try:
-        dataset = PretrainDataset(list(cfg.data.data), rank=env.rank, world_size=env.world_size, **common)
-        eval_set = PretrainDataset(list(cfg.data.eval_data), rank=0, world_size=1, shuffle=False, **common) if cfg.data.eval_data else None
+        dataset = PretrainDataset(
+            list(cfg.data.data), rank=env.rank, world_size=env.world_size, verify_checksums=cfg.data.verify, **common
+        )
+        eval_set = PretrainDataset(
+            list(cfg.data.eval_data), rank=0, world_size=1, shuffle=False,
+            verify_checksums=cfg.data.verify and env.rank == 0, **common,
+        ) if cfg.data.eval_data else None
     except (ShardError, ValueError) as error:
         raise DistillError(f"--data: {error}") from None
     if eval_set is not None and Path(eval_set.vocab_path).read_bytes() != Path(dataset.vocab_path).read_bytes():

@@ -15,13 +15,28 @@ ids. Its header, written last and atomically, marks it complete: a re-run with t
 skips complete shards (reading, not processing, their chunks) and goes on from there.
 
 Input format. ``.txt``: one sentence or paragraph a line, a blank line between documents; a
-document longer than the chunk size is split into documents of about that size. ``.jsonl``: one
-JSON object a line, the document in its ``"text"`` field. Every kept line is split into sentences
-at Chinese sentence punctuation (``lub_fast.data.clean``).
+document longer than the chunk size is split into documents of about that size, and a line longer
+than it is read in pieces cut after sentence ends (memory stays bounded inside a line) and counted
+as one line (kept when a sentence of its pieces in the chunk of its first piece is). ``.jsonl``: one
+JSON object a line, the document in its ``"text"`` field; a line over 16 MiB is dropped and named.
+Every kept line is split into sentences at Chinese sentence punctuation (``lub_fast.data.clean``).
+Files are UTF-8, or UTF-16/UTF-32 (decoded) as ``clean.sniff_encoding`` recognises them; binary
+files are skipped. In input directories FIFOs, sockets, devices and broken symbolic links are
+skipped (named on the command line they are an error).
+
+Accounting. Every line read is kept or dropped for one reason (``LINE_DROPS``), so that
+``lines_read == lines_kept + sum(lines_dropped)``; ``summary.json`` in the output holds these
+counts, the sentences and documents dropped, what was fixed, and the files (or lines) skipped or
+repaired by name (the first few per reason, then a count). The printed summary is made from it.
+
+``--verify DIR``: check a shard directory (sizes, index, ids, sha256 of every file) and exit 0, or
+2 with one line naming the shard file.
 """
 
 import argparse
+import codecs
 import dataclasses
+import errno
 import glob
 import gzip
 import hashlib
@@ -29,6 +44,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import stat
 import sys
 import tempfile
 import time
@@ -39,7 +55,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
-from lub_fast.data.clean import clean_line, looks_binary, split_sentences, to_simplified
+from lub_fast.data.clean import clean_line, last_sentence_end, sniff_encoding, split_sentences, to_simplified
 from lub_fast.data.segment import SEGMENTERS, Segmenter, segmenter_settings
 from lub_fast.data.shards import (
     FORMAT,
@@ -47,8 +63,10 @@ from lub_fast.data.shards import (
     META_FILE,
     SHARD_FILES,
     VOCAB_FILE,
+    ShardError,
     ShardWriter,
     expected_sizes,
+    open_shards,
     shard_name,
     token_dtype,
     write_json_atomic,
@@ -57,21 +75,32 @@ from lub_fast.data.tokenizer import WordPieceTokenizer, file_sha256, tokenizer_s
 from lub_fast.data.tokenizer import build_vocab as build_vocab_fn
 
 PREPARE_FILE = "prepare.json"
+SUMMARY_FILE = "summary.json"
 INPUT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
-LINE_LIMIT = 16 << 20  # bytes read at once; a longer line is read (and split) in pieces
-_BINARY_PROBE = 8192
+LINE_LIMIT = 16 << 20  # bytes of a JSON line read whole; a longer one is dropped and named
+_SAMPLE_BYTES = 8192  # the first bytes of a file that decide its encoding
+_NAMED_FIRST = 5  # entries named per reason in the summary, then a count
 
-# Counter keys, in the order the summary prints them, with their labels.
-DROPPED = {
-    "blank": "blank lines",
-    "empty_after_cleaning": "lines empty after cleaning",
-    "malformed_json": "malformed JSON lines",
-    "no_text_field": "JSON lines without a string 'text'",
-    "too_short": "sentences shorter than --min-chars",
-    "no_tokens": "sentences without tokens",
-    "empty_documents": "documents with nothing left",
+# Counter keys, in the order the summary prints them, with their labels. Every line read is kept
+# or dropped for one of LINE_DROPS: lines_read == lines_kept + sum(LINE_DROPS).
+LINE_DROPS = {
+    "blank": "blank",
+    "empty_after_cleaning": "empty after cleaning",
+    "short_lines": "every sentence shorter than --min-chars",
+    "no_token_lines": "no sentence with tokens",
+    "malformed_json": "malformed JSON",
+    "no_text_field": "JSON without a string 'text'",
+    "long_json_lines": f"JSON over {LINE_LIMIT >> 20} MiB",
+}
+SENTENCE_DROPS = {"too_short": "shorter than --min-chars", "no_tokens": "without tokens"}
+# Files (or lines) skipped or repaired, named in the summary: the first few, then a count.
+NAMED = {
+    "special_files": "special files skipped (FIFO, socket, device)",
+    "broken_links": "dangling or looping symbolic links skipped",
     "binary_files": "binary files skipped",
-    "corrupt_files": "corrupt compressed files (rest of file skipped)",
+    "corrupt_files": "corrupt compressed files (rest of the file skipped)",
+    "long_json_lines": f"JSON lines over {LINE_LIMIT >> 20} MiB dropped",
+    "decoded_files": "UTF-16/UTF-32 files decoded",
 }
 FIXED = {
     "invalid_utf8": "lines with invalid UTF-8 replaced",
@@ -113,7 +142,11 @@ class PrepareConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PrepareSummary:
-    """What ``prepare_corpus`` did: output, totals, and every count of kept/dropped/fixed input."""
+    """What ``prepare_corpus`` did: output, totals, and every count of kept/dropped/fixed input.
+
+    ``report`` is what ``summary.json`` in the output holds (a function of the inputs and settings);
+    ``format()`` prints it.
+    """
 
     output_dir: str
     files: int
@@ -126,28 +159,76 @@ class PrepareSummary:
     counts: dict
     invalid_utf8_by_file: dict
     seconds: float
+    report: dict
 
     def format(self):
-        c = self.counts
+        r = self.report
         lines = [
-            f"prepared {self.files} files ({self.input_bytes / 1e6:.1f} MB) into {self.output_dir}: "
-            f"{self.shards} shards ({self.shards_skipped} already complete, skipped) in {self.seconds:.1f} s",
-            f"kept: {self.documents:,} documents, {self.sentences:,} sentences, {self.tokens:,} tokens "
-            f"from {c.get('lines_kept', 0):,} of {c.get('lines_read', 0):,} lines",
-            "dropped: " + (", ".join(f"{label} {c[k]:,}" for k, label in DROPPED.items() if c.get(k)) or "nothing"),
-            "fixed: " + (", ".join(f"{label} {c[k]:,}" for k, label in FIXED.items() if c.get(k)) or "nothing"),
+            f"prepared {r['files']} files ({r['input_bytes'] / 1e6:.1f} MB) into {self.output_dir}: "
+            f"{r['shards']} shards ({self.shards_skipped} already complete, skipped) in {self.seconds:.1f} s",
+            f"kept: {r['documents']:,} documents, {r['sentences']:,} sentences, {r['tokens']:,} tokens "
+            f"from {r['lines_kept']:,} of {r['lines_read']:,} lines",
+            "lines dropped: " + _listing(r["lines_dropped"], LINE_DROPS),
+            "sentences dropped: " + _listing(r["sentences_dropped"], SENTENCE_DROPS)
+            + f"; documents with nothing left {r['empty_documents']:,}",
+            "fixed: " + _listing(r["fixed"], FIXED),
         ]
-        for path, n in self.invalid_utf8_by_file.items():
-            lines.append(f"  invalid UTF-8 replaced in {n:,} lines of {path}")
-        tokens = max(self.tokens, 1)
+        for key, label in NAMED.items():
+            named = r["named"][key]
+            if named["count"]:
+                lines.append(f"{label} {named['count']:,}: " + _first_few(named))
+        invalid = r["named"]["invalid_utf8_files"]
+        lines.extend(f"  invalid UTF-8 replaced in {entry}" for entry in invalid["first"])
+        if invalid["count"] > len(invalid["first"]):
+            lines.append(f"  ... and in {invalid['count'] - len(invalid['first']):,} more files")
+        tokens = max(r["tokens"], 1)
         lines.append(
-            f"words: {c.get('word_mismatches', 0):,} segmentation/token mismatches "
-            f"({100 * c.get('word_mismatches', 0) / tokens:.2f}% of tokens, tokens win), "
-            f"[UNK] {c.get('unk_tokens', 0):,} ({100 * c.get('unk_tokens', 0) / tokens:.2f}%)"
+            f"words: {r['word_mismatches']:,} segmentation/token mismatches "
+            f"({100 * r['word_mismatches'] / tokens:.2f}% of tokens, tokens win), "
+            f"[UNK] {r['unk_tokens']:,} ({100 * r['unk_tokens'] / tokens:.2f}%)"
         )
-        if not self.documents:
+        if not r["documents"]:
             lines.append("warning: no documents were written")
         return "\n".join(lines)
+
+
+def _listing(counts, labels):
+    return ", ".join(f"{label} {counts[k]:,}" for k, label in labels.items() if counts.get(k)) or "nothing"
+
+
+def _first_few(named):
+    more = named["count"] - len(named["first"])
+    return "; ".join(named["first"]) + (f"; ... and {more:,} more" if more > 0 else "")
+
+
+def _named(count, entries):
+    return {"count": count, "first": list(entries[:_NAMED_FIRST])}
+
+
+def _report(files, input_bytes, headers, counts, named, invalid_utf8_by_file):
+    """What summary.json holds: totals, every line kept or dropped by reason, named files."""
+    c = Counter(counts)
+    invalid = [f"{n:,} lines of {path}" for path, n in invalid_utf8_by_file.items()]
+    return {
+        "files": files,
+        "input_bytes": input_bytes,
+        "shards": len(headers),
+        "documents": sum(h["num_documents"] for h in headers),
+        "sentences": sum(h["num_sentences"] for h in headers),
+        "tokens": sum(h["num_tokens"] for h in headers),
+        "lines_read": c["lines_read"],
+        "lines_kept": c["lines_kept"],
+        "lines_dropped": {k: c[k] for k in LINE_DROPS},
+        "sentences_dropped": {k: c[k] for k in SENTENCE_DROPS},
+        "empty_documents": c["empty_documents"],
+        "fixed": {k: c[k] for k in FIXED},
+        "named": dict(
+            {k: _named(c[k], named.get(k, [])) for k in NAMED},
+            invalid_utf8_files=_named(len(invalid), invalid),
+        ),
+        "word_mismatches": c["word_mismatches"],
+        "unk_tokens": c["unk_tokens"],
+    }
 
 
 # ----------------------------------------------------------------------------- input files
@@ -158,8 +239,45 @@ def _input_kind(path):
     return "jsonl" if name.endswith((".jsonl", ".json")) else "txt"
 
 
-def find_inputs(inputs):
-    """Files named by ``inputs`` (files, directories searched recursively for .txt/.jsonl[.gz], globs)."""
+def _not_regular(path):
+    """Why ``path`` is no regular file to read ("a FIFO", "a dangling symbolic link", ...), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"a dangling symbolic link (to {os.readlink(path)})" if os.path.islink(path) else "gone"
+    except OSError as e:
+        return "a symbolic link loop" if e.errno == errno.ELOOP else f"unreadable ({e.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    return "a socket" if stat.S_ISSOCK(mode) else "a device or other special file"
+
+
+def _listed(paths, skipped):
+    """The regular files among ``paths`` found in a directory or by a glob; the others go to
+    ``skipped`` as (reason, "path (why)"), or raise ``PrepareError`` when ``skipped`` is None."""
+    regular = []
+    for path in paths:
+        why = _not_regular(path)
+        if why is None:
+            regular.append(path)
+        elif skipped is None:
+            raise PrepareError(f"{path}: {why}, not a file to read: remove it from the input directory")
+        else:
+            reason = "special_files" if why.startswith(("a FIFO", "a socket", "a device")) else "broken_links"
+            skipped.append((reason, f"{path} ({why})"))
+    return regular
+
+
+def find_inputs(inputs, skipped=None):
+    """Files named by ``inputs`` (files, directories searched recursively for .txt/.jsonl[.gz], globs).
+
+    A FIFO, socket or device, a dangling symbolic link or a symbolic-link loop found in a directory
+    or by a glob is skipped and appended to ``skipped`` as ``(reason, "path (why)")`` (reason
+    "special_files" or "broken_links"); without ``skipped`` it is an error, as it always is when
+    named on its own.
+    """
     files = []
     for item in inputs:
         item = os.fspath(item)
@@ -170,14 +288,17 @@ def find_inputs(inputs):
                 for name in names
                 if name.endswith(INPUT_SUFFIXES)
             ]
-            files.extend(sorted(found))
+            files.extend(_listed(sorted(found), skipped))
         elif os.path.isfile(item):
             files.append(item)
         elif glob.has_magic(item):
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
                 raise PrepareError(f"{item}: no file matches")
-            files.extend(find_inputs(matches))
+            for match in matches:
+                files.extend(find_inputs([match], skipped) if os.path.isdir(match) else _listed([match], skipped))
+        elif os.path.lexists(item):
+            raise PrepareError(f"{item}: {_not_regular(item)}, not a file to read: give a regular file")
         else:
             raise PrepareError(f"{item}: no such file or directory")
     seen, unique = set(), []
@@ -201,7 +322,50 @@ def _head(path):
     """The first bytes of a file, decompressed."""
     stream, raw = _open(path)
     with raw, stream:
-        return stream.read(_BINARY_PROBE)
+        return stream.read(_SAMPLE_BYTES)
+
+
+# An undecodable UTF-16/32 code unit becomes a lone surrogate, which UTF-8 ("surrogatepass") writes
+# as bytes that are not valid UTF-8: the reader counts the line as invalid, or stops under --strict.
+codecs.register_error("lub_fast.lone_surrogate", lambda error: ("\udcff", error.end))
+
+
+class _Recoded:
+    """A UTF-16/32 binary stream read as UTF-8 bytes, with ``readline(size)`` as a binary file's."""
+
+    def __init__(self, stream, encoding):
+        self.stream = stream
+        self.decoder = codecs.getincrementaldecoder(encoding)("lub_fast.lone_surrogate")
+        self.buffer, self.pos, self.eof = b"", 0, False
+
+    def readline(self, size):
+        while True:
+            end = self.buffer.find(b"\n", self.pos, self.pos + size)
+            if end >= 0 or self.eof or len(self.buffer) - self.pos >= size:
+                break
+            data = self.stream.read(1 << 16)
+            self.eof = not data
+            text = self.decoder.decode(data, final=self.eof)
+            self.buffer = self.buffer[self.pos :] + text.encode("utf-8", "surrogatepass")
+            self.pos = 0
+        stop = end + 1 if end >= 0 else min(self.pos + size, len(self.buffer))
+        line, self.pos = self.buffer[self.pos : stop], stop
+        return line
+
+    def close(self):
+        self.stream.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _open_text(path, encoding):
+    """(stream of UTF-8 bytes, raw file for progress): UTF-16/32 is re-encoded on the fly."""
+    stream, raw = _open(path)
+    return (stream if encoding == "utf-8" else _Recoded(stream, encoding)), raw
 
 
 def _split_utf8(raw):
@@ -214,30 +378,41 @@ def _split_utf8(raw):
     return (raw[:i], raw[i:]) if i + need > len(raw) else (raw, b"")
 
 
-def _raw_lines(stream):
-    """(line number, bytes) of each line; a line over LINE_LIMIT comes in pieces with one number."""
-    lineno, carry = 1, b""
+def _raw_lines(stream, piece_bytes, whole):
+    """(line number, bytes, continued) of each line of a binary stream.
+
+    A line longer than ``piece_bytes`` comes in pieces of at most that size under one number,
+    ``continued`` True for all but the first: each piece ends after its last sentence end, else
+    between two characters, so that memory stays bounded inside a line too. With ``whole`` (JSON
+    lines, which cannot be cut) such a line comes once as ``(number, None, False)`` and the rest of
+    it is skipped.
+    """
+    lineno, carry, continued = 1, b"", False
     while True:
-        raw = carry + stream.readline(LINE_LIMIT)
-        carry = b""
+        want = piece_bytes - len(carry)
+        data = stream.readline(want)
+        raw, carry = carry + data, b""
         if not raw:
             return
-        if raw.endswith(b"\n"):
-            yield lineno, raw
+        if raw.endswith(b"\n") or len(data) < want:  # a whole line, or the stream's last
+            yield lineno, raw, continued
+            lineno, continued = lineno + 1, False
+        elif whole:
+            while data and not data.endswith(b"\n"):
+                data = stream.readline(piece_bytes)
+            yield lineno, None, False
             lineno += 1
         else:
-            raw, carry = _split_utf8(raw)
-            if raw:
-                yield lineno, raw
-            elif carry:  # a stream ending inside a character
-                yield lineno, carry
-                return
+            cut = last_sentence_end(raw) or len(_split_utf8(raw)[0]) or len(raw)
+            raw, carry = raw[:cut], raw[cut:]
+            yield lineno, raw, continued
+            continued = True
 
 
 @dataclasses.dataclass
 class _Chunk:
     index: int
-    docs: list  # (file index, first line number, [line, ...])
+    docs: list  # (file index, first line number, [line, ...], [index of a line continuing the one before, ...])
     progress_bytes: int
 
 
@@ -249,14 +424,22 @@ class _Reader:
         self.config = config
         self.counts = Counter()
         self.invalid_utf8 = Counter()
+        self.named = {}
+
+    def note(self, reason, entry):
+        """Count ``reason`` and name ``entry`` ("path (why)") if it is among the first few."""
+        self.counts[reason] += 1
+        named = self.named.setdefault(reason, [])
+        if len(named) < _NAMED_FIRST:
+            named.append(entry)
 
     def chunks(self):
         chunk_bytes = self.config.chunk_kb * 1024
         docs, size, index, done_bytes = [], 0, 0, 0
         for file_index, path in enumerate(self.files):
             for doc in self._documents(file_index, path, chunk_bytes):
-                docs.append(doc[:3])
-                size += doc[3]
+                docs.append(doc[:4])
+                size += doc[4]
                 if size >= chunk_bytes:
                     yield _Chunk(index, docs, self._position(path, done_bytes))
                     docs, size, index = [], 0, index + 1
@@ -268,60 +451,85 @@ class _Reader:
         return done_bytes + (self._raw.tell() if self._raw and not self._raw.closed else os.path.getsize(path))
 
     def _documents(self, file_index, path, max_doc_bytes):
-        """(file index, first line, lines, bytes) per document of one file."""
+        """(file index, first line, lines, continued, bytes) per document of one file.
+
+        A .txt line longer than ``max_doc_bytes`` comes in pieces (``_raw_lines``); ``continued``
+        lists the indices of the lines that are later pieces of the line before them, which the
+        workers count once, as one line.
+        """
         self._raw = None
         try:
             head = _head(path)
         except (OSError, EOFError, zlib.error) as e:
             self._corrupt(path, 0, e)
             return
-        if looks_binary(head):
+        encoding, why = sniff_encoding(head)
+        if encoding is None:
             if self.config.strict:
-                raise PrepareError(f"{path}: binary file (NUL bytes: UTF-16 or not text) (--strict)")
-            self.counts["binary_files"] += 1
+                raise PrepareError(f"{path}: {why} (--strict)")
+            self.note("binary_files", f"{path} ({why})")
             return
+        if why:
+            self.note("decoded_files", f"{path} ({why})")
+        what = "UTF-8" if encoding == "utf-8" else encoding.upper()
         jsonl = _input_kind(path) == "jsonl"
-        stream, self._raw = _open(path)
-        lines, first, size, lineno = [], 0, 0, 0
+        stream, self._raw = _open_text(path, encoding)
+        piece_bytes = LINE_LIMIT if jsonl else min(LINE_LIMIT, max_doc_bytes)
+        lines, continued, first, size, lineno, sent, invalid = [], [], 0, 0, 0, 0, 0
         with self._raw, stream:
             try:
-                for lineno, raw in _raw_lines(stream):
-                    self.counts["lines_read"] += 1
+                for lineno, raw, piece in _raw_lines(stream, piece_bytes, jsonl):
+                    self.counts["lines_read"] += not piece
+                    if raw is None:
+                        if self.config.strict:
+                            raise PrepareError(f"{path}:{lineno}: JSON line over {LINE_LIMIT >> 20} MiB (--strict)")
+                        self.note("long_json_lines", f"{path}:{lineno}")
+                        continue
                     try:
                         text = raw.decode("utf-8")
                     except UnicodeDecodeError as e:
                         if self.config.strict:
                             raise PrepareError(
-                                f"{path}:{lineno}: invalid UTF-8 at byte {e.start} of the line (--strict)"
+                                f"{path}:{lineno}: invalid {what} at byte {e.start} of the line (--strict)"
                             ) from None
                         text = raw.decode("utf-8", "replace")
-                        self.counts["invalid_utf8"] += 1
-                        self.invalid_utf8[path] += 1
+                        if invalid != lineno:  # once per line, however many pieces
+                            self.counts["invalid_utf8"] += 1
+                            self.invalid_utf8[path] += 1
+                            invalid = lineno
                     if not text.strip():
+                        if piece:  # whitespace inside a long line
+                            continue
                         self.counts["blank"] += 1
                         if lines:
-                            yield file_index, first, lines, size
-                            lines, size = [], 0
-                    elif jsonl:
-                        yield file_index, lineno, [text], len(raw)
-                    else:
-                        if lines and size >= max_doc_bytes:
-                            self.counts["documents_split"] += 1
-                            yield file_index, first, lines, size
-                            lines, size = [], 0
-                        if not lines:
-                            first = lineno
-                        lines.append(text)
-                        size += len(raw)
+                            yield file_index, first, lines, continued, size
+                            lines, continued, size = [], [], 0
+                        continue
+                    if piece and sent != lineno:  # the line's first pieces were blank: it is no blank line
+                        self.counts["blank"] -= 1
+                    if jsonl:
+                        yield file_index, lineno, [text], [], len(raw)
+                        continue
+                    if lines and size >= max_doc_bytes:
+                        self.counts["documents_split"] += 1
+                        yield file_index, first, lines, continued, size
+                        lines, continued, size = [], [], 0
+                    if not lines:
+                        first = lineno
+                    if piece and sent == lineno:
+                        continued.append(len(lines))
+                    lines.append(text)
+                    size += len(raw)
+                    sent = lineno
             except (OSError, EOFError, zlib.error) as e:
                 self._corrupt(path, lineno, e)
             if lines:
-                yield file_index, first, lines, size
+                yield file_index, first, lines, continued, size
 
     def _corrupt(self, path, lineno, error):
         if self.config.strict:
             raise PrepareError(f"{path}:{lineno + 1}: corrupt or truncated compressed file ({error}) (--strict)")
-        self.counts["corrupt_files"] += 1
+        self.note("corrupt_files", f"{path}:{lineno + 1} ({error})")
 
 
 # ----------------------------------------------------------------------------- workers
@@ -345,6 +553,7 @@ def _init_worker_from_file(path):
 
 
 def _document_lines(path, jsonl, first, lines, counts, strict):
+    """The text lines of a document; None (the reason counted) for a JSON line that holds none."""
     if not jsonl:
         return lines
     try:
@@ -353,45 +562,66 @@ def _document_lines(path, jsonl, first, lines, counts, strict):
         if strict:
             raise PrepareError(f"{path}:{first}: malformed JSON ({e.msg} at column {e.colno}) (--strict)") from None
         counts["malformed_json"] += 1
-        return []
+        return None
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         if strict:
             raise PrepareError(f"{path}:{first}: no string field 'text' (--strict)")
         counts["no_text_field"] += 1
-        return []
+        return None
     return obj["text"].splitlines()
 
 
+# Why an input line with no sentence kept is dropped, by how far it got: nothing left after cleaning,
+# sentences all too short, sentences that got no token.
+_LINE_LEVELS = ("empty_after_cleaning", "short_lines", "no_token_lines")
+
+
 def _clean_chunk(docs):
-    """Sentences of a chunk: (sentences, document index of each sentence, counts)."""
+    """Clean and split a chunk: ``(sentences, owner, source, levels, not_documents, counts)``.
+
+    ``owner``: the document of each sentence; ``source``: the input line (a .txt line or a JSON
+    line) of each sentence, an index into ``levels`` (-1 for a piece of a line that began in an
+    earlier chunk, which counts it); ``levels``: per input line, how far it got (``_LINE_LEVELS``)
+    should none of its sentences get a token; ``not_documents``: JSON lines without a document.
+    """
     config, files = _STATE["config"], _STATE["files"]
     counts = Counter()
-    sentences, owner = [], []
-    for d, (file_index, first, lines) in enumerate(docs):
+    sentences, owner, source, levels = [], [], [], []
+    not_documents, line = 0, -1
+    for d, (file_index, first, lines, continued) in enumerate(docs):
         path = files[file_index]
         jsonl = _input_kind(path) == "jsonl"
-        doc_sentences = 0
-        for line in _document_lines(path, jsonl, first, lines, counts, config.strict):
+        text_lines = _document_lines(path, jsonl, first, lines, counts, config.strict)
+        if text_lines is None:
+            not_documents += 1
+            continue
+        if jsonl:
+            levels.append(0)
+            line = len(levels) - 1
+        continued = set(continued)
+        for i, text in enumerate(text_lines):
+            if not jsonl and i not in continued:
+                levels.append(0)
+                line = len(levels) - 1
             if config.t2s:
-                converted = to_simplified(line)
-                counts["t2s"] += converted != line
-                line = converted
-            text, removed = clean_line(line)
+                converted = to_simplified(text)
+                counts["t2s"] += converted != text
+                text = converted
+            text, removed = clean_line(text)
             counts["control_chars"] += removed > 0
             if not text:
-                counts["empty_after_cleaning"] += not jsonl
                 continue
             pieces, long_sentences, hard_cuts = split_sentences(text, config.max_sentence_chars)
             kept = [p for p in pieces if len(p) >= config.min_chars]
             counts["long_lines"] += long_sentences
             counts["hard_cuts"] += hard_cuts
             counts["too_short"] += len(pieces) - len(kept)
-            counts["lines_kept"] += bool(kept) and not jsonl
+            if line >= 0:
+                levels[line] = max(levels[line], 2 if kept else 1)
             sentences.extend(kept)
-            doc_sentences += len(kept)
-        owner.extend([d] * doc_sentences)
-        counts["lines_kept"] += jsonl and doc_sentences > 0
-    return sentences, owner, counts
+            owner.extend([d] * len(kept))
+            source.extend([line] * len(kept))
+    return sentences, owner, source, levels, not_documents, counts
 
 
 def _vocab_chunk(docs):
@@ -401,7 +631,7 @@ def _vocab_chunk(docs):
 def _process_chunk(docs):
     """Token ids, word starts, tokens per sentence, sentences per document, counts of one chunk."""
     tokenizer, segmenter = _STATE["tokenizer"], _STATE["segmenter"]
-    sentences, owner, counts = _clean_chunk(docs)
+    sentences, owner, source, levels, not_documents, counts = _clean_chunk(docs)
     text = "\n".join(sentences)
     ids, starts, word_start, mismatches = tokenizer.encode_words(text, segmenter.boundaries(text))
     lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
@@ -411,8 +641,15 @@ def _process_chunk(docs):
     )
     keep = tokens_per_sentence > 0
     sentences_per_doc = np.bincount(np.asarray(owner, dtype=np.int64)[keep], minlength=len(docs))
+    kept_lines = np.zeros(len(levels), dtype=bool)
+    kept_source = np.asarray(source, dtype=np.int64)[keep]
+    kept_lines[kept_source[kept_source >= 0]] = True
+    levels = np.asarray(levels, dtype=np.int64)
+    counts["lines_kept"] += int(np.count_nonzero(kept_lines))
+    for level, reason in enumerate(_LINE_LEVELS):
+        counts[reason] += int(np.count_nonzero(~kept_lines & (levels == level)))
     counts["no_tokens"] += int(np.count_nonzero(~keep))
-    counts["empty_documents"] += int(np.count_nonzero(sentences_per_doc == 0))
+    counts["empty_documents"] += int(np.count_nonzero(sentences_per_doc == 0)) - not_documents
     counts["word_mismatches"] += mismatches
     counts["unk_tokens"] += int(np.count_nonzero(ids == tokenizer.unk_id))
     dtype = token_dtype(tokenizer.vocab_size)
@@ -504,9 +741,12 @@ def _differences(old, new):
 
 
 def _remove_shards(output_dir, first):
-    """Delete shard files numbered ``first`` and up (complete or not) and meta.json."""
+    """Delete shard files numbered ``first`` and up (complete or not), meta.json and summary.json."""
     for name in os.listdir(output_dir):
-        if name.startswith("shard-") and name[6:11].isdigit() and int(name[6:11]) >= first or name == META_FILE:
+        if name.startswith("shard-") and name[6:11].isdigit() and int(name[6:11]) >= first or name in (
+            META_FILE,
+            SUMMARY_FILE,
+        ):
             os.remove(os.path.join(output_dir, name))
 
 
@@ -612,7 +852,8 @@ def prepare_corpus(
         raise PrepareError(f"{user_dict}: no such user dictionary")
     if t2s:
         to_simplified("")  # fail now, not in a worker, when OpenCC is missing
-    files = find_inputs(inputs)
+    skipped = []
+    files = find_inputs(inputs, skipped)
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     if overwrite:
@@ -661,6 +902,8 @@ def prepare_corpus(
     extra = {"vocab_sha256": vocab_sha256, "settings_sha256": settings_sha256, "token_dtype": dtype.str}
 
     reader = _Reader(files, config)
+    for reason, entry in skipped:
+        reader.note(reason, entry)
     headers = list(complete)
     tail_counts = Counter()
     total_bytes = sum(os.path.getsize(p) for p in files)
@@ -701,6 +944,7 @@ def prepare_corpus(
     for header in headers:
         counts.update(header["counts"])
     counts.update(tail_counts)
+    report = _report(len(files), total_bytes, headers, counts, reader.named, dict(reader.invalid_utf8))
     summary = PrepareSummary(
         output_dir=output_dir,
         files=len(files),
@@ -713,6 +957,7 @@ def prepare_corpus(
         counts=dict(sorted(counts.items())),
         invalid_utf8_by_file=dict(reader.invalid_utf8),
         seconds=time.perf_counter() - started,
+        report=report,
     )
     meta = dict(
         format=FORMAT,
@@ -730,6 +975,7 @@ def prepare_corpus(
         counts=summary.counts,
         invalid_utf8_by_file=summary.invalid_utf8_by_file,
     )
+    write_json_atomic(os.path.join(output_dir, SUMMARY_FILE), report)
     write_json_atomic(os.path.join(output_dir, META_FILE), meta)
     return summary
 
@@ -775,14 +1021,21 @@ def _parser():
     )
     p.add_argument(
         "inputs",
-        nargs="+",
+        nargs="*",
         metavar="INPUT",
         help=".txt (one sentence or paragraph a line, a blank line between documents), .jsonl "
         "(one document a line in a 'text' field), .gz of either, directories (searched for those) "
         "or quoted globs",
     )
-    p.add_argument("--output", required=True, help="shard directory to write (created; vocab.txt is copied into it)")
-    v = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--output", help="shard directory to write (created; vocab.txt is copied into it); required")
+    p.add_argument(
+        "--verify",
+        nargs="+",
+        metavar="DIR",
+        help="only check shard directories: sizes, index, ids and every file's sha256 (exit 0 all good, "
+        "2 naming the shard file otherwise)",
+    )
+    v = p.add_mutually_exclusive_group()
     v.add_argument(
         "--vocab",
         help="vocab.txt in bert-base-chinese's format (e.g. a released model's), or a model directory (its "
@@ -826,9 +1079,35 @@ def _parser():
     return p
 
 
+def verify_main(directories):
+    """``--verify DIR ...``: open every shard directory with all checks and checksums; prints one
+    line a directory (its shards, bytes and seconds), or one error line naming the file. Returns
+    the exit status: 0 all good, 2 a problem."""
+    for directory in directories:
+        started = time.perf_counter()
+        try:
+            shards = open_shards(directory, check_tokens=True, check_checksums=True)
+        except ShardError as e:
+            print(f"lub_fast.prepare: error: {e}", file=sys.stderr)
+            return 2
+        size = sum(os.path.getsize(path) for shard in shards.shards for path in shard.paths.values())
+        print(
+            f"{directory}: {len(shards.shards)} shards, {shards.num_tokens:,} tokens, {size / 1e9:.2f} GB: "
+            f"sizes, index, ids and sha256 checksums good in {time.perf_counter() - started:.1f} s"
+        )
+    return 0
+
+
 def main(argv=None):
     """CLI entry point; returns the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.verify:
+        if args.inputs or args.output:
+            parser.error("--verify DIR checks shard directories: give no INPUT and no --output")
+        return verify_main(args.verify)
+    if not args.inputs or not args.output:
+        parser.error("INPUT and --output are required (or --verify DIR)")
     try:
         summary = prepare_corpus(
             args.inputs,

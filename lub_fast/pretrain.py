@@ -87,6 +87,7 @@ class DataSection:
     build_vocab: int = option(8000, "raw text without a vocab: WordPiece vocabulary size to build")
     segmenter: Literal["jieba", "rjieba", "none"] = option("jieba", "raw text: word segmenter for whole-word masking")
     prepare_workers: int = option(1, "raw text: parallel processes for preparing")
+    verify: bool = option(True, "check the shards' sha256 checksums at start (each rank a share); false if verified")
 
 
 @dataclass(frozen=True)
@@ -687,7 +688,9 @@ def run(cfg: PretrainConfig, resume: str | None = None, demo: bool = False) -> d
     pair = cfg.pair
     common = dict(max_seq_len=cfg.data.max_seq_len, pair=pair, short_seq_prob=cfg.data.short_seq_prob, seed=cfg.data.seed)
     try:
-        dataset = PretrainDataset(shard_dirs, rank=env.rank, world_size=env.world_size, **common)
+        dataset = PretrainDataset(
+            shard_dirs, rank=env.rank, world_size=env.world_size, verify_checksums=cfg.data.verify, **common
+        )
     except ValueError as error:  # ShardError included
         raise PretrainError(f"--data.data {', '.join(shard_dirs)}: {error}") from None
     vocab_path = dataset.vocab_path
@@ -701,7 +704,7 @@ def run(cfg: PretrainConfig, resume: str | None = None, demo: bool = False) -> d
     batches = make_batches(dataset, collator, cfg.data.batch_size, cfg.data.num_workers)
     eval_fn = None
     if eval_dirs:
-        eval_set = _eval_dataset(eval_dirs, common)
+        eval_set = _eval_dataset(eval_dirs, common, verify_checksums=cfg.data.verify and main)
         eval_collator = MaskingCollator(dataclasses.replace(masking, seed=cfg.data.seed + 1))
         eval_fn = make_eval_fn(eval_set, eval_collator, cfg.data.batch_size, cfg.data.eval_batches)
     elif main:
@@ -725,7 +728,7 @@ def run(cfg: PretrainConfig, resume: str | None = None, demo: bool = False) -> d
     return summary
 
 
-def _eval_dataset(eval_dirs, common: dict):
+def _eval_dataset(eval_dirs, common: dict, verify_checksums: bool):
     """The held-out dataset. Next-sentence prediction takes the second segment of half the examples
     from another document, so held-out data of one document is an error here, before training (its
     NSP accuracy would measure nothing), with what to do."""
@@ -741,7 +744,7 @@ def _eval_dataset(eval_dirs, common: dict):
                 "held-out documents (more raw text, a lower --data.holdout_every, or --data.eval_data), or --data.pair=none"
             )
     try:
-        return PretrainDataset(eval_dirs, rank=0, world_size=1, shuffle=False, **common)
+        return PretrainDataset(eval_dirs, rank=0, world_size=1, shuffle=False, verify_checksums=verify_checksums, **common)
     except ValueError as error:  # ShardError included
         raise PretrainError(f"--data.eval_data {', '.join(eval_dirs)}: {error}") from None
 

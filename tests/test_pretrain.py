@@ -523,3 +523,19 @@ def test_pretrain_demo_exports_a_model_transformers_loads(tmp_path, monkeypatch,
         got = ours(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+def test_pretrain_stops_at_a_corrupt_shard_unless_told_it_is_verified(data, tmp_path, capsys):
+    copy = tmp_path / "train"
+    shutil.copytree(data["train"], copy)
+    path = copy / "shard-00000.ids"
+    raw = bytearray(path.read_bytes())
+    raw[0] ^= 1  # the lowest bit of an id below 3000: still valid, only the checksum sees it
+    path.write_bytes(bytes(raw))
+    args = ["--recipe", "roberta", "--data", copy, "--steps", "2", *TINY]
+    capsys.readouterr()
+    code = pretrain.main([str(a) for a in [*args, "--output", tmp_path / "a"]])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, (code, err[-2000:])
+    assert f"{path}: sha256" in err, err
+    assert pretrain.main([str(a) for a in [*args, "--data.verify=false", "--output", tmp_path / "b"]]) == 0

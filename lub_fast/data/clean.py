@@ -11,6 +11,13 @@ Invalid UTF-8 policy (the reader in ``lub_fast.prepare`` applies it): by default
 sequence decodes to U+FFFD, which cleaning then removes, and the line is counted per file; strict
 mode stops with ``file:line``.
 
+Encoding of a file (``sniff_encoding``, on its first 8 KiB): UTF-16 and UTF-32 with a byte-order
+mark, and UTF-16 without one (NUL bytes, mostly at even or at odd positions, and the sample decodes
+to text as UTF-16 but not as UTF-8), are decoded; a file is binary when at least 5% of the sample are NUL or other C0
+control bytes that text does not hold (random or compressed bytes hold about 10%, any 8-bit or
+UTF-8 text almost none); anything else is read as UTF-8, so a stray NUL in a text file is a
+control character like the others (removed and counted) and a GBK file is text with invalid UTF-8.
+
 Long lines are split into sentences at Chinese sentence punctuation (。！？!? and ellipses, with
 closing quotes and brackets kept on the sentence they close); a sentence still longer than the limit
 is split at clause punctuation (；;，,：:) into pieces packed up to the limit, and a clause longer
@@ -25,10 +32,21 @@ import functools
 import re
 import sys
 import unicodedata
+from collections import Counter
 
 # Sentence-final punctuation (a run of it ends one sentence) and the closers that stay with it.
 _SENTENCE_END = re.compile(r"(?:[。！？!?]+|…+|\.{3,})[”’\"'」』）)》〉】〕\]]*")
 _CLAUSE_END = re.compile(r"[；;，,：:]+")
+
+
+def _utf8_any(chars):
+    return b"(?:" + b"|".join(re.escape(ch.encode()) for ch in chars) + b")"
+
+
+# _SENTENCE_END on UTF-8 bytes (UTF-8 is self-synchronising: a match starts and ends between characters).
+_SENTENCE_END_UTF8 = re.compile(
+    b"(?:" + _utf8_any("。！？!?") + b"+|" + _utf8_any("…") + b"+|\\.{3,})" + _utf8_any("”’\"'」』）)》〉】〕]") + b"*"
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -103,9 +121,66 @@ def split_sentences(text, max_chars):
     return [s for s in stripped if s], long_sentences, hard_cuts
 
 
-def looks_binary(head):
-    """True when the first bytes of a (decompressed) file hold a NUL byte: binary, or UTF-16/32."""
-    return b"\x00" in head
+def last_sentence_end(raw):
+    """Byte offset just after the last sentence end (punctuation and closers) that ends before the
+    end of the UTF-8 bytes ``raw``; 0 when there is none. Where to cut a piece of an over-long line."""
+    for window in (1 << 16, len(raw)):
+        end = 0
+        for m in _SENTENCE_END_UTF8.finditer(raw, max(0, len(raw) - window)):
+            if m.end() < len(raw):
+                end = m.end()
+        if end or window >= len(raw):
+            return end
+    return 0
+
+
+# NUL and the C0 controls but tab, LF, VT, FF, CR and ESC: bytes that text almost never holds.
+_BINARY_BYTES = bytes(b for b in range(32) if b not in b"\t\n\v\f\r\x1b")
+BINARY_SHARE = 0.05
+_BOMS = (  # UTF-32's marks first: UTF-32-LE's begins with UTF-16-LE's
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
+
+
+def _bad_share(sample, encoding):
+    """Share of the sample's characters that do not decode, are controls (tab, LF, CR aside),
+    unassigned, private-use or surrogates: what text decoded with the wrong codec is full of."""
+    unit = 4 if encoding.startswith("utf-32") else 2 if encoding.startswith("utf-16") else 1
+    text = sample[: len(sample) // unit * unit].decode(encoding, "replace")
+    bad = sum(
+        n
+        for ch, n in Counter(text).items()
+        if ch == "\ufffd" or ch not in "\t\n\r" and unicodedata.category(ch) in ("Cc", "Cn", "Co", "Cs")
+    )
+    return bad / max(len(text), 1)
+
+
+def sniff_encoding(head):
+    """The encoding of a (decompressed) file from its first bytes: ``(encoding, why)``.
+
+    ``encoding`` is a Python codec name ("utf-8"; "utf-16" or "utf-32" after a byte-order mark,
+    which the codec consumes; "utf-16-le" or "utf-16-be" without one) or None for a binary file.
+    UTF-16 without a mark: at least 0.5% NUL bytes (ASCII has one a character, Chinese text one a
+    line and one for each U+xx00 character such as 一), the endianness that decodes with fewer bad
+    characters (controls, unassigned: a newline read backwards is the unassigned U+0A00), at most
+    1% of them, and at least 5% decoded as UTF-8. ``why``
+    says in a few words how it was recognised, for the summary ("" for plain UTF-8).
+    """
+    for bom, encoding in _BOMS:
+        if head.startswith(bom) and _bad_share(head, encoding) <= 0.01:
+            return encoding, f"{encoding.upper()} with a byte-order mark"
+    nul = head.count(0)
+    if nul >= max(2, len(head) // 200):
+        share, encoding = min((_bad_share(head, e), e) for e in ("utf-16-le", "utf-16-be"))
+        if share <= 0.01 and _bad_share(head, "utf-8") >= 0.05:
+            return encoding, f"{encoding.upper()} without a byte-order mark ({nul} NUL bytes in the first {len(head)})"
+    binary = len(head) - len(head.translate(None, _BINARY_BYTES))
+    if binary and binary >= BINARY_SHARE * len(head):
+        return None, f"binary file: {binary} of the first {len(head)} bytes are NUL or control bytes"
+    return "utf-8", ""
 
 
 @functools.lru_cache(maxsize=1)

@@ -143,6 +143,10 @@ class PretrainDataset:
     ``word_start`` bool ``[T]`` ([CLS]/[SEP] and each segment's first token are word starts),
     ``index`` (int, the global example index ``rank + world_size * i``, the masking key) and, with
     pairs, ``sentence_order_label`` or ``next_sentence_label`` (int). ``T <= max_seq_len``.
+
+    ``verify_checksums``: compare the sha256 of every file of every ``world_size``-th shard from
+    ``rank`` on (all shards with one rank) with its header, so that corruption that leaves valid ids
+    stops the run (``ShardError``) before it trains on it.
     """
 
     def __init__(
@@ -157,6 +161,7 @@ class PretrainDataset:
         world_size=1,
         shuffle=True,
         check_tokens=True,
+        verify_checksums=True,
     ):
         if pair not in PAIRS:
             raise ValueError(f"pair must be one of {PAIRS}, got {pair!r}")
@@ -182,6 +187,9 @@ class PretrainDataset:
         self.world_size = world_size
         self.shuffle = shuffle
         self.shards = [shard for s in sets for shard in s.shards]
+        if verify_checksums:  # this rank's share: the ranks together hash the corpus once
+            for shard in self.shards[rank::world_size]:
+                shard.verify_checksums()
         self.vocab_path = sets[0].vocab_path
         vocab = read_vocab(self.vocab_path)
         self.vocab_size = len(vocab)

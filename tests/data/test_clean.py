@@ -1,8 +1,9 @@
 import random
 
+import numpy as np
 import pytest
 
-from lub_fast.data.clean import clean_line, looks_binary, split_sentences, to_simplified
+from lub_fast.data.clean import clean_line, last_sentence_end, sniff_encoding, split_sentences, to_simplified
 
 
 def test_clean_line_removes_controls_bom_zero_width():
@@ -58,11 +59,40 @@ def test_split_sentences_ten_megabyte_line():
     assert (long_sentences, hard_cuts) == (1, 3_000_000 // 256), (long_sentences, hard_cuts)
 
 
-def test_looks_binary():
-    assert looks_binary(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
-    assert looks_binary("text 中文".encode("utf-16-le"))
-    assert not looks_binary("中文\n".encode("utf-8"))
-    assert not looks_binary("中文\n".encode("gbk"))
+def test_sniff_encoding_binary_only_by_measure():
+    png = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 10
+    assert sniff_encoding(png)[0] is None and "binary file" in sniff_encoding(png)[1]
+    assert sniff_encoding(np.random.default_rng(0).bytes(8192))[0] is None, "random (compressed) bytes are binary"
+    text = ("中文的一行。\n" * 400).encode()
+    stray = text[:3000] + b"\x00" + text[3000:]
+    assert sniff_encoding(stray) == ("utf-8", ""), "a stray NUL is a control character, not a binary file"
+    assert sniff_encoding(b"\x00" * 20 + text[:8000]) == ("utf-8", "")
+    assert sniff_encoding("中文\n".encode("gbk")) == ("utf-8", ""), "GBK is text with invalid UTF-8"
+    assert sniff_encoding(b"") == ("utf-8", "")
+
+
+@pytest.mark.parametrize(
+    "encoding, data, expected",
+    [
+        ("utf-16", "第一行。\nsecond line\n" * 200, "utf-16"),
+        ("utf-16-le", "中文的第一行。\n第二行！\n" * 200, "utf-16-le"),
+        ("utf-16-be", "中文的第一行。\n第二行！\n" * 200, "utf-16-be"),
+        ("utf-16-le", "ASCII only text\n" * 200, "utf-16-le"),
+        ("utf-32", "第一行。\n" * 200, "utf-32"),
+    ],
+)
+def test_sniff_encoding_utf16(encoding, data, expected):
+    got, why = sniff_encoding(data.encode(encoding)[:8192])
+    assert got == expected, (got, why)
+    assert data[:500] == data.encode(encoding)[:8192].decode(got, "replace")[:500]
+
+
+def test_last_sentence_end_bytes():
+    raw = "第一句。”第二句！？第三……第四".encode()
+    end = last_sentence_end(raw)
+    assert raw[:end].decode() == "第一句。”第二句！？第三……", raw[:end].decode()
+    assert last_sentence_end("没有标点的句子".encode()) == 0
+    assert last_sentence_end("结尾。".encode()) == 0, "a sentence end at the very end is no cut"
 
 
 def test_to_simplified():

@@ -206,3 +206,28 @@ def test_dataset_rejects_shards_of_another_vocabulary(tmp_path, prepared_dir, co
     one, both = PretrainDataset(prepared_dir), PretrainDataset([prepared_dir, prepared_dir])
     assert both.counts["documents"] == 2 * one.counts["documents"]
     assert abs(len(both) - 2 * len(one)) < 0.1 * len(one), "shards differ only in their short-target draws"
+
+
+def _flip_bit(path, byte, bit=0):
+    with open(path, "r+b") as f:
+        f.seek(byte)
+        value = f.read(1)[0]
+        f.seek(byte)
+        f.write(bytes([value ^ (1 << bit)]))
+
+
+@pytest.mark.parametrize("kind, byte", [("ids", 0), ("wstart", 3)])
+def test_dataset_verifies_checksums_of_its_share_of_shards(tmp_path, prepared_dir, kind, byte):
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(prepared_dir, copy)
+    path = copy / f"shard-00001.{kind}"
+    _flip_bit(path, byte)  # the lowest bit of an id below 6000 keeps it valid
+    open_shards(copy)  # sizes, index and id ranges cannot see it
+    with pytest.raises(ShardError, match=rf"shard-00001\.{kind}: sha256 .* differs from shard-00001\.json's"):
+        PretrainDataset(copy, max_seq_len=64)
+    assert len(PretrainDataset(copy, max_seq_len=64, verify_checksums=False)) > 0
+    PretrainDataset(copy, max_seq_len=64, rank=0, world_size=2)  # rank 0 hashes shards 0, 2, ...
+    with pytest.raises(ShardError, match=rf"shard-00001\.{kind}"):
+        PretrainDataset(copy, max_seq_len=64, rank=1, world_size=2)

@@ -128,17 +128,37 @@ def test_prepare_binary_file_dropped_or_strict_error(tmp_path, vocab_path, real_
         _run(tmp_path, [binary, text], vocab_path, "strict", strict=True)
 
 
-def test_prepare_ten_megabyte_line(tmp_path, vocab_path):
+def test_prepare_ten_megabyte_line_is_one_line_read_in_pieces(tmp_path, vocab_path):
     tail = 2_450_000  # characters without any punctuation: cut every 256
     line = ("中华人民共和国成立了" * 5 + "。") * 20_000 + "无标点的长句子" * (tail // 7)
     (tmp_path / "long.txt").write_text(line + "\n", encoding="utf-8")
     assert os.path.getsize(tmp_path / "long.txt") > 10_000_000
     summary = _run(tmp_path, [tmp_path / "long.txt"], vocab_path)
-    pieces = -(-tail // 256)
-    assert summary.sentences == 20_000 + pieces
-    assert (summary.counts["long_lines"], summary.counts["hard_cuts"]) == (1, pieces - 1)
+    c = summary.counts
+    assert (c["lines_read"], c["lines_kept"]) == (1, 1), c
+    assert summary.tokens == len(line), "every character is one token: nothing is lost between the pieces"
+    # The tail is read in 1 MiB pieces cut between characters, each then cut every 256 characters.
+    assert -(-tail // 256) <= summary.sentences - 20_000 <= -(-tail // 256) + 8, summary.sentences
     shards = open_shards(summary.output_dir)
     assert max(int(np.diff(s.sentence_offsets).max()) for s in shards.shards) <= 256
+
+
+def test_prepare_long_line_pieces_end_at_sentences_and_stay_small(tmp_path):
+    sentence = "中华人民共和国成立了，人民站起来了。"
+    line = sentence * 20_000  # 1 MB
+    path = tmp_path / "long.txt"
+    path.write_text("第一行。\n" + line + "\n最后一行。\n", encoding="utf-8")
+    config = prepare.PrepareConfig(chunk_kb=64)
+    reader = prepare._Reader([str(path)], config)
+    chunks = list(reader.chunks())
+    pieces = [(line_text, i in continued) for chunk in chunks for _, _, lines, continued in chunk.docs
+              for i, line_text in enumerate(lines)]
+    sizes = [sum(len(t.encode()) for _, _, lines, _ in chunk.docs for t in lines) for chunk in chunks]
+    assert max(sizes) <= 2 * 64 * 1024, f"chunk bytes {max(sizes)}: memory is bounded by the chunk size"
+    assert reader.counts["lines_read"] == 3
+    assert [p[1] for p in pieces].count(False) == 3, "one first piece per line"
+    assert "".join(t for t, _ in pieces[1:-1]) == line + "\n"
+    assert len(pieces) > 10 and all(t.rstrip().endswith("。") for t, _ in pieces[1:-1]), "pieces end at sentence ends"
 
 
 def test_prepare_gbk_text_replaced_and_counted_or_strict_error(tmp_path, vocab_path):
@@ -169,6 +189,7 @@ def test_prepare_malformed_jsonl(tmp_path, vocab_path):
     assert (summary.documents, summary.sentences) == (2, 4)
     c = summary.counts
     assert (c["malformed_json"], c["no_text_field"], c["blank"], c["lines_kept"]) == (1, 3, 1, 2), c
+    assert c["lines_read"] == 7 and c.get("empty_documents", 0) == 0, "a JSON line without text is no empty document"
     with pytest.raises(PrepareError, match=r"docs\.jsonl:2: malformed JSON"):
         _run(tmp_path, [path], vocab_path, "strict", strict=True)
 
@@ -201,6 +222,11 @@ def test_prepare_truncated_gzip(tmp_path, vocab_path, real_lines):
     summary = _run(tmp_path, [tmp_path / "cut.txt.gz"], vocab_path)
     assert summary.counts["corrupt_files"] == 1
     assert 0 < summary.counts["lines_read"] < 200
+    report = _summary_json(summary)
+    _assert_lines_add_up(report)
+    (entry,) = report["named"]["corrupt_files"]["first"]
+    assert entry.startswith(f"{tmp_path / 'cut.txt.gz'}:") and "ended before the end-of-stream marker" in entry, entry
+    assert f"corrupt compressed files (rest of the file skipped) 1: {entry}" in summary.format()
     with pytest.raises(PrepareError, match=r"cut\.txt\.gz:\d+: corrupt or truncated compressed file"):
         _run(tmp_path, [tmp_path / "cut.txt.gz"], vocab_path, "strict", strict=True)
 
@@ -212,6 +238,7 @@ def test_prepare_line_longer_than_read_limit(tmp_path, vocab_path, monkeypatch):
     summary = _run(tmp_path, [tmp_path / "wide.txt"], vocab_path)
     assert summary.counts.get("invalid_utf8", 0) == 0
     assert summary.tokens == len(text) + 4
+    assert (summary.counts["lines_read"], summary.counts["lines_kept"]) == (2, 2), summary.counts
 
 
 def test_prepare_user_dict_and_t2s(tmp_path, vocab_path):
@@ -267,3 +294,179 @@ def test_prepare_cli(tmp_path, vocab_path, corpus_path, capsys):
         "--overwrite",
     ):
         assert option in help_text, option
+
+
+PRETRAIN_CORPUS = "/work/shared/data/pretrain_corpus"
+
+
+def _summary_json(summary):
+    with open(os.path.join(summary.output_dir, "summary.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _assert_lines_add_up(report):
+    dropped = sum(report["lines_dropped"].values())
+    assert report["lines_read"] == report["lines_kept"] + dropped, (
+        f"{report['lines_read']} read != {report['lines_kept']} kept + {dropped} dropped {report['lines_dropped']}"
+    )
+
+
+def test_prepare_stray_nul_is_removed_and_counted_not_binary(tmp_path, vocab_path, real_lines):
+    lines = real_lines[:1200]
+    data = ("\n".join(lines) + "\n").encode()
+    cut = data.index(b"\n", 2000)
+    path = tmp_path / "nul.txt"
+    path.write_bytes(data[:cut] + b"\x00" + data[cut:])
+    summary = _run(tmp_path, [path], vocab_path)
+    report = _summary_json(summary)
+    assert report["named"]["binary_files"]["count"] == 0
+    assert report["lines_read"] == 1200 and report["lines_kept"] >= 1190, report
+    assert summary.counts["control_chars"] == 1
+    _assert_lines_add_up(report)
+    alone = prepare_corpus([path], str(tmp_path / "bv"), build_vocab=2000, segmenter="rjieba")
+    assert alone.documents == 1 and alone.tokens > 30_000, "the file alone is a corpus with text"
+
+
+def test_prepare_binary_file_named_in_summary(tmp_path, vocab_path, real_lines, write_documents):
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(np.random.default_rng(0).bytes(20_000))
+    text = write_documents(tmp_path / "text.txt", real_lines[:5])
+    summary = _run(tmp_path, [binary, text], vocab_path)
+    named = _summary_json(summary)["named"]["binary_files"]
+    assert named["count"] == 1 and named["first"][0].startswith(f"{binary} (binary file: "), named
+    assert f"binary files skipped 1: {binary} (binary file" in summary.format()
+
+
+def test_prepare_utf16_files_decoded_and_named(tmp_path, vocab_path, real_lines):
+    text = "\n".join(real_lines[:300]) + "\n"
+    (tmp_path / "utf8.txt").write_bytes(text.encode())
+    (tmp_path / "bom.txt").write_bytes(text.encode("utf-16"))
+    (tmp_path / "le.txt").write_bytes(text.encode("utf-16-le"))
+    (tmp_path / "be.txt").write_bytes(text.encode("utf-16-be"))
+    reference = open_shards(_run(tmp_path, [tmp_path / "utf8.txt"], vocab_path, "utf8").output_dir)
+    for name in ("bom", "le", "be"):
+        summary = _run(tmp_path, [tmp_path / f"{name}.txt"], vocab_path, name)
+        (shard,) = open_shards(summary.output_dir).shards
+        np.testing.assert_array_equal(shard.ids, reference.shards[0].ids, err_msg=name)
+        named = _summary_json(summary)["named"]["decoded_files"]
+        assert named["count"] == 1 and "UTF-16" in named["first"][0], named
+        assert summary.counts.get("invalid_utf8", 0) == 0
+    good = "".join(line + "\n" for line in real_lines[:100]).encode("utf-16-le")
+    broken = "第一行。\n".encode("utf-16-le") + b"\x00\xd8" + "坏的一行。\n".encode("utf-16-le") + good
+    (tmp_path / "surrogate.txt").write_bytes(b"\xff\xfe" + broken)
+    summary = _run(tmp_path, [tmp_path / "surrogate.txt"], vocab_path, "surrogate")
+    assert summary.invalid_utf8_by_file == {str(tmp_path / "surrogate.txt"): 1}, "a lone surrogate is counted"
+    assert summary.counts["lines_read"] == 102
+    with pytest.raises(PrepareError, match=r"surrogate\.txt:2: invalid UTF-16 at byte"):
+        _run(tmp_path, [tmp_path / "surrogate.txt"], vocab_path, "strict", strict=True)
+
+
+def test_prepare_special_files_and_broken_links_in_directory_skipped_named(tmp_path, vocab_path, real_lines):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    (inputs / "good.txt").write_text("\n".join(real_lines[:20]) + "\n", encoding="utf-8")
+    os.mkfifo(inputs / "pipe.txt")  # opening it for reading would wait for a writer forever
+    os.symlink(inputs / "gone.txt", inputs / "dangling.txt")
+    os.symlink(inputs / "loop.txt", inputs / "loop.txt")
+    summary = _run(tmp_path, [inputs], vocab_path)
+    assert summary.files == 1 and summary.counts["lines_read"] == 20
+    named = _summary_json(summary)["named"]
+    assert named["special_files"] == {"count": 1, "first": [f"{inputs / 'pipe.txt'} (a FIFO (named pipe))"]}
+    assert named["broken_links"]["count"] == 2
+    assert named["broken_links"]["first"] == [
+        f"{inputs / 'dangling.txt'} (a dangling symbolic link (to {inputs / 'gone.txt'}))",
+        f"{inputs / 'loop.txt'} (a symbolic link loop)",
+    ]
+    printed = summary.format()
+    assert "special files skipped (FIFO, socket, device) 1:" in printed and "pipe.txt" in printed
+    assert "dangling or looping symbolic links skipped 2:" in printed
+    with pytest.raises(PrepareError, match=r"pipe\.txt: a FIFO \(named pipe\), not a file to read"):
+        _run(tmp_path, [inputs / "pipe.txt"], vocab_path, "explicit")
+    with pytest.raises(PrepareError, match=r"dangling\.txt: a dangling symbolic link"):
+        _run(tmp_path, [inputs / "dangling.txt"], vocab_path, "explicit")
+
+
+def test_prepare_json_line_over_the_limit_dropped_and_named(tmp_path, vocab_path, monkeypatch):
+    monkeypatch.setattr(prepare, "LINE_LIMIT", 1000)
+    path = tmp_path / "docs.jsonl"
+    lines = [{"text": "第一篇。"}, {"text": "很长的文章。" * 200}, {"text": "第三篇。"}]
+    path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+    summary = _run(tmp_path, [path], vocab_path)
+    report = _summary_json(summary)
+    assert (report["lines_read"], report["lines_kept"], report["lines_dropped"]["long_json_lines"]) == (3, 2, 1)
+    assert report["named"]["long_json_lines"]["first"] == [f"{path}:2"]
+    with pytest.raises(PrepareError, match=r"docs\.jsonl:2: JSON line over"):
+        _run(tmp_path, [path], vocab_path, "strict", strict=True)
+
+
+def _bad_lines():
+    """Crafted lines: each is dropped, for the reason named with it (None: kept, and fixed)."""
+    return [
+        ("\x00\x01\x02", "empty_after_cleaning"),
+        ("\u200b\ufeff", "empty_after_cleaning"),
+        ("。", "short_lines"),
+        ("a", "short_lines"),
+        ("\u0301\u0301\u0301", "no_token_lines"),
+        ("  \u3000 ", "blank"),
+        ("含有\x00空字符的一行。", None),
+    ]
+
+
+@pytest.mark.skipif(not os.path.isdir(PRETRAIN_CORPUS), reason="needs /work/shared/data/pretrain_corpus")
+def test_prepare_lines_add_up_on_real_text_with_bad_lines(tmp_path, vocab_path, real_lines):
+    with open(os.path.join(PRETRAIN_CORPUS, "zhwiki_bert_sampled.txt"), encoding="utf-8") as f:
+        wiki = [next(f).rstrip("\n") for _ in range(600)]
+    bad = _bad_lines()
+    mixed = []
+    for i, line in enumerate(wiki):
+        mixed.append(line)
+        if i % 50 == 7:
+            mixed.append(bad[(i // 50) % len(bad)][0])
+    long_line = "长的句子没有换行，一直写下去。" * 3000  # 135 KB: pieces of the 8 KB chunk size
+    mixed[300:300] = [long_line, "\x01" * 20_000 + "前面只有控制字符的长行。"]
+    (tmp_path / "wiki.txt").write_text("\n".join(mixed) + "\n", encoding="utf-8")
+    with gzip.open(tmp_path / "wiki.txt.gz", "wb") as f:
+        f.write(("\n".join(mixed[:400]) + "\n").encode())
+    docs = [json.dumps({"text": t}, ensure_ascii=False) for t in real_lines[:200]]
+    docs[10:10] = ['{"text": "没有结尾', json.dumps({"title": "x"}), json.dumps({"text": ""}), "",
+                   json.dumps({"text": "。"}), json.dumps({"text": "\u0301\u0301"}), "[1]"]
+    (tmp_path / "docs.jsonl").write_text("\n".join(docs) + "\n", encoding="utf-8")
+    inputs = [tmp_path / "wiki.txt", tmp_path / "wiki.txt.gz", tmp_path / "docs.jsonl"]
+    physical = len(mixed) + 400 + len(docs)
+    one = _run(tmp_path, inputs, vocab_path, "w1", chunk_kb=8, shard_size_mb=0.02)
+    two = _run(tmp_path, inputs, vocab_path, "w2", chunk_kb=8, shard_size_mb=0.02, workers=2)
+    assert one.shards >= 2
+    _same_files(one.output_dir, two.output_dir)
+    report = _summary_json(one)
+    _assert_lines_add_up(report)
+    assert report["lines_read"] == physical, f"{report['lines_read']} lines read of {physical}"
+    d = report["lines_dropped"]
+    assert (d["malformed_json"], d["no_text_field"]) == (1, 2), d
+    for reason in ("blank", "empty_after_cleaning", "short_lines", "no_token_lines"):
+        assert d[reason] > 0, (reason, d)
+    real = sum(1 for line in wiki if line.strip()) + sum(1 for line in mixed[:400] if line in wiki and line.strip())
+    assert report["lines_kept"] >= 0.95 * real + 190, (report["lines_kept"], real)
+    assert one.counts["control_chars"] >= 2
+    printed = one.format().splitlines()
+    assert printed[1].endswith(f"from {report['lines_kept']:,} of {physical:,} lines"), printed[1]
+    assert printed[2].startswith("lines dropped: blank "), printed[2]
+
+
+def test_prepare_verify_names_the_corrupt_shard_file(tmp_path, prepared_dir, capsys):
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(prepared_dir, copy)
+    assert main(["--verify", str(copy)]) == 0
+    assert "sha256 checksums good" in capsys.readouterr().out
+    ids = np.memmap(copy / "shard-00002.ids", dtype="<u2", mode="r+")
+    ids[7] ^= 1  # still a valid id: only the checksum sees it
+    ids.flush()
+    del ids
+    assert main(["--verify", str(copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lub_fast.prepare: error: "), err
+    assert f"{copy / 'shard-00002.ids'}: sha256" in err[0], err
+    with pytest.raises(SystemExit) as e:
+        main(["--verify", str(copy), "--output", str(tmp_path / "o")])
+    assert e.value.code == 2
