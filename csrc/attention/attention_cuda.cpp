@@ -2,8 +2,8 @@
 // dispatcher registration for the kernels of attention_kernel.cu. Schemas, references, fake and
 // autograd registration live in lub_fast/ops/attention.py; inputs these kernels do not handle
 // (fp32/fp64, other head dims) are routed to the reference by attention.supports() in Python.
+#include <ATen/Context.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -127,6 +127,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const char* op, ac::Layout l,
                                                    const at::Tensor& q_in, const at::Tensor& k_in,
                                                    const at::Tensor& v_in, const at::Tensor& out_in,
                                                    const at::Tensor& lse_in) {
+  at::globalContext().alertNotDeterministic(
+      "lub_fast attention backward on CUDA (dq is summed over key tiles with fp32 atomics)");
   const at::Tensor dout = dense(dout_in);
   const at::Tensor q = dense(q_in);
   const at::Tensor k = dense(k_in);
@@ -134,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const char* op, ac::Layout l,
   const at::Tensor out = dense(out_in);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor drow = at::empty(lse.sizes(), lse.options());
-  at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+  at::Tensor dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));  // zeroed by the drow kernel
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());

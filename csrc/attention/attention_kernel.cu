@@ -30,7 +30,9 @@
 // length (query/key tiles past the end are zero-filled in shared memory and never read from global
 // memory; keys past the end are masked with -inf). Accumulation: scores, softmax statistics, O,
 // dK, dV and dQ in fp32; P and dS are rounded to the input dtype for the tensor-core products, as
-// in FlashAttention. The backward's dQ atomics make dq's rounding order nondeterministic.
+// in FlashAttention. The backward's dQ atomics make dq's rounding order nondeterministic (the
+// registration raises under torch.use_deterministic_algorithms(True)). Host side: the dynamic
+// shared-memory limit is raised once per kernel and device (cuda::reserve_dynamic_smem).
 #include "attention/attention_kernel.h"
 
 #include <cmath>
@@ -144,6 +146,8 @@ __device__ Seq sequence(const Params& p, int b, int* scan) {
   if (p.cu_seqlens != nullptr) {
     const int start = p.cu_seqlens[b];
     const int end = p.cu_seqlens[b + 1];
+    // The host checks cu_seqlens (attention.py, check_cu_seqlens); a kernel that met other bounds anyway
+    // would skip the sequence.
     const bool ok = 0 <= start && start <= end && end <= p.rows;
     s.row_base = start;
     s.len = ok ? end - start : 0;
@@ -415,6 +419,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 // ----------------------------------------------------------------------------------- backward
 
 // drow[row, head] = <dout, out> in fp32; D / 8 consecutive lanes per (row, head), 16 bytes each.
+// Each lane also zeroes its 8 elements of dq_accum (the same [rows, heads, D] index), so the main
+// kernel's atomics start from 0 without a separate memset.
 template <typename T, int D>
 __global__ void attention_bwd_drow_kernel(const __grid_constant__ Params p, float* drow) {
   constexpr int kLanes = D / 8;
@@ -423,6 +429,9 @@ __global__ void attention_bwd_drow_kernel(const __grid_constant__ Params p, floa
   const bool valid = pair < p.rows * p.heads;
   float sum = 0.0f;
   if (valid) {
+    float4* dq = reinterpret_cast<float4*>(p.dq_accum + pair * D + c * 8);
+    dq[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    dq[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.dout) + pair * D + c * 8);
     const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + pair * D + c * 8);
     const uint32_t av[4] = {a.x, a.y, a.z, a.w};
@@ -755,7 +764,7 @@ dim3 tile_grid(const Layout& l, int block) {
 
 template <typename Kernel>
 cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream, const Params& p) {
-  LUB_FAST_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  LUB_FAST_CUDA_TRY(cuda::reserve_dynamic_smem(reinterpret_cast<const void*>(kernel), smem));
   kernel<<<grid, threads, smem, stream>>>(p);
   return cudaGetLastError();
 }

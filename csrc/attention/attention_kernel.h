@@ -20,8 +20,9 @@ inline bool supported_head_dim(int64_t d) { return d == 32 || d == 64 || d == 12
 // [rows, heads, head_dim] in `dtype`, 16-byte aligned; lse and drow are fp32.
 //
 // Varlen (cu_seqlens != nullptr): rows = T tokens; sequence b is rows cu_seqlens[b] ..
-// cu_seqlens[b + 1] (int32, device memory, B + 1 entries); lse is [heads, T]. Sequences whose
-// bounds are not 0 <= start <= end <= T are skipped (the Python reference raises on them).
+// cu_seqlens[b + 1] (int32, device memory, B + 1 entries); lse is [heads, T]. cu_seqlens must
+// start at 0, be non-decreasing and end at T: attention.py checks that on the host before any call
+// (check_cu_seqlens); sequences outside 0 <= start <= end <= T would be skipped.
 // Each kernel covers max(1, ceil(max_seqlen / block)) blocks per sequence with a block-stride loop,
 // so every sequence is processed completely even if max_seqlen is too small.
 //
@@ -49,8 +50,8 @@ struct Layout {
 cudaError_t attention_fwd(const Layout& layout, const void* q, const void* k, const void* v, void* out,
                           float* lse, cudaStream_t stream);
 
-// Workspace: drow with lse's shape (fp32), dq_accum fp32 [rows, heads, D] that the caller zeroes
-// before the call. Writes dq, dk, dv [rows, heads, D] entirely.
+// Workspace: drow with lse's shape (fp32), dq_accum fp32 [rows, heads, D], 16-byte aligned, any
+// contents (the first kernel zeroes it). Writes dq, dk, dv [rows, heads, D] entirely.
 cudaError_t attention_bwd(const Layout& layout, const void* dout, const void* q, const void* k,
                           const void* v, const void* out, const float* lse, float* drow,
                           float* dq_accum, void* dq, void* dk, void* dv, cudaStream_t stream);
