@@ -16,8 +16,10 @@ enum class DType : int32_t { kFloat16 = 0, kBFloat16 = 1 };
 // Head dims with a compiled kernel.
 inline bool supported_head_dim(int64_t d) { return d == 32 || d == 64 || d == 128; }
 
-// The layout of one attention call. q, k, v, out, dout, dq, dk, dv are contiguous
-// [rows, heads, head_dim] in `dtype`, 16-byte aligned; lse and drow are fp32.
+// The layout of one attention call. out, dout, dq, dk, dv are contiguous [rows, heads, head_dim] in
+// `dtype`; q, k, v are [rows, heads, head_dim] with contiguous heads (head h of row r at
+// r * qkv_stride + h * head_dim), qkv_stride a multiple of 8 (0: heads * head_dim); every pointer
+// 16-byte aligned; lse and drow are fp32.
 //
 // Varlen (cu_seqlens != nullptr): rows = T tokens; sequence b is rows cu_seqlens[b] ..
 // cu_seqlens[b + 1] (int32, device memory, B + 1 entries); lse is [heads, T]. cu_seqlens must
@@ -36,6 +38,7 @@ struct Layout {
   int batch = 0;
   int heads = 0;
   int64_t rows = 0;
+  int64_t qkv_stride = 0;
   const int32_t* cu_seqlens = nullptr;
   int max_seqlen = 0;
   const uint8_t* key_padding_mask = nullptr;

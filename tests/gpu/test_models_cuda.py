@@ -154,7 +154,8 @@ def test_distill_cuda_low_precision_matches_cpu_fp32(data, tmp_path, precision):
         teacher=str(tmp_path / "teacher"),
         output="",
         student=distill.StudentSection(model="tiny", num_hidden_layers=1, hidden_size=128, num_attention_heads=2,
-                                       intermediate_size=256),
+                                       intermediate_size=256, hidden_dropout_prob=0.0,
+                                       attention_probs_dropout_prob=0.0),
         data=distill.DataSection(data=(str(data / "train"),), max_seq_len=64, batch_size=8),
         train=TrainConfig(total_steps=STEPS, lr=1e-3, warmup_steps=0, log_every=1, save_every=0),
     )
