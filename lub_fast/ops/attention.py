@@ -591,6 +591,26 @@ def _check_common(name, q, k, v, dropout_p, seed, offset):
 _checked_cu_seqlens = [None]
 
 
+def _cu_seqlens_error(cu_seqlens: Tensor, max_seqlen: int, total: int) -> str | None:
+    """The rule ``cu_seqlens`` breaks, or None: one reduction and one bool copied to the host."""
+    if max_seqlen < 0:
+        return f"varlen attention: max_seqlen must be >= 0; got {max_seqlen}"
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != total)
+    if lengths.numel():
+        bad = bad | (lengths < 0).any() | (lengths > max_seqlen).any()
+    if not bool(bad):
+        return None
+    cu = cu_seqlens.cpu().to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    if cu[0] != 0 or cu[-1] != total or bool((lengths < 0).any()):
+        return (
+            f"varlen attention: cu_seqlens must start at 0, be non-decreasing and end at T={total}; "
+            f"got {cu.tolist()}"
+        )
+    return f"varlen attention: max_seqlen={max_seqlen} < longest sequence {int(lengths.max())}"
+
+
 def check_cu_seqlens(cu_seqlens: Tensor, max_seqlen: int, total: int) -> None:
     """Raise ``ValueError`` unless ``cu_seqlens`` starts at 0, is non-decreasing, ends at ``total`` and
     no length exceeds ``max_seqlen`` (the reference's rules), on any device.
@@ -598,31 +618,31 @@ def check_cu_seqlens(cu_seqlens: Tensor, max_seqlen: int, total: int) -> None:
     Cost: one reduction and one device-to-host copy of a bool (a stream sync on CUDA). The encoder
     passes one ``cu_seqlens`` tensor to every layer, so the check runs once per forward: a tensor
     already checked with the same ``total`` and ``max_seqlen`` and unchanged since (its version
-    counter) is not checked again. Skipped while ``torch.compile`` traces (no host sync in a graph);
-    there the CUDA kernel stops with a device-side trap on bounds outside ``[0, T]``, and the CPU
-    kernel and the reference check as always.
+    counter) is not checked again. Under ``torch.compile`` ``varlen_attention`` runs the same check
+    inside the opaque op ``lub_fast::checked_cu_seqlens`` instead (there one sync per attention call).
     """
-    if torch.compiler.is_compiling():
-        return
     last = _checked_cu_seqlens[0]
     if last is not None and last[0]() is cu_seqlens and last[1:] == (cu_seqlens._version, total, max_seqlen):
         return
-    if max_seqlen < 0:
-        raise ValueError(f"varlen attention: max_seqlen must be >= 0; got {max_seqlen}")
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != total)
-    if lengths.numel():
-        bad = bad | (lengths < 0).any() | (lengths > max_seqlen).any()
-    if bool(bad):
-        cu = cu_seqlens.cpu().to(torch.int64)
-        lengths = cu[1:] - cu[:-1]
-        if cu[0] != 0 or cu[-1] != total or bool((lengths < 0).any()):
-            raise ValueError(
-                f"varlen attention: cu_seqlens must start at 0, be non-decreasing and end at T={total}; "
-                f"got {cu.tolist()}"
-            )
-        raise ValueError(f"varlen attention: max_seqlen={max_seqlen} < longest sequence {int(lengths.max())}")
+    error = _cu_seqlens_error(cu_seqlens, max_seqlen, total)
+    if error is not None:
+        raise ValueError(error)
     _checked_cu_seqlens[0] = (weakref.ref(cu_seqlens), cu_seqlens._version, total, max_seqlen)
+
+
+@torch.library.custom_op("lub_fast::checked_cu_seqlens", mutates_args=())
+def checked_cu_seqlens(cu_seqlens: Tensor, max_seqlen: int, total: int) -> Tensor:
+    """A copy of ``cu_seqlens`` after ``check_cu_seqlens``: the check as a graph node that
+    ``torch.compile`` keeps (its output feeds the attention op) and cannot trace into (host sync)."""
+    error = _cu_seqlens_error(cu_seqlens, max_seqlen, total)
+    if error is not None:
+        raise ValueError(error)
+    return cu_seqlens.clone()
+
+
+@checked_cu_seqlens.register_fake
+def _(cu_seqlens, max_seqlen, total):
+    return torch.empty_like(cu_seqlens)
 
 
 def varlen_attention(
@@ -657,7 +677,10 @@ def varlen_attention(
         )
     if cu_seqlens.device != q.device:
         raise ValueError(f"varlen_attention: cu_seqlens must be on {q.device} like q; got {cu_seqlens.device}")
-    check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
+    if torch.compiler.is_compiling():
+        cu_seqlens = checked_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
+    else:
+        check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
     if scale is None:
         scale = q.shape[-1] ** -0.5
     route = route_of(q, "varlen_attention_fwd")

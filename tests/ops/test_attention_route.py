@@ -197,3 +197,18 @@ def test_check_cu_seqlens_rechecks_after_in_place_change():
         attention.check_cu_seqlens(cu, 6, 5)
     with pytest.raises(ValueError, match="end at T=4"):
         attention.check_cu_seqlens(_cu_seqlens([3, 2]), 3, 4)  # same values, another T
+
+
+def test_check_cu_seqlens_under_compile_raises():
+    """A compiled graph cannot sync to the host: the check runs in the opaque op checked_cu_seqlens."""
+    q, k, v = (t.detach() for t in _qkv([3, 2], torch.float32))
+
+    def fn(q, k, v, cu):
+        return varlen_attention(q, k, v, cu, 3).sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    good = _cu_seqlens([3, 2])
+    torch.testing.assert_close(compiled(q, k, v, good), fn(q, k, v, good))
+    with pytest.raises(ValueError, match="end at T=5"):
+        compiled(q, k, v, torch.tensor([0, 3, 4], dtype=torch.int32))
+    torch.library.opcheck(attention.checked_cu_seqlens, (good, 3, 5))
