@@ -3,10 +3,9 @@
 ``compute-sanitizer --tool memcheck|racecheck|initcheck python3 tests/gpu/sanitize_kernels.py``
 (benchmarks/gpu_run.sh does this). Covers: varlen attention fwd/bwd for head dims 32/64/128, bf16
 and fp16, with and without dropout, lengths 1, 97, 0, 130, q, k, v contiguous and as views of one
-[T, 3, H, D] tensor; padded attention fwd/bwd with right
-padding and with holes; bias+GELU fwd/bwd on the vector and the scalar path; wwm_mask in every mode
-for T = 1, 97, 512 (shared-memory scratch) and 1100 (global workspace) with an empty row and rows
-not 16-byte aligned. Exits non-zero when a kernel is missing or an output is not finite.
+[T, 3, H, D] tensor; padded attention fwd/bwd with right padding and with holes; bias+GELU fwd/bwd
+on the vector and the scalar path; wwm_mask in every mode for T = 1, 97, 512 (shared-memory
+scratch) and 1100 (global workspace) with an empty row and rows not 16-byte aligned. Exits non-zero when a kernel is missing or an output is not finite.
 """
 
 import sys
