@@ -54,7 +54,14 @@ from tqdm.auto import tqdm
 
 from lub_fast.config_cli import ConfigError, describe, option, resolve_config
 from lub_fast.distill_cache import CacheError, CacheReader, CacheWriter, differences, fingerprint, indices_dtype, write_header
-from lub_fast.train import TrainConfig, init_distributed, shutdown_distributed, train
+from lub_fast.train import (
+    AMP_DTYPES,
+    TrainConfig,
+    init_distributed,
+    resolve_precision,
+    shutdown_distributed,
+    train,
+)
 
 SIZES = ("tiny", "small", "base", "large")
 EXIT_ERROR = 2
@@ -371,7 +378,7 @@ def cache_teacher(cfg: DistillConfig, teacher, batches, header: dict, env) -> di
     writer = CacheWriter(directory, env.rank, cfg.cache.flush_every)
     start, total = writer.micro_batches_done, header["micro_batches"]
     k, temperature, hidden = header["k"], header["temperature"], header["hidden"]
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision)
+    amp = AMP_DTYPES.get(resolve_precision(cfg.train.precision, env.device))
     teacher.to(env.device).eval()
     interrupted = False
     if start < total:

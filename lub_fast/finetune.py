@@ -75,7 +75,14 @@ from lub_fast.tasks.io import (
     write_ner_predictions,
 )
 from lub_fast.tasks.ner import decode_tags, encode_windows, label_ids, tags_to_spans
-from lub_fast.train import TrainConfig, init_distributed, shutdown_distributed, train
+from lub_fast.train import (
+    AMP_DTYPES,
+    TrainConfig,
+    init_distributed,
+    resolve_precision,
+    shutdown_distributed,
+    train,
+)
 
 _HEAD = {
     "classification": "sequence_classification",
@@ -713,7 +720,7 @@ def _final(config, splits, kind, best_dir, run_module, stopped_early, device) ->
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the export holds every weight of its architecture
         best = from_pretrained(best_dir).to(device)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.train.precision)
+    amp = AMP_DTYPES.get(resolve_precision(config.train.precision, device))
     report = {
         "task": config.task,
         "metric": TASKS[config.task].metric,

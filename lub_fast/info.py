@@ -42,7 +42,41 @@ def report():
         cpu = "kernel" if ops.has_kernel(name, "cpu") else "reference"
         gpu = "kernel" if ops.has_kernel(name, "cuda") else "reference"
         lines.append(f"lub_fast::{name:<24}{cpu:<12}{gpu}")
+    lines.append("")
+    lines.extend(attention_routes())
     return "\n".join(lines)
+
+
+def attention_routes(head_dims=(64, 128, 96)):
+    """The table of ``lub_fast.ops.attention.attention_route`` per device, dtype and head dim, with
+    what each route means for dropout and reproducibility."""
+    import torch
+
+    from lub_fast.ops import attention
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+    cpu = attention.built_on(torch.device("cpu"))
+    if torch.cuda.is_available():
+        cuda, note = attention.built_on(torch.device("cuda", torch.cuda.current_device())), ""
+    else:
+        flash = torch.backends.cuda.is_flash_attention_available()
+        cuda = attention.Built(lub_fast=attention._has_kernel("varlen_attention_fwd", "CUDA"), torch_flash=flash)
+        note = " (no GPU visible: as on an sm80+ GPU)"
+    lines = [f"varlen attention route{note}", (f"{'device':<16}" + "".join(f"{d:<14}" for d in dtypes)).rstrip()]
+    for device, built in (("cpu", cpu), ("cuda", cuda)):
+        for head_dim in head_dims:
+            routes = [attention.attention_route(device, dt, head_dim, built) for dt in dtypes.values()]
+            lines.append((f"{device + ' D=' + str(head_dim):<16}" + "".join(f"{r:<14}" for r in routes)).rstrip())
+    exact = [r for r in attention.ROUTES if attention.DROPOUT_EXACT[r]]
+    lines.append(
+        f"dropout: {' and '.join(exact)} follow lub_fast's counter-based masks (CPU and GPU drop the same "
+        "probabilities); torch_varlen and sdpa draw torch's own"
+    )
+    lines.append(
+        "reproducibility: the lub_fast CUDA backward adds dq with fp32 atomics (rounding order varies between "
+        "runs); under torch.use_deterministic_algorithms(True) it raises (warns with warn_only=True)"
+    )
+    return lines
 
 
 def main():

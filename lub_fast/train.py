@@ -23,7 +23,8 @@ What it is given:
 
 One optimizer step = ``grad_accum_steps`` micro-batches per rank; the loss of each is divided by
 ``grad_accum_steps`` and DDP averages over ranks, so the gradient is the mean over the global
-batch. Precision: ``fp32``; ``bf16`` autocast; ``fp16`` autocast with ``torch.amp.GradScaler``
+batch. Precision (``auto``, the default, is resolved once by ``resolve_precision``: bf16 on a CUDA
+device that supports it, else fp32): ``fp32``; ``bf16`` autocast; ``fp16`` autocast with ``torch.amp.GradScaler``
 (a step with inf/NaN gradients is skipped and the scale halved, logged as ``skipped_steps``). In
 fp32/bf16 a non-finite loss or gradient norm raises ``NonFiniteError`` naming the step and the
 ranks, before the optimizer touches the weights; checkpoints on disk stay as they were.
@@ -98,8 +99,10 @@ class TrainConfig:
 
     total_steps: int = option(1000, "optimizer steps to train for")
     grad_accum_steps: int = option(1, "micro-batches per rank per optimizer step")
-    precision: Literal["fp32", "bf16", "fp16"] = option(
-        "fp32", "fp32; bf16 autocast; fp16 autocast with loss scaling (skips inf/NaN steps)"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
+        "auto",
+        "auto: bf16 on a CUDA device that supports it, else fp32 (the resolved value goes to config.json); "
+        "fp32; bf16 autocast; fp16 autocast with loss scaling (skips inf/NaN steps)",
     )
     optimizer: Literal["adamw", "lamb"] = option(
         "adamw", "adamw (fused where torch has it) or lamb (large batches)"
@@ -132,6 +135,19 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``TrainConfig.precision`` on ``device``: ``auto`` becomes ``bf16`` on a CUDA device of compute
+    capability 8.0 or newer (bf16 tensor cores) and ``fp32`` elsewhere; other values stay."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "bf16"
+    return "fp32"
 
 
 @dataclass(frozen=True)
@@ -253,6 +269,12 @@ def train(
     dataclass, written to ``run_dir/config.json`` (default: ``config``).
     """
     env = init_distributed(config.device)
+    precision = resolve_precision(config.precision, env.device)
+    if precision != config.precision:  # chosen once; config.json and the checkpoints record the choice
+        logger.info("train.precision auto -> %s on %s", precision, env.device)
+        if run_config is not None and getattr(run_config, "train", None) == config:
+            run_config = dataclasses.replace(run_config, train=dataclasses.replace(config, precision=precision))
+        config = dataclasses.replace(config, precision=precision)
     run_dir = Path(run_dir)
     main = env.rank == 0
     objective.to(env.device)
@@ -308,7 +330,7 @@ class _Loop:
             self.optimizer, config.warmup_steps, config.total_steps, config.schedule, config.min_lr_ratio
         )
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=config.precision == "fp16")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+        self.amp_dtype = AMP_DTYPES.get(config.precision)
         self.params = [p for p in objective.parameters() if p.requires_grad]
         self.log: MetricsLog | None = None  # rank 0 only
         self.pos, self.window, self.interval = _Position(), {}, _Interval()

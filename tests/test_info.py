@@ -56,6 +56,11 @@ def test_info_reports_versions_and_implementations():
     if ops.EXTENSION_ERRORS["lub_fast._C"] is None:
         line = next(l for l in out.splitlines() if l.startswith("lub_fast::wwm_mask"))
         assert line.split()[1] == "kernel", line
+    routes = {l.split()[0] + " " + l.split()[1]: l.split()[2:] for l in out.splitlines() if l.startswith("cuda D=")}
+    assert set(routes) == {"cuda D=64", "cuda D=128", "cuda D=96"}, out
+    for head_dim, (fp32, bf16, fp16, fp64) in routes.items():  # fp32 never on the materialising reference
+        assert fp32 == "sdpa" and fp64 == "reference" and bf16 == fp16 != "reference", (head_dim, out)
+    assert "dropout: lub_fast and reference follow" in out and "use_deterministic_algorithms" in out, out
 
 
 def test_info_without_extension_falls_back_with_one_warning():

@@ -1,9 +1,10 @@
 // lub_fast::{varlen,padded}_attention_{fwd,bwd} on CUDA: argument checks, output allocation and
 // dispatcher registration for the kernels of attention_kernel.cu. Schemas, references, fake and
 // autograd registration live in lub_fast/ops/attention.py; inputs these kernels do not handle
-// (fp32/fp64, other head dims) are routed to the reference by attention.supports() in Python.
+// (fp32/fp64, other head dims) are routed elsewhere by attention.attention_route() in Python, which
+// also checks cu_seqlens before any call. q, k, v views with one row stride are read in place.
+#include <ATen/Context.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -25,6 +26,31 @@ at::Tensor dense(const at::Tensor& t) {
   at::Tensor c = t.contiguous();
   if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) c = c.clone();
   return c;
+}
+
+// q, k, v as the kernels read them: as they are when all three have contiguous heads, one row stride
+// (a multiple of 8 elements, at least H * D, below 2**31) and 16-byte aligned data, as the views of
+// a [T, 3, H, D] projection have; else contiguous copies.
+struct Qkv {
+  at::Tensor q, k, v;
+  int64_t row_stride;
+};
+
+bool rows_of_heads(const at::Tensor& t, int64_t row_stride) {
+  const int64_t d = t.size(-1);
+  const bool ok = t.stride(-1) == 1 && t.stride(-2) == d && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  if (t.dim() == 3) return ok && t.stride(0) == row_stride;
+  return ok && t.stride(1) == row_stride && t.stride(0) == t.size(1) * row_stride;  // [B, S, H, D]
+}
+
+Qkv qkv_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  const int64_t packed = q.size(-2) * q.size(-1);
+  const int64_t rs = q.stride(q.dim() - 3);
+  const bool in_place = rs % 8 == 0 && rs >= packed && rs < (int64_t{1} << 31);
+  if (in_place && rows_of_heads(q, rs) && rows_of_heads(k, rs) && rows_of_heads(v, rs)) {
+    return {q, k, v, rs};
+  }
+  return {dense(q), dense(k), dense(v), packed};
 }
 
 void check_floats(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t dims) {
@@ -112,10 +138,9 @@ void check_cuda(cudaError_t err, const char* op) {
 
 std::tuple<at::Tensor, at::Tensor> fwd(const char* op, ac::Layout l, const at::Tensor& q_in, const at::Tensor& k_in,
                                        const at::Tensor& v_in, at::IntArrayRef lse_shape) {
-  const at::Tensor q = dense(q_in);
-  const at::Tensor k = dense(k_in);
-  const at::Tensor v = dense(v_in);
-  at::Tensor out = at::empty(q.sizes(), q.options());
+  const auto [q, k, v, row_stride] = qkv_inputs(q_in, k_in, v_in);
+  l.qkv_stride = row_stride;
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous
   at::Tensor lse = at::empty(lse_shape, q.options().dtype(at::kFloat));
   check_cuda(ac::attention_fwd(l, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
                                c10::cuda::getCurrentCUDAStream(q.device().index()).stream()),
@@ -127,15 +152,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const char* op, ac::Layout l,
                                                    const at::Tensor& q_in, const at::Tensor& k_in,
                                                    const at::Tensor& v_in, const at::Tensor& out_in,
                                                    const at::Tensor& lse_in) {
+  at::globalContext().alertNotDeterministic(
+      "lub_fast attention backward on CUDA (dq is summed over key tiles with fp32 atomics)");
   const at::Tensor dout = dense(dout_in);
-  const at::Tensor q = dense(q_in);
-  const at::Tensor k = dense(k_in);
-  const at::Tensor v = dense(v_in);
+  const auto [q, k, v, row_stride] = qkv_inputs(q_in, k_in, v_in);
+  l.qkv_stride = row_stride;
   const at::Tensor out = dense(out_in);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor drow = at::empty(lse.sizes(), lse.options());
-  at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
-  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));  // zeroed by the drow kernel
+  at::Tensor dq = at::empty(q.sizes(), q.options());  // contiguous, whatever q's strides
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   check_cuda(ac::attention_bwd(l, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),

@@ -25,12 +25,15 @@
 //   Philox call (a 4-key group of one query row) and the keep bits are exchanged with shuffles:
 //   in the forward lanes 2i, 2i + 1 swap bits; in the backward each lane gathers 4 nibbles.
 //
-// Limits: head_dim 32, 64 or 128; fp16 or bf16; q, k, v, out, dout contiguous [rows, H, D] and
+// Limits: head_dim 32, 64 or 128; fp16 or bf16; out, dout contiguous [rows, H, D]; q, k, v [rows, H, D]
+// with contiguous heads and one row stride (views of a [rows, 3, H, D] projection need no copy); all
 // 16-byte aligned; rows * H * D < 2**63, H and the batch at most 65535 (grid y, z); sequences of any
 // length (query/key tiles past the end are zero-filled in shared memory and never read from global
 // memory; keys past the end are masked with -inf). Accumulation: scores, softmax statistics, O,
 // dK, dV and dQ in fp32; P and dS are rounded to the input dtype for the tensor-core products, as
-// in FlashAttention. The backward's dQ atomics make dq's rounding order nondeterministic.
+// in FlashAttention. The backward's dQ atomics make dq's rounding order nondeterministic (the
+// registration raises under torch.use_deterministic_algorithms(True)). Host side: the dynamic
+// shared-memory limit is raised once per kernel and device (cuda::reserve_dynamic_smem).
 #include "attention/attention_kernel.h"
 
 #include <cmath>
@@ -71,6 +74,7 @@ struct Params {
   const int32_t* cu_seqlens;  // varlen when not null
   const uint8_t* mask;        // padded: [batch, seqlen]
   int64_t rows;
+  int qkv_stride;  // elements between consecutive rows of q, k, v (out, dout, dq, dk, dv: heads * D)
   int heads;
   int seqlen;
   float scale;       // natural-log scale of the scores
@@ -144,6 +148,8 @@ __device__ Seq sequence(const Params& p, int b, int* scan) {
   if (p.cu_seqlens != nullptr) {
     const int start = p.cu_seqlens[b];
     const int end = p.cu_seqlens[b + 1];
+    // The host checks cu_seqlens (attention.py, check_cu_seqlens); a kernel that met other bounds anyway
+    // would skip the sequence.
     const bool ok = 0 <= start && start <= end && end <= p.rows;
     s.row_base = start;
     s.len = ok ? end - start : 0;
@@ -208,7 +214,7 @@ __device__ __forceinline__ void zero_rows(void* dst, const Params& p, int64_t ro
 // ------------------------------------------------------------------------------------ forward
 
 template <typename T, int D, int kBlockM, int kBlockN, int kWarps>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, 1)
     attention_fwd_kernel(const __grid_constant__ Params p) {
   constexpr int kThreads = kWarps * 32;
   constexpr int kNT = kBlockN / 8;  // score column tiles per warp
@@ -232,7 +238,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  const int64_t head_base = seq.row_base * stride + h * D;  // row 0 of this sequence and head
+  // Row r of this sequence and head: (row_base + r) * in_stride + h * D in q, k, v, with stride in out
+  // (recomputed per tile rather than held: two more 64-bit bases would spill at D = 64 and 128).
+  const int in_stride = p.qkv_stride;
   const int64_t lbase = lse_base(p, seq, b, h);
   const uint32_t stream = static_cast<uint32_t>(b) * p.heads + h;
   const int n_blocks = (seq.len + kBlockN - 1) / kBlockN;
@@ -250,8 +258,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       if (tid < n) p.lse[lbase + m0 + tid] = INFINITY;
       continue;
     }
-    load_tile<kBlockM, D, kThreads>(sQ, q + head_base + m0 * stride, stride, seq.len - m0, q);
-    load_tile<kBlockN, D, kThreads>(sK, k + head_base, stride, seq.len, k);
+    load_tile<kBlockM, D, kThreads>(sQ, q + (seq.row_base + m0) * in_stride + h * D, in_stride, seq.len - m0, q);
+    load_tile<kBlockN, D, kThreads>(sK, k + seq.row_base * in_stride + h * D, in_stride, seq.len, k);
     cp_async_commit();
 
     float acc_o[kDT][4];
@@ -264,7 +272,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int n0 = n_block * kBlockN;
       cp_async_wait_all();
       __syncthreads();  // K(n) (and Q) landed; every warp is done reading V(n - 1)
-      load_tile<kBlockN, D, kThreads>(sV, v + head_base + n0 * stride, stride, seq.len - n0, v);
+      load_tile<kBlockN, D, kThreads>(sV, v + (seq.row_base + n0) * in_stride + h * D, in_stride, seq.len - n0, v);
       cp_async_commit();
 
       float s[kNT][4];
@@ -286,7 +294,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       cp_async_wait_all();
       __syncthreads();  // V(n) landed; every warp is done reading K(n)
       if (n_block + 1 < n_blocks) {
-        load_tile<kBlockN, D, kThreads>(sK, k + head_base + (n0 + kBlockN) * stride, stride,
+        load_tile<kBlockN, D, kThreads>(sK, k + (seq.row_base + n0 + kBlockN) * in_stride + h * D, in_stride,
                                         seq.len - n0 - kBlockN, k);
         cp_async_commit();
       }
@@ -404,7 +412,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int c = (i % kDT) * 8;
       const int row = m0 + 16 * warp + r;
       if (row < seq.rows) {
-        *reinterpret_cast<uint4*>(o + head_base + row * stride + c) =
+        *reinterpret_cast<uint4*>(o + (seq.row_base + row) * stride + h * D + c) =
             *reinterpret_cast<const uint4*>(sQ + swz<D>(16 * warp + r, c));
       }
     }
@@ -415,6 +423,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 // ----------------------------------------------------------------------------------- backward
 
 // drow[row, head] = <dout, out> in fp32; D / 8 consecutive lanes per (row, head), 16 bytes each.
+// Each lane also zeroes its 8 elements of dq_accum (the same [rows, heads, D] index), so the main
+// kernel's atomics start from 0 without a separate memset.
 template <typename T, int D>
 __global__ void attention_bwd_drow_kernel(const __grid_constant__ Params p, float* drow) {
   constexpr int kLanes = D / 8;
@@ -423,6 +433,9 @@ __global__ void attention_bwd_drow_kernel(const __grid_constant__ Params p, floa
   const bool valid = pair < p.rows * p.heads;
   float sum = 0.0f;
   if (valid) {
+    float4* dq = reinterpret_cast<float4*>(p.dq_accum + pair * D + c * 8);
+    dq[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    dq[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.dout) + pair * D + c * 8);
     const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + pair * D + c * 8);
     const uint32_t av[4] = {a.x, a.y, a.z, a.w};
@@ -507,7 +520,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const T* dout = static_cast<const T*>(p.dout);
-  const int64_t head_base = seq.row_base * stride + h * D;
+  const int64_t head_base = seq.row_base * stride + h * D;  // in dout, dq_accum, dk, dv
+  const int64_t in_stride = p.qkv_stride;
+  const int64_t in_base = seq.row_base * in_stride + h * D;  // in q, k, v
   const int64_t lbase = lse_base(p, seq, b, h);
   const uint32_t stream = static_cast<uint32_t>(b) * p.heads + h;
   const int m_blocks = (seq.len + kBlockM - 1) / kBlockM;
@@ -519,7 +534,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   auto load_query_tile = [&](int m_block, int buf) {
     const int m0 = m_block * kBlockM;
-    load_tile<kBlockM, D, kThreads>(sQ + buf * kBlockM * D, q + head_base + m0 * stride, stride, seq.len - m0, q);
+    load_tile<kBlockM, D, kThreads>(sQ + buf * kBlockM * D, q + in_base + m0 * in_stride, in_stride, seq.len - m0,
+                                    q);
     load_tile<kBlockM, D, kThreads>(sdO + buf * kBlockM * D, dout + head_base + m0 * stride, stride,
                                     seq.len - m0, dout);
     cp_async_commit();
@@ -538,8 +554,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       zero_rows<T, D, kThreads>(p.dv, p, seq.row_base + n0, n, h);
       continue;
     }
-    load_tile<kBlockN, D, kThreads>(sK, k + head_base + n0 * stride, stride, seq.len - n0, k);
-    load_tile<kBlockN, D, kThreads>(sV, v + head_base + n0 * stride, stride, seq.len - n0, v);
+    load_tile<kBlockN, D, kThreads>(sK, k + in_base + n0 * in_stride, in_stride, seq.len - n0, k);
+    load_tile<kBlockN, D, kThreads>(sV, v + in_base + n0 * in_stride, in_stride, seq.len - n0, v);
     load_query_tile(0, 0);
 
     const bool key_ok[2] = {real_row(p, seq, b, n0 + 16 * warp + g), real_row(p, seq, b, n0 + 16 * warp + g + 8)};
@@ -709,8 +725,11 @@ template <int D>
 struct Config;
 // Forward: 4 warps x 16 query rows, 64-key tiles. Backward: 16 keys per warp; the query tile
 // shrinks with D so that dK, dV (D fp32 per thread) plus S^T, dP^T (kBwdM fp32) fit in 255
-// registers without spills (ptxas -v, sm_80 and sm_90a: fwd 127/165/252, bwd 189/243/255 registers
-// at D = 32/64/128 on sm_80).
+// registers without spills (ptxas -v, nvcc 13.0, registers at D = 32/64/128: sm_80 fwd 166/186/252,
+// bwd 187/246/255; sm_90a fwd 154/189/252, bwd 172/171/255). The forward's __launch_bounds__ has a
+// minimum of 1 block per SM: without it ptxas held D = 64 at 168 registers and spilled once q, k, v
+// got their own row stride (contiguous copies had given 127/165/252 at 2-3 blocks per SM; whether
+// the lower occupancy costs more than the 3 copies it saves is for a GPU measurement).
 template <>
 struct Config<32> {
   static constexpr int kFwdWarps = 4, kFwdN = 64;
@@ -732,6 +751,7 @@ Params make_params(const Layout& l) {
   p.cu_seqlens = l.cu_seqlens;
   p.mask = l.key_padding_mask;
   p.rows = l.rows;
+  p.qkv_stride = static_cast<int>(l.qkv_stride > 0 ? l.qkv_stride : static_cast<int64_t>(l.heads) * l.head_dim);
   p.heads = l.heads;
   p.seqlen = l.seqlen;
   p.scale = l.scale;
@@ -755,7 +775,7 @@ dim3 tile_grid(const Layout& l, int block) {
 
 template <typename Kernel>
 cudaError_t launch(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream, const Params& p) {
-  LUB_FAST_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  LUB_FAST_CUDA_TRY(cuda::reserve_dynamic_smem(reinterpret_cast<const void*>(kernel), smem));
   kernel<<<grid, threads, smem, stream>>>(p);
   return cudaGetLastError();
 }

@@ -142,10 +142,8 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 template <typename T, typename B, int V, bool kBackward>
 cudaError_t launch(const Shape& s, const void* grad_out, const void* x, const void* bias, void* out,
                    cudaStream_t stream) {
-  int device = 0;
   int sms = 0;
-  LUB_FAST_CUDA_TRY(cudaGetDevice(&device));
-  LUB_FAST_CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  LUB_FAST_CUDA_TRY(cuda::multiprocessor_count(&sms));
   const int64_t vectors = s.n / V;
   const int64_t gx = (vectors + kThreads - 1) / kThreads;
   const int64_t want = (16LL * sms + gx - 1) / gx;  // about 16 blocks per SM

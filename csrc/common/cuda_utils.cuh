@@ -9,7 +9,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <cstddef>
 #include <cstdint>
+#include <mutex>
+#include <vector>
 
 // Returns the error of a failed CUDA runtime call from the enclosing function.
 #define LUB_FAST_CUDA_TRY(expr)          \
@@ -20,6 +24,52 @@
 
 namespace lub_fast {
 namespace cuda {
+
+// Host-side launch configuration, cached per device: cudaDeviceGetAttribute and cudaFuncSetAttribute
+// are driver calls whose answers do not change while the process runs.
+constexpr int kMaxCachedDevices = 64;
+
+// The current device's multiprocessor count, read once per device.
+inline cudaError_t multiprocessor_count(int* sms) {
+  static std::atomic<int> cache[kMaxCachedDevices] = {};  // 0: not read yet
+  int device = 0;
+  LUB_FAST_CUDA_TRY(cudaGetDevice(&device));
+  const bool cached = device >= 0 && device < kMaxCachedDevices;
+  if (cached) {
+    *sms = cache[device].load(std::memory_order_relaxed);
+    if (*sms > 0) return cudaSuccess;
+  }
+  LUB_FAST_CUDA_TRY(cudaDeviceGetAttribute(sms, cudaDevAttrMultiProcessorCount, device));
+  if (cached) cache[device].store(*sms, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
+// Raises `kernel`'s dynamic shared-memory limit to at least `bytes` on the current device; the
+// driver call is made once per (kernel, device) and again only for a larger request.
+inline cudaError_t reserve_dynamic_smem(const void* kernel, size_t bytes) {
+  struct Entry {
+    const void* kernel;
+    int device;
+    size_t bytes;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> done;
+  int device = 0;
+  LUB_FAST_CUDA_TRY(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  Entry* entry = nullptr;
+  for (Entry& e : done) {
+    if (e.kernel == kernel && e.device == device) entry = &e;
+  }
+  if (entry != nullptr && entry->bytes >= bytes) return cudaSuccess;
+  LUB_FAST_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  if (entry != nullptr) {
+    entry->bytes = bytes;
+  } else {
+    done.push_back({kernel, device, bytes});
+  }
+  return cudaSuccess;
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

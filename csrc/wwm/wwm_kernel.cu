@@ -79,7 +79,7 @@ struct KernelArgs {
 };
 
 template <bool kStaged>
-__global__ void __launch_bounds__(kThreads) wwm_mask_kernel(const KernelArgs k) {
+__global__ void __launch_bounds__(kThreads) wwm_mask_kernel(const __grid_constant__ KernelArgs k) {
   extern __shared__ __align__(16) unsigned char smem[];
   const Args& a = k.a;
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -125,8 +125,7 @@ cudaError_t wwm_mask(const Args& args, void* workspace, cudaStream_t stream) {
   if (args.T <= kStagedMaxTokens) {
     const size_t smem = kWarps * (kTargetsBytes + staged_bytes(args.T));
     if (smem > kDefaultSharedBytes) {
-      LUB_FAST_CUDA_TRY(cudaFuncSetAttribute(wwm_mask_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(smem)));
+      LUB_FAST_CUDA_TRY(cuda::reserve_dynamic_smem(reinterpret_cast<const void*>(wwm_mask_kernel<true>), smem));
     }
     wwm_mask_kernel<true><<<grid, kThreads, smem, stream>>>(k);
   } else {

@@ -52,12 +52,21 @@ i, j)`` and ``H``, so padded and varlen layouts of the same sequences drop the s
 
 The references compute in fp32 for fp16/bf16 inputs (fp64 stays fp64) and materialise the
 ``[B, H, S, S]`` scores, with varlen padded to ``max_seqlen``.
+
+Routing: ``varlen_attention`` and ``padded_attention`` run what ``attention_route`` picks (one pure
+function; ``python -m lub_fast.info`` prints it per device and dtype): the lub_fast kernel where it
+takes the input, else on CUDA PyTorch's own variable-length flash attention (fp16/bf16) or SDPA
+(fp32, TF32 where enabled), the materialising reference only for fp64 and on a CPU without the
+kernel. The PyTorch fallbacks draw their own dropout masks (``DROPOUT_EXACT``).
 """
 
 import math
 import warnings
+import weakref
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from lub_fast.ops._philox import keep_threshold, philox4x32_10
@@ -360,13 +369,59 @@ def _padded_backward(ctx, dout, _dlse):
 padded_attention_fwd.register_autograd(_padded_backward, setup_context=_padded_setup_context)
 
 
-# ---- public functions
+# ---- routing: which implementation runs an attention call
 
-# Inputs the CUDA kernels (csrc/attention/attention_kernel.cu) handle; others run the reference.
+ROUTES = ("lub_fast", "torch_varlen", "sdpa", "reference")
+
+# Inputs the CUDA kernels (csrc/attention/attention_kernel.cu) handle.
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (32, 64, 128)
+# PyTorch's flash attention (aten::_flash_attention_forward): fp16/bf16, head dim a multiple of 8 up
+# to 256, compute capability 8.0 or newer.
+TORCH_FLASH_MAX_HEAD_DIM = 256
 
-_warned_fallback = set()
+# Whether a route's dropout is the counter-based keep(seed, offset, b, h, i, j) of the module
+# docstring (bit for bit); the others draw their own masks from torch's CUDA generator, with the
+# same keep rate but not the same mask, so a run through them is reproducible only through torch's
+# RNG state, and the CPU and GPU runs of one seed drop different probabilities.
+DROPOUT_EXACT = {"lub_fast": True, "reference": True, "torch_varlen": False, "sdpa": False}
+
+
+@dataclass(frozen=True)
+class Built:
+    """What can run attention on one device: the lub_fast kernel for the device's dispatch key, and
+    PyTorch's own flash attention (built into torch and supported by the device)."""
+
+    lub_fast: bool
+    torch_flash: bool
+
+
+def attention_route(device_type: str, dtype: torch.dtype, head_dim: int, built: Built, layout: str = "varlen") -> str:
+    """The implementation that runs attention on ``(device_type, dtype, head_dim)`` given ``built``.
+
+    - ``lub_fast``: the compiled lub_fast kernel: on CPU whenever it is built (every dtype); on CUDA
+      for fp16/bf16 with head dim 32, 64 or 128.
+    - ``torch_varlen`` (``layout="varlen"`` only): PyTorch's variable-length flash attention
+      (``aten::_flash_attention_forward``, under ``torch.nn.attention.varlen.varlen_attn``) for CUDA
+      fp16/bf16 the lub_fast kernel does not take, head dim a multiple of 8 up to 256.
+    - ``sdpa``: ``F.scaled_dot_product_attention`` over a padded ``[B, H, S, D]`` view with a
+      key-padding mask (its memory-efficient kernel on CUDA, fp32 with TF32 where enabled): CUDA fp32
+      and every other CUDA (or other accelerator) case the two above do not take.
+    - ``reference``: the materialising PyTorch reference: CPU without the kernel, and fp64 anywhere.
+
+    Dropout does not change the route (every implementation supports it); ``DROPOUT_EXACT`` says
+    which routes reproduce the counter-based mask. Pure: tests pass ``built`` for any machine.
+    """
+    if dtype == torch.float64:
+        return "lub_fast" if device_type == "cpu" and built.lub_fast else "reference"
+    if device_type == "cpu":
+        return "lub_fast" if built.lub_fast else "reference"
+    if device_type == "cuda" and dtype in CUDA_DTYPES:
+        if built.lub_fast and head_dim in CUDA_HEAD_DIMS:
+            return "lub_fast"
+        if layout == "varlen" and built.torch_flash and head_dim % 8 == 0 and head_dim <= TORCH_FLASH_MAX_HEAD_DIM:
+            return "torch_varlen"
+    return "sdpa"
 
 
 @torch.compiler.assume_constant_result
@@ -374,29 +429,144 @@ def _has_kernel(op_name: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"lub_fast::{op_name}", key)
 
 
+@torch.compiler.assume_constant_result
+def _torch_flash_available(device_index: int) -> bool:
+    """PyTorch's flash attention is built and CUDA device ``device_index`` is sm80 or newer."""
+    capability = torch.cuda.get_device_capability(device_index)
+    return torch.backends.cuda.is_flash_attention_available() and capability >= (8, 0)
+
+
+def built_on(device: torch.device, op_name: str = "varlen_attention_fwd") -> Built:
+    """``Built`` for ``device`` (with its index, as a tensor's device has) as this process has it."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return Built(
+        lub_fast=key is not None and _has_kernel(op_name, key),
+        torch_flash=device.type == "cuda" and _torch_flash_available(device.index),
+    )
+
+
+def route_of(q: Tensor, op_name: str = "varlen_attention_fwd") -> str:
+    """``attention_route`` for the tensor ``q`` (``[T, H, D]`` varlen, ``[B, S, H, D]`` padded)."""
+    layout = "varlen" if op_name.startswith("varlen") else "padded"
+    return attention_route(q.device.type, q.dtype, q.shape[-1], built_on(q.device, op_name), layout)
+
+
 def supports(q: Tensor, op_name: str = "varlen_attention_fwd") -> bool:
-    """True when a compiled kernel of ``lub_fast::op_name`` handles ``q``: CPU when the CPU kernel is
-    built; CUDA when the CUDA kernel is built and ``q`` is fp16/bf16 with head dim 32, 64 or 128."""
-    if q.device.type == "cpu":
-        return _has_kernel(op_name, "CPU")
-    if q.device.type == "cuda":
-        return _has_kernel(op_name, "CUDA") and q.dtype in CUDA_DTYPES and q.shape[-1] in CUDA_HEAD_DIMS
-    return False
+    """True when the compiled lub_fast kernel of ``lub_fast::op_name`` runs ``q`` (route ``lub_fast``)."""
+    return route_of(q, op_name) == "lub_fast"
 
 
-def _cuda_fallback(name: str, q: Tensor, op_name: str) -> bool:
-    """True (after one warning per reason) when ``q`` is a CUDA tensor the CUDA kernel does not handle."""
-    if q.device.type != "cuda" or supports(q, op_name):
-        return False
-    reason = (str(q.dtype), q.shape[-1])
-    if reason not in _warned_fallback:
-        _warned_fallback.add(reason)
-        warnings.warn(
-            f"lub_fast: {name} has no CUDA kernel for {q.dtype} with head dim {q.shape[-1]} (or the "
-            "CUDA extension is not built); running the PyTorch reference",
-            stacklevel=3,
+_warned_fallback = set()
+
+
+def _warn_fallback(name: str, q: Tensor, route: str) -> None:
+    """One warning per (route, dtype, head dim) for a CUDA tensor the lub_fast kernel does not run."""
+    reason = (route, str(q.dtype), q.shape[-1])
+    if q.device.type != "cuda" or reason in _warned_fallback:
+        return
+    _warned_fallback.add(reason)
+    dropout = "" if DROPOUT_EXACT[route] else "; its dropout masks are torch's own, not lub_fast's counter-based ones"
+    warnings.warn(
+        f"lub_fast: {name} has no lub_fast CUDA kernel for {q.dtype} with head dim {q.shape[-1]} (or the CUDA "
+        f"extension is not built); running route '{route}'{dropout}",
+        stacklevel=3,
+    )
+
+
+# ---- fallbacks: the same function through PyTorch's kernels (dropout masks are torch's own)
+
+
+def _varlen_index(cu_seqlens: Tensor, max_seqlen: int, total: int):
+    """(flat padded position [T] = b * max_seqlen + local position, key_padding_mask [B, max_seqlen])
+    of the varlen tokens, with no device-to-host copy."""
+    cu = cu_seqlens.to(torch.int64)
+    tokens = torch.arange(total, dtype=torch.int64, device=cu.device)
+    seq = torch.searchsorted(cu[1:], tokens, right=True)
+    flat = seq * max_seqlen + (tokens - cu[seq])
+    mask = torch.arange(max_seqlen, device=cu.device)[None, :] < (cu[1:] - cu[:-1])[:, None]
+    return flat, mask
+
+
+def _sdpa_padded(q, k, v, key_padding_mask, dropout_p, scale):
+    """SDPA over ``[B, S, H, D]`` with a key-padding mask -> ``[B, S, H, D]`` (padded rows arbitrary).
+    A batch row without real keys gets key 0 opened, so its (unused) rows stay finite."""
+    open_keys = key_padding_mask.clone()
+    open_keys[:, 0] |= ~key_padding_mask.any(dim=1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=open_keys[:, None, None, :], dropout_p=dropout_p, scale=scale,
+    )
+    return out.transpose(1, 2)
+
+
+def varlen_attention_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float, scale: float
+) -> Tensor:
+    """``varlen_attention`` through ``F.scaled_dot_product_attention``: packs the tokens into a zero-padded
+    ``[B, max_seqlen, H, D]`` batch (one scatter, no host sync), runs SDPA with the key-padding mask (on
+    CUDA its memory-efficient kernel: no ``[S, S]`` scores in memory) and gathers the real rows back.
+    Differentiable. Dropout: torch's own masks (``DROPOUT_EXACT``), not the counter-based ones."""
+    total, heads, head_dim = q.shape
+    batch = cu_seqlens.numel() - 1
+    flat, mask = _varlen_index(cu_seqlens, max_seqlen, total)
+
+    def pad(x):
+        return x.new_zeros(batch * max_seqlen, heads, head_dim).index_copy(0, flat, x).view(
+            batch, max_seqlen, heads, head_dim
         )
-    return True
+
+    out = _sdpa_padded(pad(q), pad(k), pad(v), mask, dropout_p, scale)
+    return out.reshape(batch * max_seqlen, heads, head_dim).index_select(0, flat)
+
+
+def padded_attention_sdpa(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor, dropout_p: float, scale: float
+) -> Tensor:
+    """``padded_attention`` through ``F.scaled_dot_product_attention``; padded query rows (and rows of a
+    sequence without real tokens) are zeros. Dropout: torch's own masks (``DROPOUT_EXACT``)."""
+    out = _sdpa_padded(q, k, v, key_padding_mask, dropout_p, scale)
+    real = key_padding_mask & key_padding_mask.any(dim=1, keepdim=True)
+    return torch.where(real[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+class _TorchVarlen(torch.autograd.Function):
+    """PyTorch's variable-length flash attention (the aten ops under
+    ``torch.nn.attention.varlen.varlen_attn``), called directly so that dropout works too: forward
+    ``aten::_flash_attention_forward``, backward ``aten::_flash_attention_backward`` with the
+    forward's RNG state. Positional arguments and ``scale=`` only, which torch 2.11 and 2.13 share."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, dropout_p, scale):
+        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, False, False, scale=scale
+        )
+        ctx.save_for_backward(q, k, v, cu_seqlens, out, lse, rng_state, unused)
+        ctx.args = (max_seqlen, dropout_p, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, cu_seqlens, out, lse, rng_state, unused = ctx.saved_tensors
+        max_seqlen, dropout_p, scale = ctx.args
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            dout.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+            False, rng_state, unused, scale=scale,
+        )
+        return dq, dk, dv, None, None, None, None
+
+
+def varlen_attention_torch(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, max_seqlen: int, dropout_p: float, scale: float
+) -> Tensor:
+    """``varlen_attention`` through PyTorch's flash attention (CUDA fp16/bf16, sm80+, head dim a multiple
+    of 8 up to 256): unpadded, no copies of views whose last dim is contiguous. Differentiable.
+    Dropout: torch's own Philox masks (``DROPOUT_EXACT``), not the counter-based ones."""
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return _TorchVarlen.apply(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
+
+
+# ---- public functions
 
 
 def _check_common(name, q, k, v, dropout_p, seed, offset):
@@ -417,6 +587,64 @@ def _check_common(name, q, k, v, dropout_p, seed, offset):
         raise ValueError(f"{name}: offset must be in [0, 2**32); got {offset}")
 
 
+# The last cu_seqlens checked: (weak reference, its version counter, T, max_seqlen).
+_checked_cu_seqlens = [None]
+
+
+def _cu_seqlens_error(cu_seqlens: Tensor, max_seqlen: int, total: int) -> str | None:
+    """The rule ``cu_seqlens`` breaks, or None: one reduction and one bool copied to the host."""
+    if max_seqlen < 0:
+        return f"varlen attention: max_seqlen must be >= 0; got {max_seqlen}"
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    bad = (cu_seqlens[0] != 0) | (cu_seqlens[-1] != total)
+    if lengths.numel():
+        bad = bad | (lengths < 0).any() | (lengths > max_seqlen).any()
+    if not bool(bad):
+        return None
+    cu = cu_seqlens.cpu().to(torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    if cu[0] != 0 or cu[-1] != total or bool((lengths < 0).any()):
+        return (
+            f"varlen attention: cu_seqlens must start at 0, be non-decreasing and end at T={total}; "
+            f"got {cu.tolist()}"
+        )
+    return f"varlen attention: max_seqlen={max_seqlen} < longest sequence {int(lengths.max())}"
+
+
+def check_cu_seqlens(cu_seqlens: Tensor, max_seqlen: int, total: int) -> None:
+    """Raise ``ValueError`` unless ``cu_seqlens`` starts at 0, is non-decreasing, ends at ``total`` and
+    no length exceeds ``max_seqlen`` (the reference's rules), on any device.
+
+    Cost: one reduction and one device-to-host copy of a bool (a stream sync on CUDA). The encoder
+    passes one ``cu_seqlens`` tensor to every layer, so the check runs once per forward: a tensor
+    already checked with the same ``total`` and ``max_seqlen`` and unchanged since (its version
+    counter) is not checked again. Under ``torch.compile`` ``varlen_attention`` runs the same check
+    inside the opaque op ``lub_fast::checked_cu_seqlens`` instead (there one sync per attention call).
+    """
+    last = _checked_cu_seqlens[0]
+    if last is not None and last[0]() is cu_seqlens and last[1:] == (cu_seqlens._version, total, max_seqlen):
+        return
+    error = _cu_seqlens_error(cu_seqlens, max_seqlen, total)
+    if error is not None:
+        raise ValueError(error)
+    _checked_cu_seqlens[0] = (weakref.ref(cu_seqlens), cu_seqlens._version, total, max_seqlen)
+
+
+@torch.library.custom_op("lub_fast::checked_cu_seqlens", mutates_args=())
+def checked_cu_seqlens(cu_seqlens: Tensor, max_seqlen: int, total: int) -> Tensor:
+    """A copy of ``cu_seqlens`` after ``check_cu_seqlens``: the check as a graph node that
+    ``torch.compile`` keeps (its output feeds the attention op) and cannot trace into (host sync)."""
+    error = _cu_seqlens_error(cu_seqlens, max_seqlen, total)
+    if error is not None:
+        raise ValueError(error)
+    return cu_seqlens.clone()
+
+
+@checked_cu_seqlens.register_fake
+def _(cu_seqlens, max_seqlen, total):
+    return torch.empty_like(cu_seqlens)
+
+
 def varlen_attention(
     q: Tensor,
     k: Tensor,
@@ -432,10 +660,12 @@ def varlen_attention(
 
     ``q, k, v [T, H, D]`` (one floating dtype) are the tokens of all sequences concatenated;
     ``cu_seqlens`` int32 ``[B + 1]`` gives the sequence boundaries (0, ..., T; non-decreasing, empty
-    sequences allowed); ``max_seqlen`` is at least the longest length. Returns ``out [T, H, D]`` in
-    the input dtype, differentiable w.r.t. ``q, k, v``. ``dropout_p`` drops attention probabilities
-    with the counter-based ``keep(seed, offset, b, h, i, j)`` of the module docstring (pass 0.0 in
-    eval); ``scale`` defaults to ``D ** -0.5``.
+    sequences allowed; ``check_cu_seqlens`` raises ``ValueError`` otherwise, on every device);
+    ``max_seqlen`` is at least the longest length. Returns ``out [T, H, D]`` in the input dtype,
+    differentiable w.r.t. ``q, k, v``. ``dropout_p`` drops attention probabilities with the
+    counter-based ``keep(seed, offset, b, h, i, j)`` of the module docstring (pass 0.0 in eval) on the
+    ``lub_fast`` and ``reference`` routes, with torch's own masks on the others (``attention_route``,
+    ``DROPOUT_EXACT``); ``scale`` defaults to ``D ** -0.5``.
     """
     _check_common("varlen_attention", q, k, v, dropout_p, seed, offset)
     if q.dim() != 3:
@@ -445,11 +675,24 @@ def varlen_attention(
             f"varlen_attention: cu_seqlens must be int32 [B + 1]; got {cu_seqlens.dtype} "
             f"{tuple(cu_seqlens.shape)}"
         )
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"varlen_attention: cu_seqlens must be on {q.device} like q; got {cu_seqlens.device}")
+    if torch.compiler.is_compiling():
+        cu_seqlens = checked_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
+    else:
+        check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    fwd = varlen_attention_fwd
-    if _cuda_fallback("varlen_attention", q, "varlen_attention_fwd"):
-        fwd = varlen_attention_fwd_ref
+    route = route_of(q, "varlen_attention_fwd")
+    if route != "lub_fast":
+        _warn_fallback("varlen_attention", q, route)
+    if route == "torch_varlen":
+        return varlen_attention_torch(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
+    if route == "sdpa":
+        return varlen_attention_sdpa(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale)
+    # The op runs the CPU kernel or, where no kernel is registered for the device, the reference; a
+    # CUDA tensor the registered CUDA kernel rejects (fp64) calls the reference directly.
+    fwd = varlen_attention_fwd_ref if route == "reference" and q.device.type == "cuda" else varlen_attention_fwd
     out, _ = fwd(q, k, v, cu_seqlens, max_seqlen, dropout_p, seed, offset, scale)
     return out
 
@@ -471,7 +714,7 @@ def padded_attention(
     real queries attend to the real keys of their row; rows of padded queries (and all rows of a
     sequence without real tokens) are zeros with zero gradients. With right padding the result and
     the dropout mask equal ``varlen_attention`` on the real tokens. ``dropout_p``, ``seed``,
-    ``offset`` and ``scale`` as in ``varlen_attention``.
+    ``offset`` and ``scale`` as in ``varlen_attention`` (routes: ``lub_fast``, ``sdpa``, ``reference``).
     """
     _check_common("padded_attention", q, k, v, dropout_p, seed, offset)
     if q.dim() != 4:
@@ -483,8 +726,11 @@ def padded_attention(
         )
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    fwd = padded_attention_fwd
-    if _cuda_fallback("padded_attention", q, "padded_attention_fwd"):
-        fwd = padded_attention_fwd_ref
+    route = route_of(q, "padded_attention_fwd")
+    if route != "lub_fast":
+        _warn_fallback("padded_attention", q, route)
+    if route == "sdpa":
+        return padded_attention_sdpa(q, k, v, key_padding_mask, dropout_p, scale)
+    fwd = padded_attention_fwd_ref if route == "reference" and q.device.type == "cuda" else padded_attention_fwd
     out, _ = fwd(q, k, v, key_padding_mask, dropout_p, seed, offset, scale)
     return out

@@ -33,3 +33,9 @@ def require_cuda_kernels():
     """``require_cuda_kernels(*op_names)``: skip (or fail under LUB_FAST_REQUIRE_KERNELS=1) unless a
     CUDA device is present and every ``lub_fast::<op>`` has a registered CUDA kernel."""
     return _require
+
+
+@pytest.fixture(scope="module")
+def require_cuda_kernels_module():
+    """``require_cuda_kernels`` for module-scoped gates (before a module's expensive fixtures run)."""
+    return _require

@@ -2,10 +2,10 @@
 
 ``compute-sanitizer --tool memcheck|racecheck|initcheck python3 tests/gpu/sanitize_kernels.py``
 (benchmarks/gpu_run.sh does this). Covers: varlen attention fwd/bwd for head dims 32/64/128, bf16
-and fp16, with and without dropout, lengths 1, 97, 0, 130; padded attention fwd/bwd with right
-padding and with holes; bias+GELU fwd/bwd on the vector and the scalar path; wwm_mask in every mode
-for T = 1, 97, 512 (shared-memory scratch) and 1100 (global workspace) with an empty row and rows
-not 16-byte aligned. Exits non-zero when a kernel is missing or an output is not finite.
+and fp16, with and without dropout, lengths 1, 97, 0, 130, q, k, v contiguous and as views of one
+[T, 3, H, D] tensor; padded attention fwd/bwd with right padding and with holes; bias+GELU fwd/bwd
+on the vector and the scalar path; wwm_mask in every mode for T = 1, 97, 512 (shared-memory
+scratch) and 1100 (global workspace) with an empty row and rows not 16-byte aligned. Exits non-zero when a kernel is missing or an output is not finite.
 """
 
 import sys
@@ -32,6 +32,10 @@ def main():
                 args = (cu, 130, p, 5, 3, dim**-0.5)
                 out, lse = torch.ops.lub_fast.varlen_attention_fwd(q, k, v, *args)
                 outputs += [out, lse, *torch.ops.lub_fast.varlen_attention_bwd(do, q, k, v, out, lse, *args)]
+                # q, k, v as views of one [T, 3, H, D] projection (read in place with its row stride)
+                qkv = torch.randn(sum(lengths), 3, 2, dim, generator=gen, device="cuda").to(dtype)
+                out, lse = torch.ops.lub_fast.varlen_attention_fwd(*qkv.unbind(1), *args)
+                outputs += [out, lse, *torch.ops.lub_fast.varlen_attention_bwd(do, *qkv.unbind(1), out, lse, *args)]
             for m in (mask, holes):
                 q, k, v, do = (torch.randn(4, 130, 2, dim, generator=gen, device="cuda").to(dtype) for _ in range(4))
                 args = (m, 0.1, 5, 3, dim**-0.5)

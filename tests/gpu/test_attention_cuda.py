@@ -256,12 +256,61 @@ def test_attention_cuda_compile_fullgraph():
         torch.testing.assert_close(c.grad, e.grad, atol=2e-2, rtol=2e-2)
 
 
-def test_attention_cuda_unsupported_head_dim_falls_back_to_reference():
+@pytest.mark.parametrize(
+    "dtype, head_dim, route",
+    [(torch.bfloat16, 16, "torch_varlen"), (torch.float16, 96, "torch_varlen"), (torch.bfloat16, 20, "sdpa"),
+     (torch.float32, 64, "sdpa")],
+)
+def test_attention_cuda_fallback_routes_match_reference(monkeypatch, dtype, head_dim, route):
+    """Inputs the kernel lacks run PyTorch's flash attention or SDPA, never the [B, H, S, S] reference."""
+    monkeypatch.setattr(attention, "_warned_fallback", set())  # the warning comes once per process
     gen = torch.Generator(device="cuda").manual_seed(5)
-    lengths = [5, 9]
-    q, k, v = (_randn((sum(lengths), HEADS, 16), torch.bfloat16, gen) for _ in range(3))
-    assert not attention.supports(q)
-    with pytest.warns(UserWarning, match="no CUDA kernel"):
-        out = attention.varlen_attention(q, k, v, _cu_seqlens(lengths), 9)
-    ref, _ = attention.varlen_attention_fwd_ref(q, k, v, _cu_seqlens(lengths), 9, 0.0, 0, 0, 0.25)
-    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    lengths = [5, 0, 97, 9]
+    cu = _cu_seqlens(lengths)
+    q, k, v, dout = (_randn((sum(lengths), HEADS, head_dim), dtype, gen) for _ in range(4))
+    assert attention.route_of(q) == route, attention.route_of(q)
+    with pytest.warns(UserWarning, match=f"running route '{route}'"):
+        out = attention.varlen_attention(*_leaf(q, k, v), cu, 97)
+    qf, kf, vf = _leaf(q.float(), k.float(), v.float())
+    ref, _ = attention.varlen_attention_fwd_ref(qf, kf, vf, cu, 97, 0.0, 0, 0, head_dim**-0.5)
+    tol = dict(atol=2e-3, rtol=2e-3) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)  # TF32 / 16-bit
+    torch.testing.assert_close(out.float(), ref, **tol)
+
+
+def test_attention_cuda_bad_cu_seqlens_raise():
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    q = _randn((8, HEADS, 64), torch.bfloat16, gen)
+    for cu, match in (([0, 3, 9], "end at T=8"), ([0, 5, 3, 8], "non-decreasing"), ([2, 8], "start at 0")):
+        with pytest.raises(ValueError, match=match):
+            attention.varlen_attention(q, q, q, torch.tensor(cu, dtype=torch.int32, device="cuda"), 8)
+    with pytest.raises(ValueError, match="max_seqlen=4 < longest sequence 5"):
+        attention.varlen_attention(q, q, q, _cu_seqlens([5, 3]), 4)
+
+
+def test_attention_cuda_qkv_views_match_contiguous():
+    """The encoder passes q, k, v as views of one [T, 3, H, D] projection."""
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    lengths = [33, 1, 64]
+    cu = _cu_seqlens(lengths)
+    qkv = _randn((sum(lengths), 3, HEADS, 64), torch.bfloat16, gen)
+    dout = _randn((sum(lengths), HEADS, 64), torch.bfloat16, gen)
+    (views,) = _leaf(qkv)
+    out = attention.varlen_attention(*views.unbind(1), cu, 64, DROPOUT_P, SEED, OFFSET)
+    out.backward(dout)
+    dense = _leaf(*(t.contiguous() for t in qkv.unbind(1)))
+    expected = attention.varlen_attention(*dense, cu, 64, DROPOUT_P, SEED, OFFSET)
+    expected.backward(dout)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)
+    torch.testing.assert_close(views.grad, torch.stack([t.grad for t in dense], dim=1), atol=2e-2, rtol=2e-2)
+
+
+def test_attention_cuda_backward_alerts_under_deterministic_algorithms():
+    gen = torch.Generator(device="cuda").manual_seed(8)
+    q, k, v = _leaf(*(_randn((40, HEADS, 64), torch.bfloat16, gen) for _ in range(3)))
+    out = attention.varlen_attention(q, k, v, _cu_seqlens([40]), 40)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="lub_fast attention backward"):
+            out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)

@@ -135,5 +135,5 @@ def test_config_cli_describe_lists_every_field():
     n_fields = len(dataclasses.fields(ModelSection)) + len(dataclasses.fields(TrainConfig)) + 2
     assert len(lines) == n_fields, (len(lines), n_fields)
     assert any(line.startswith("--model.dropout=FLOAT (default: 0.1)  dropout probability") for line in lines), lines
-    assert any(line.startswith("--train.precision={fp32,bf16,fp16}") for line in lines), lines
+    assert any(line.startswith("--train.precision={auto,fp32,bf16,fp16}") for line in lines), lines
     assert any(line.startswith("--model.embedding_size=INT|none") for line in lines), lines

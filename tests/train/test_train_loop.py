@@ -54,7 +54,7 @@ def test_train_loop_loss_decreases_and_writes_logs(tmp_path):
     assert result.eval_metrics == {k: v for k, v in evals[-1].items() if k not in ("split", "step")}
     assert (tmp_path / "loss.png").stat().st_size > 10_000
     assert load_config(TrainConfig, tmp_path / "config.json") == TrainConfig(
-        total_steps=40, eval_every=20, lr=3e-2, log_every=5, device="cpu"
+        total_steps=40, eval_every=20, lr=3e-2, log_every=5, device="cpu", precision="fp32"  # auto, resolved
     )
 
 
