@@ -40,6 +40,8 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
+from lub_fast.config_cli import ConfigError, check_fields, check_value, field_error, option
+from lub_fast.config_cli import output_dir as output_dir_check
 from lub_fast.data.clean import clean_line, looks_binary, split_sentences, to_simplified
 from lub_fast.data.segment import SEGMENTERS, Segmenter, segmenter_settings
 from lub_fast.data.shards import (
@@ -54,7 +56,7 @@ from lub_fast.data.shards import (
     token_dtype,
     write_json_atomic,
 )
-from lub_fast.data.tokenizer import WordPieceTokenizer, file_sha256, tokenizer_settings
+from lub_fast.data.tokenizer import WordPieceTokenizer, check_vocab_file, file_sha256, tokenizer_settings
 from lub_fast.data.tokenizer import build_vocab as build_vocab_fn
 
 PREPARE_FILE = "prepare.json"
@@ -96,20 +98,20 @@ class PrepareConfig:
     user_dict: str | None = None
     t2s: bool = False
     strict: bool = False
-    min_chars: int = 2
-    max_sentence_chars: int = 256
-    shard_size_mb: float = 256.0
-    chunk_kb: int = 1024
+    min_chars: int = option(2, flag="--min-chars", ge=1)
+    max_sentence_chars: int = option(256, flag="--max-sentence-chars", ge=1)
+    shard_size_mb: float = option(256.0, flag="--shard-size", gt=0)
+    chunk_kb: int = option(1024, flag="--chunk-size", ge=1)
 
     def __post_init__(self):
         if self.segmenter not in SEGMENTERS:
             raise PrepareError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {self.segmenter!r}")
-        if self.min_chars < 1 or self.max_sentence_chars < self.min_chars:
-            raise PrepareError(
-                f"need 1 <= --min-chars ({self.min_chars}) <= --max-sentence-chars ({self.max_sentence_chars})"
-            )
-        if self.shard_size_mb <= 0 or self.chunk_kb <= 0:
-            raise PrepareError("--shard-size and --chunk-size must be positive")
+        try:
+            check_fields(self)
+            if self.max_sentence_chars < self.min_chars:
+                raise field_error(self, "max_sentence_chars", f">= --min-chars = {self.min_chars}")
+        except ConfigError as error:
+            raise PrepareError(str(error)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -580,10 +582,14 @@ def prepare_corpus(
     )
     if (vocab is None) == (build_vocab is None):
         raise PrepareError("give exactly one of --vocab FILE and --build-vocab N")
-    if vocab is not None and not os.path.isfile(vocab):
-        raise PrepareError(f"{vocab}: no such vocabulary file")
-    if build_vocab is not None and build_vocab <= 10:
-        raise PrepareError(f"--build-vocab {build_vocab}: too small for a vocabulary")
+    try:
+        # the command-line options that are not PrepareConfig fields, before anything is written
+        check_value("output", os.fspath(output_dir), check=output_dir_check)
+        check_value("vocab", vocab, check=check_vocab_file)
+        check_value("build-vocab", build_vocab, gt=10)
+        check_value("workers", workers, ge=1)
+    except ConfigError as error:
+        raise PrepareError(str(error)) from None
     if user_dict is not None and not os.path.isfile(user_dict):
         raise PrepareError(f"{user_dict}: no such user dictionary")
     if t2s:
@@ -760,7 +766,7 @@ def _parser():
     v = p.add_mutually_exclusive_group(required=True)
     v.add_argument("--vocab", help="vocab.txt in bert-base-chinese's format (e.g. a released model's)")
     v.add_argument(
-        "--build-vocab", type=int, metavar="N", help="train a WordPiece vocabulary of about N tokens on the corpus"
+        "--build-vocab", type=int, metavar="N", help="train a WordPiece vocabulary of about N (> 10) tokens on the corpus"
     )
     p.add_argument(
         "--segmenter",
@@ -770,7 +776,7 @@ def _parser():
         "none (WordPiece words: each Chinese character is a word)",
     )
     p.add_argument("--user-dict", help="jieba-format user dictionary (word [freq] [tag] per line) for jieba/rjieba")
-    p.add_argument("--workers", type=int, default=1, help="processes; the output is identical for any number")
+    p.add_argument("--workers", type=int, default=1, help="processes (>= 1); the output is identical for any number")
     p.add_argument("--shard-size", type=float, default=256.0, metavar="MB", help="token ids per shard file, in MiB")
     p.add_argument(
         "--chunk-size",
@@ -820,7 +826,7 @@ def main(argv=None):
         )
     except PrepareError as e:
         print(f"lub_fast.prepare: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(summary.format())
     return 0
 

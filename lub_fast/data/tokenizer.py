@@ -27,6 +27,7 @@ non-``##`` token that the segmenter put inside a word (e.g. ``OK`` in ``卡拉OK
 
 import hashlib
 import itertools
+import json
 import os
 import unicodedata
 
@@ -69,6 +70,33 @@ def read_vocab(path):
     if missing:
         raise ValueError(f"{path}: vocabulary lacks the special tokens {missing}")
     return tokens
+
+
+def check_vocab_file(path):
+    """Raise ``ValueError`` (one line naming ``path``) unless it is a BERT ``vocab.txt``: UTF-8
+    text, one token a line, with every one of ``SPECIAL_TOKENS``. Binary files and JSON files (a
+    ``tokenizer.json``, a ``vocab.json``) are told apart from a vocab.txt that lacks tokens."""
+    fix = f"pass a vocab.txt: UTF-8, one token a line, with {', '.join(SPECIAL_TOKENS)}"
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such vocabulary file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (invalid byte at {error.start}), not a vocab.txt: {fix}") from None
+    if "\0" in text:
+        raise ValueError(f"{path} is a binary file (NUL bytes), not a vocab.txt: {fix}")
+    try:
+        is_json = isinstance(json.loads(text.lstrip("\ufeff")), (dict, list))
+    except json.JSONDecodeError:
+        is_json = False
+    if is_json:
+        raise ValueError(f"{path} is a JSON file (a tokenizer.json or vocab.json?), not a vocab.txt: {fix}")
+    tokens = {line.rstrip("\r") for line in text.split("\n")}
+    missing = [t for t in SPECIAL_TOKENS if t not in tokens]
+    if missing:
+        raise ValueError(f"{path} lacks the special tokens {', '.join(missing)}, so it is not a BERT vocab.txt: {fix}")
 
 
 def is_cjk(cps):
