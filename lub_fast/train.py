@@ -104,7 +104,7 @@ class TrainConfig:
     optimizer: Literal["adamw", "lamb"] = option(
         "adamw", "adamw (fused where torch has it) or lamb (large batches)"
     )
-    lr: float = option(1e-4, "peak learning rate", gt=0)
+    lr: float = option(1e-4, "peak learning rate", ge=0)
     weight_decay: float = option(0.01, "decoupled weight decay (not on biases and LayerNorm)", ge=0)
     betas: tuple[float, float] = option((0.9, 0.999), "Adam/LAMB moment decay rates", ge=0, lt=1)
     eps: float = option(1e-6, "Adam/LAMB denominator epsilon", gt=0)
