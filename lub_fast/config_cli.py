@@ -106,12 +106,23 @@ def range_text(bounds: Mapping[str, Any]) -> str:
     return ""
 
 
-def _value_problem(value: Any, bounds: Mapping[str, Any]) -> str | None:
-    """Why ``value`` (a number, a tuple of numbers or None) breaks ``bounds``; None when it does not."""
-    if value is None or isinstance(value, (bool, str)):
+def _value_problem(value: Any, rules: Mapping[str, Any]) -> str | None:
+    """Why ``value`` breaks ``rules`` (the bounds and ``check`` of ``option``); None when it does not."""
+    if value is None:
+        return None
+    if "check" in rules:
+        try:
+            rules["check"](value)
+        except ValueError as error:
+            return str(error)
+    return _bounds_problem(value, rules)
+
+
+def _bounds_problem(value: Any, bounds: Mapping[str, Any]) -> str | None:
+    if isinstance(value, (bool, str)):
         return None
     if isinstance(value, (tuple, list)):
-        return next((p for p in (_value_problem(v, bounds) for v in value) if p), None)
+        return next((p for p in (_bounds_problem(v, bounds) for v in value) if p), None)
     if not isinstance(value, (int, float)):
         return None
     rule = range_text(bounds)
@@ -130,16 +141,11 @@ def _value_problem(value: Any, bounds: Mapping[str, Any]) -> str | None:
     return f"{value!r} is not allowed (must be {rule})"
 
 
-def check_value(name: str, value: Any, *, check: Any = None, **bounds: Any) -> None:
-    """Raise ``ConfigError`` naming the option ``--name`` when ``value`` breaks ``bounds``
-    (``ge``/``gt``/``le``/``lt``) or ``check``: the ranges of command-line options that are not
-    config fields. ``None`` is always allowed."""
-    problem = _value_problem(value, bounds)
-    if problem is None and check is not None and value is not None:
-        try:
-            check(value)
-        except ValueError as error:
-            problem = str(error)
+def check_value(name: str, value: Any, **rules: Any) -> None:
+    """Raise ``ConfigError`` naming the option ``--name`` when ``value`` breaks ``rules`` (``ge``,
+    ``gt``, ``le``, ``lt``, ``check``, as in ``option``): the ranges of command-line options that
+    are not config fields. ``None`` is always allowed."""
+    problem = _value_problem(value, rules)
     if problem is not None:
         raise ConfigError(problem, field=name)
 
@@ -154,11 +160,6 @@ def check_fields(config: Any, *, command: bool = False) -> None:
         if dataclasses.is_dataclass(value):
             continue
         problem = _value_problem(value, f.metadata)
-        if problem is None and "check" in f.metadata and value is not None:
-            try:
-                f.metadata["check"](value)
-            except ValueError as error:
-                problem = str(error)
         if problem is not None:
             if "flag" in f.metadata:
                 raise ConfigError(problem, field=f.metadata["flag"].removeprefix("--"))

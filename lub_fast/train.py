@@ -114,7 +114,7 @@ class TrainConfig:
     min_lr_ratio: float = option(0.0, "final learning rate as a fraction of the peak", ge=0, le=1)
     seed: int = option(0, "seed of dropout and other global RNG use (rank r uses seed + r)", ge=0)
     log_every: int = option(10, "steps per metrics.jsonl record (values averaged over them)", ge=1)
-    eval_every: int = option(0, "steps between evaluations (at most total_steps); 0: only at the end", ge=0)
+    eval_every: int = option(0, "steps between evaluations; 0: only at the end", ge=0)
     save_every: int = option(1000, "steps between checkpoints; 0: only at the end", ge=0)
     keep_last: int = option(3, "checkpoints to keep; 0 keeps all", ge=0)
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: CUDA when available")
@@ -122,9 +122,8 @@ class TrainConfig:
 
     def __post_init__(self):
         check_fields(self)
-        for name in ("warmup_steps", "eval_every"):
-            if getattr(self, name) > self.total_steps:
-                raise field_error(self, name, f"<= total_steps = {self.total_steps}")
+        if self.warmup_steps > self.total_steps:
+            raise field_error(self, "warmup_steps", f"<= total_steps = {self.total_steps}")
 
 
 @dataclass(frozen=True)

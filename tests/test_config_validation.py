@@ -159,7 +159,6 @@ PRETRAIN = [
     ("short_seq_prob 2", ["--data.short_seq_prob", "2"], ["--data.short_seq_prob: 2.0 ", "(must be in [0, 1])"]),
     ("betas", ["--train.betas=1.5,0.9"], ["--train.betas: 1.5 ", "(must be in [0, 1))"]),
     ("warmup above steps", ["--steps", "10", "--train.warmup_steps", "20"], ["--train.warmup_steps: 20 ", "<= total_steps = 10"]),
-    ("eval_every above steps", ["--steps", "10", "--train.eval_every", "50"], ["--train.eval_every: 50 ", "<= total_steps = 10"]),
     ("num_workers -1", ["--data.num_workers", "-1"], ["--data.num_workers: -1 ", "(must be >= 0)"]),
     ("lr nan", ["--train.lr=nan"], ["--train.lr: nan ", "(must be finite and >= 0)"]),
     ("heads", ["--model.size=tiny", "--model.num_attention_heads=3"],
