@@ -777,13 +777,13 @@ def _parser():
     )
     p.add_argument("--user-dict", help="jieba-format user dictionary (word [freq] [tag] per line) for jieba/rjieba")
     p.add_argument("--workers", type=int, default=1, help="processes (>= 1); the output is identical for any number")
-    p.add_argument("--shard-size", type=float, default=256.0, metavar="MB", help="token ids per shard file, in MiB")
+    p.add_argument("--shard-size", type=float, default=256.0, metavar="MB", help="token ids per shard file, in MiB (> 0)")
     p.add_argument(
         "--chunk-size",
         type=int,
         default=1024,
         metavar="KB",
-        help="input per unit of parallel work (bounds memory per worker; shards end at chunk ends)",
+        help="input per unit of parallel work (>= 1; bounds memory per worker; shards end at chunk ends)",
     )
     p.add_argument("--t2s", action="store_true", help="convert traditional to simplified Chinese (needs opencc)")
     p.add_argument(
@@ -792,12 +792,12 @@ def _parser():
         help="stop with file:line at invalid UTF-8, malformed JSON, binary or corrupt files "
         "(default: replace or drop, and count in the summary)",
     )
-    p.add_argument("--min-chars", type=int, default=2, help="drop sentences shorter than this (after cleaning)")
+    p.add_argument("--min-chars", type=int, default=2, help="drop sentences shorter than this (>= 1, after cleaning)")
     p.add_argument(
         "--max-sentence-chars",
         type=int,
         default=256,
-        help="split longer sentences at clause punctuation, then every this many characters",
+        help="split longer sentences at clause punctuation, then every this many characters (>= --min-chars)",
     )
     p.add_argument("--overwrite", action="store_true", help="delete shards of other settings in --output first")
     return p
