@@ -12,17 +12,28 @@ dataclasses. This module gives them one command-line grammar (the torchtitan/tyr
 Values are converted with the field's annotation and checked: a wrong type, an unknown field (with
 the closest names suggested) or a value outside a ``Literal`` raises ``ConfigError`` naming the
 dotted field. ``dataclasses.replace`` re-runs each dataclass's ``__post_init__`` validation.
+
+Ranges. Every numeric field declares its allowed values where it is defined, ``option(32, "...",
+ge=1)`` (``ge``/``gt``/``le``/``lt``; for a tuple, each item), and optionally a ``check`` (a
+function that raises ``ValueError`` for a bad value, such as ``output_dir``). ``describe`` prints
+them in ``--help``; each config's ``__post_init__`` calls ``check_fields(self)`` first and then
+its cross-field rules (``field_error``), so a config built in code, from the command line or from a
+saved ``config.json`` is checked before any work, with one line that names the field, the value and
+the range: ``--data.batch_size: 0 is not allowed (must be >= 1)``.
 """
 
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from lub_fast.errors import UsageError
 
 T = TypeVar("T")
 
@@ -31,13 +42,148 @@ _FALSE = ("0", "false", "no", "off")
 _NONE = ("none", "null")
 
 
-class ConfigError(ValueError):
-    """A config file or override that does not match the config's fields and types."""
+class ConfigError(UsageError, ValueError):
+    """A config file, override or value that does not match the config's fields, types and ranges.
+
+    ``field``: the dotted field the error is about (None: the whole config). ``owner``: the config
+    class that raised it, while the field's place in a command's config is not known yet; the
+    message then names ``Owner.field``, and ``placed(prefix)`` (applied by ``from_dict`` and the
+    overrides) turns it into the option ``--prefix.field``.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, owner: str | None = None):
+        self.detail, self.field, self.owner = message, field, owner
+        where = f"{owner}.{field}" if owner else f"--{field}" if field else None
+        super().__init__(f"{where}: {message}" if where else message)
+
+    def placed(self, prefix: str) -> "ConfigError":
+        """This error named as the option ``--{prefix}{field}`` (unchanged when already placed)."""
+        if self.owner is None or self.field is None:
+            return self
+        return ConfigError(self.detail, field=f"{prefix}{self.field}")
 
 
-def option(default: Any, help: str) -> Any:
-    """A dataclass field with a default and the help text that ``describe`` prints."""
-    return dataclasses.field(default=default, metadata={"help": help})
+_BOUNDS = ("ge", "gt", "le", "lt")
+
+
+def option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    check: Any = None,
+    flag: str | None = None,
+) -> Any:
+    """A dataclass field with a default, the help text that ``describe`` prints and its allowed
+    values: ``ge``/``gt``/``le``/``lt`` bounds (each item of a tuple; ``None`` always allowed for an
+    ``X | None`` field) and ``check(value)``, a function that raises ``ValueError`` for a bad
+    value. ``flag``: the command-line option that sets the field when it is not ``--FIELD``
+    (messages name it). ``check_fields`` enforces them."""
+    metadata = {"help": help}
+    for name, bound in zip(_BOUNDS, (ge, gt, le, lt)):
+        if bound is not None:
+            metadata[name] = bound
+    if check is not None:
+        metadata["check"] = check
+    if flag is not None:
+        metadata["flag"] = flag
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def range_text(bounds: Mapping[str, Any]) -> str:
+    """``{"ge": 0, "lt": 1}`` -> ``"in [0, 1)"``, ``{"ge": 1}`` -> ``">= 1"``; ``""`` without bounds."""
+    low = ("[", bounds["ge"]) if "ge" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    high = ("]", bounds["le"]) if "le" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    if low and high:
+        return f"in {low[0]}{low[1]}, {high[1]}{high[0]}"
+    if low:
+        return f"{'>=' if low[0] == '[' else '>'} {low[1]}"
+    if high:
+        return f"{'<=' if high[0] == ']' else '<'} {high[1]}"
+    return ""
+
+
+def _value_problem(value: Any, rules: Mapping[str, Any]) -> str | None:
+    """Why ``value`` breaks ``rules`` (the bounds and ``check`` of ``option``); None when it does not."""
+    if value is None:
+        return None
+    if "check" in rules:
+        try:
+            rules["check"](value)
+        except ValueError as error:
+            return str(error)
+    return _bounds_problem(value, rules)
+
+
+def _bounds_problem(value: Any, bounds: Mapping[str, Any]) -> str | None:
+    if isinstance(value, (bool, str)):
+        return None
+    if isinstance(value, (tuple, list)):
+        return next((p for p in (_bounds_problem(v, bounds) for v in value) if p), None)
+    if not isinstance(value, (int, float)):
+        return None
+    rule = range_text(bounds)
+    finite = not isinstance(value, float) or math.isfinite(value)
+    inside = (
+        finite
+        and ("ge" not in bounds or value >= bounds["ge"])
+        and ("gt" not in bounds or value > bounds["gt"])
+        and ("le" not in bounds or value <= bounds["le"])
+        and ("lt" not in bounds or value < bounds["lt"])
+    )
+    if inside:
+        return None
+    if not finite:
+        rule = f"finite and {rule}" if rule else "finite"
+    return f"{value!r} is not allowed (must be {rule})"
+
+
+def check_value(name: str, value: Any, **rules: Any) -> None:
+    """Raise ``ConfigError`` naming the option ``--name`` when ``value`` breaks ``rules`` (``ge``,
+    ``gt``, ``le``, ``lt``, ``check``, as in ``option``): the ranges of command-line options that
+    are not config fields. ``None`` is always allowed."""
+    problem = _value_problem(value, rules)
+    if problem is not None:
+        raise ConfigError(problem, field=name)
+
+
+def check_fields(config: Any, *, command: bool = False) -> None:
+    """Raise ``ConfigError`` for the first field of the dataclass ``config`` whose value breaks its
+    declared bounds or check (nested configs check themselves). ``command``: ``config`` is a
+    command's whole config, so its fields are named as the options ``--field``."""
+    owner = None if command else type(config).__name__
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            continue
+        problem = _value_problem(value, f.metadata)
+        if problem is not None:
+            if "flag" in f.metadata:
+                raise ConfigError(problem, field=f.metadata["flag"].removeprefix("--"))
+            raise ConfigError(problem, field=f.name, owner=owner)
+
+
+def field_error(config: Any, name: str, rule: str, *, command: bool = False) -> ConfigError:
+    """The ``ConfigError`` of a cross-field rule: field ``name`` (dotted for a nested field) of
+    ``config`` has a value that is not allowed; ``rule`` completes "must be ...". ``command`` as in
+    ``check_fields``."""
+    value = config
+    for part in name.split("."):
+        value = getattr(value, part)
+    message = f"{value!r} is not allowed (must be {rule})"
+    flag = next((f.metadata.get("flag") for f in dataclasses.fields(config) if f.name == name), None)
+    if flag is not None:
+        return ConfigError(message, field=flag.removeprefix("--"))
+    return ConfigError(message, field=name, owner=None if command else type(config).__name__)
+
+
+def output_dir(path: str) -> None:
+    """A ``check`` for a directory that a command creates or reuses: not an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{path} is an existing file, not a directory: choose another path")
 
 
 def to_dict(config: Any) -> dict[str, Any]:
@@ -70,7 +216,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, where: str = "") -> T:
         if key not in names:
             raise ConfigError(_unknown(f"{where}{key}", key, names))
         kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise error.placed(where) from None
+    except (ValueError, TypeError) as error:
+        raise ConfigError(f"{where.rstrip('.') or cls.__name__}: {error}") from None
 
 
 def _coerce(value: Any, annotation: Any, name: str) -> Any:
@@ -202,9 +353,9 @@ def _replace_path(config: Any, path: list[str], text: str, full: str) -> Any:
         value = _replace_path(child, path[1:], text, full)
     try:
         return dataclasses.replace(config, **{head: value})
+    except ConfigError as error:
+        raise error.placed(full[: len(full) - len(".".join(path))]) from None
     except (ValueError, TypeError) as error:
-        if isinstance(error, ConfigError):
-            raise
         raise ConfigError(f"--{full}={text}: {error}") from error
 
 
@@ -295,8 +446,10 @@ def describe(config: Any, prefix: str = "") -> list[str]:
             continue
         shown = ",".join(str(v) for v in value) if isinstance(value, tuple) else value
         help_text = f.metadata.get("help", "")
+        allowed = range_text(f.metadata)
         lines.append(
             f"--{prefix}{f.name}={_type_name(hints[f.name])} (default: {shown})"
+            + (f" {allowed}" if allowed else "")
             + (f"  {help_text}" if help_text else "")
         )
     return lines

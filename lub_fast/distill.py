@@ -52,7 +52,16 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from lub_fast.config_cli import ConfigError, describe, option, resolve_config
+from lub_fast.config_cli import (
+    ConfigError,
+    apply_overrides,
+    check_fields,
+    describe,
+    field_error,
+    option,
+    output_dir,
+    resolve_config,
+)
 from lub_fast.distill_cache import CacheError, CacheReader, CacheWriter, differences, fingerprint, indices_dtype, write_header
 from lub_fast.train import (
     AMP_DTYPES,
@@ -78,58 +87,81 @@ class StudentSection:
     init: Literal["auto", "teacher", "random"] = option(
         "auto", "preset students: copy the teacher's embeddings, head and every k-th layer (auto: when the widths match)"
     )
-    num_hidden_layers: int | None = option(None, "override the preset's layer count")
-    hidden_size: int | None = option(None, "override the preset's hidden size")
-    num_attention_heads: int | None = option(None, "override the preset's head count")
-    intermediate_size: int | None = option(None, "override the preset's feed-forward size")
-    embedding_size: int | None = option(None, "override the preset's embedding size (ALBERT, ELECTRA)")
-    hidden_dropout_prob: float | None = option(None, "override the preset's hidden dropout")
-    attention_probs_dropout_prob: float | None = option(None, "override the preset's attention dropout")
+    num_hidden_layers: int | None = option(None, "override the preset's layer count", ge=1)
+    hidden_size: int | None = option(None, "override the preset's hidden size", ge=1)
+    num_attention_heads: int | None = option(None, "override the preset's head count", ge=1)
+    intermediate_size: int | None = option(None, "override the preset's feed-forward size", ge=1)
+    embedding_size: int | None = option(None, "override the preset's embedding size (ALBERT, ELECTRA)", ge=1)
+    hidden_dropout_prob: float | None = option(None, "override the preset's hidden dropout", ge=0, lt=1)
+    attention_probs_dropout_prob: float | None = option(None, "override the preset's attention dropout", ge=0, lt=1)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class DataSection:
     data: tuple[str, ...] = option((), "training shard directories (python -m lub_fast.prepare)")
     eval_data: tuple[str, ...] = option((), "held-out shard directories (masked-token accuracy of the student)")
-    max_seq_len: int = option(128, "tokens per example, [CLS] and [SEP] included")
-    batch_size: int = option(32, "examples per micro-batch per rank")
-    short_seq_prob: float = option(0.1, "probability of a shorter target length (BERT's short_seq_prob)")
-    seed: int = option(12345, "seed of example order and masking")
-    num_workers: int = option(0, "DataLoader worker processes per rank")
-    eval_batches: int = option(8, "held-out micro-batches per evaluation")
+    max_seq_len: int = option(128, "tokens per example, [CLS] and [SEP] included", ge=8)
+    batch_size: int = option(32, "examples per micro-batch per rank", ge=1)
+    short_seq_prob: float = option(0.1, "probability of a shorter target length (BERT's short_seq_prob)", ge=0, le=1)
+    seed: int = option(12345, "seed of example order and masking", ge=0)
+    num_workers: int = option(0, "DataLoader worker processes per rank", ge=0)
+    eval_batches: int = option(8, "held-out micro-batches per evaluation", ge=1)
     verify: bool = option(True, "check the shards' sha256 checksums at start (each rank a share); false if verified")
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class MaskingSection:
     mode: Literal["whole_word", "ngram", "token"] = option("whole_word", "masking units")
-    rate: float = option(0.15, "fraction of maskable tokens to predict")
-    max_predictions: int = option(20, "most predicted tokens per example (BERT: 20 at 128, 80 at 512)")
+    rate: float = option(0.15, "fraction of maskable tokens to predict", gt=0, le=1)
+    max_predictions: int = option(20, "most predicted tokens per example (BERT: 20 at 128, 80 at 512)", ge=1)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class LossSection:
-    alpha_ce: float = option(5.0, "weight of KL(teacher_T || student_T) * T^2 at masked positions (DistilBERT 5.0)")
-    alpha_mlm: float = option(2.0, "weight of the student's MLM cross entropy (DistilBERT 2.0)")
-    alpha_cos: float = option(1.0, "weight of 1 - cos(student, teacher last hidden states) (DistilBERT 1.0)")
-    temperature: float = option(2.0, "softmax temperature T of the KL term (DistilBERT 2.0)")
+    alpha_ce: float = option(
+        5.0, "weight of KL(teacher_T || student_T) * T^2 at masked positions (DistilBERT 5.0)", ge=0
+    )
+    alpha_mlm: float = option(2.0, "weight of the student's MLM cross entropy (DistilBERT 2.0)", ge=0)
+    alpha_cos: float = option(1.0, "weight of 1 - cos(student, teacher last hidden states) (DistilBERT 1.0)", ge=0)
+    temperature: float = option(2.0, "softmax temperature T of the KL term (DistilBERT 2.0)", gt=0)
     cos_positions: Literal["all", "masked"] = option(
         "all", "cosine loss over all real tokens (DistilBERT) or the masked positions (a 20x smaller cache)"
     )
 
+    def __post_init__(self):
+        check_fields(self)
+        if self.alpha_ce == self.alpha_mlm == self.alpha_cos == 0:
+            raise field_error(self, "alpha_ce", "> 0 when alpha_mlm and alpha_cos are 0: the loss would be 0")
+
 
 @dataclass(frozen=True)
 class CacheSection:
-    top_k: int = option(64, "teacher logits kept per masked position (the vocabulary size: all)")
+    top_k: int = option(64, "teacher logits kept per masked position (the vocabulary size: all)", ge=1)
     values_dtype: Literal["float16", "float32"] = option("float16", "dtype of the cached logits and hidden states")
-    flush_every: int = option(64, "micro-batches between durable progress marks (resume points)")
+    flush_every: int = option(64, "micro-batches between durable progress marks (resume points)", ge=1)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     teacher: str | None = option(None, "teacher: HF directory or lub_fast pretrain run (optional with --cache)")
-    output: str = option("runs/distill", "run directory: checkpoints, logs, plots, HF export of the student")
-    cache_teacher: str | None = option(None, "step 1: write the teacher cache into this directory, then stop")
+    output: str = option(
+        "runs/distill", "run directory: checkpoints, logs, plots, HF export of the student", check=output_dir
+    )
+    cache_teacher: str | None = option(
+        None, "step 1: write the teacher cache into this directory, then stop", check=output_dir, flag="--cache-teacher"
+    )
     from_cache: str | None = option(None, "step 2: distill from this teacher cache (--cache)")
     student: StudentSection = field(default_factory=StudentSection)
     data: DataSection = field(default_factory=DataSection)
@@ -139,10 +171,11 @@ class DistillConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=5e-4, warmup_steps=100, max_grad_norm=5.0))
 
     def __post_init__(self):
+        check_fields(self, command=True)
         if self.cache_teacher and self.from_cache:
             raise ValueError("--cache-teacher (step 1) and --cache (step 2) are two runs: give one of them")
-        if self.cache.top_k < 1 or self.cache.flush_every < 1:
-            raise ValueError(f"cache.top_k and cache.flush_every must be >= 1, got {self.cache.top_k}, {self.cache.flush_every}")
+        if self.masking.max_predictions > self.data.max_seq_len:
+            raise field_error(self, "masking.max_predictions", f"<= data.max_seq_len = {self.data.max_seq_len}", command=True)
 
     @property
     def mode(self) -> str:
@@ -578,8 +611,8 @@ def parse_args(argv) -> tuple[DistillConfig, str | None]:
             cfg = dataclasses.replace(cfg, student=dataclasses.replace(cfg.student, model=args.student))
         if args.data:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data=tuple(args.data)))
-        if args.steps:
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, total_steps=args.steps))
+        if args.steps is not None:
+            cfg = apply_overrides(cfg, [f"train.total_steps={args.steps}"])
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return cfg, args.resume

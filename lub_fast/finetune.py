@@ -61,7 +61,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lub_fast.config_cli import ConfigError, apply_overrides, describe, load_config, option, split_overrides
+from lub_fast.config_cli import (
+    ConfigError,
+    apply_overrides,
+    check_fields,
+    describe,
+    load_config,
+    option,
+    output_dir,
+    split_overrides,
+)
 from lub_fast.models.hf import from_pretrained
 from lub_fast.objectives.finetune import objective_for
 from lub_fast.optim import param_groups
@@ -99,33 +108,25 @@ EXIT_INTERRUPTED = 143  # 128 + SIGTERM
 class FinetuneOptions:
     """Fine-tuning hyperparameters (``--finetune.FIELD=VALUE``); the task defaults fill the first three."""
 
-    epochs: int = option(3, "passes over the training data")
-    batch_size: int = option(32, "examples per optimizer step, over all ranks and accumulation steps")
-    max_seq_len: int = option(128, "word pieces per input, [CLS]/[SEP] included")
-    warmup_ratio: float = option(0.1, "fraction of the steps with linear warmup")
-    layer_decay: float = option(1.0, "layer-wise learning-rate decay: layer l of L gets lr * decay**(L+1-l); 1 = off")
-    patience: int = option(0, "stop after this many evaluations without a better dev metric; 0 = never")
-    eval_every: int = option(0, "steps between dev evaluations; 0 = once per epoch")
-    eval_batch_size: int = option(64, "examples per evaluation batch")
-    doc_stride: int = option(128, "cmrc2018 and ner: tokens between the starts of the windows of a long context or sentence")
-    max_query_len: int = option(64, "cmrc2018: question tokens kept")
-    n_best: int = option(20, "cmrc2018: start and end candidates searched per window")
-    max_answer_len: int = option(30, "cmrc2018: longest answer in tokens")
+    epochs: int = option(3, "passes over the training data", ge=1)
+    batch_size: int = option(32, "examples per optimizer step, over all ranks and accumulation steps", ge=1)
+    max_seq_len: int = option(128, "word pieces per input, [CLS]/[SEP] included", ge=4)
+    warmup_ratio: float = option(0.1, "fraction of the steps with linear warmup", ge=0, le=1)
+    layer_decay: float = option(
+        1.0, "layer-wise learning-rate decay: layer l of L gets lr * decay**(L+1-l); 1 = off", gt=0, le=1
+    )
+    patience: int = option(0, "stop after this many evaluations without a better dev metric; 0 = never", ge=0)
+    eval_every: int = option(0, "steps between dev evaluations; 0 = once per epoch", ge=0)
+    eval_batch_size: int = option(64, "examples per evaluation batch", ge=1)
+    doc_stride: int = option(
+        128, "cmrc2018 and ner: tokens between the starts of the windows of a long context or sentence", ge=1
+    )
+    max_query_len: int = option(64, "cmrc2018: question tokens kept", ge=1)
+    n_best: int = option(20, "cmrc2018: start and end candidates searched per window", ge=1)
+    max_answer_len: int = option(30, "cmrc2018: longest answer in tokens", ge=1)
 
     def __post_init__(self):
-        positive = ("epochs", "batch_size", "eval_batch_size", "doc_stride", "max_query_len", "n_best")
-        for name in positive + ("max_answer_len",):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FinetuneOptions.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("patience", "eval_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"FinetuneOptions.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"FinetuneOptions.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
-        if not 0.0 < self.layer_decay <= 1.0:
-            raise ValueError(f"FinetuneOptions.layer_decay must be in (0, 1], got {self.layer_decay}")
-        if self.max_seq_len < 4:
-            raise ValueError(f"FinetuneOptions.max_seq_len must be >= 4, got {self.max_seq_len}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class FinetuneConfig:
     train_file: str = option("", "training data (--train)")
     dev_file: str = option("", "dev data: picks the best checkpoint (--dev)")
     test_file: str | None = option(None, "test data, labelled or not (--test)")
-    output: str = option("", "output directory (--output)")
+    output: str = option("", "output directory (--output)", check=output_dir)
     labels: str | None = option(None, "label set file; default: the training file's labels (--labels)")
     text_fields: tuple[str, ...] | None = option(None, "task 'classification': text fields (--text-fields)")
     label_field: str | None = option(None, "task 'classification': label field (--label-field)")
@@ -147,6 +148,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self):
+        check_fields(self, command=True)
         kind = TASKS[self.task].kind
         if self.labels is not None and kind == "span":
             raise ValueError("cmrc2018 takes no label set (--labels)")

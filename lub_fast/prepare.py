@@ -55,6 +55,8 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
+from lub_fast.config_cli import ConfigError, check_fields, check_value, field_error, option
+from lub_fast.config_cli import output_dir as output_dir_check
 from lub_fast.data.clean import clean_line, last_sentence_end, sniff_encoding, split_sentences, to_simplified
 from lub_fast.data.segment import SEGMENTERS, Segmenter, segmenter_settings
 from lub_fast.data.shards import (
@@ -71,7 +73,7 @@ from lub_fast.data.shards import (
     token_dtype,
     write_json_atomic,
 )
-from lub_fast.data.tokenizer import WordPieceTokenizer, file_sha256, tokenizer_settings
+from lub_fast.data.tokenizer import WordPieceTokenizer, check_vocab_file, file_sha256, tokenizer_settings
 from lub_fast.data.tokenizer import build_vocab as build_vocab_fn
 
 PREPARE_FILE = "prepare.json"
@@ -124,20 +126,20 @@ class PrepareConfig:
     user_dict: str | None = None
     t2s: bool = False
     strict: bool = False
-    min_chars: int = 2
-    max_sentence_chars: int = 256
-    shard_size_mb: float = 256.0
-    chunk_kb: int = 1024
+    min_chars: int = option(2, flag="--min-chars", ge=1)
+    max_sentence_chars: int = option(256, flag="--max-sentence-chars", ge=1)
+    shard_size_mb: float = option(256.0, flag="--shard-size", gt=0)
+    chunk_kb: int = option(1024, flag="--chunk-size", ge=1)
 
     def __post_init__(self):
         if self.segmenter not in SEGMENTERS:
             raise PrepareError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {self.segmenter!r}")
-        if self.min_chars < 1 or self.max_sentence_chars < self.min_chars:
-            raise PrepareError(
-                f"need 1 <= --min-chars ({self.min_chars}) <= --max-sentence-chars ({self.max_sentence_chars})"
-            )
-        if self.shard_size_mb <= 0 or self.chunk_kb <= 0:
-            raise PrepareError("--shard-size and --chunk-size must be positive")
+        try:
+            check_fields(self)
+            if self.max_sentence_chars < self.min_chars:
+                raise field_error(self, "max_sentence_chars", f">= --min-chars = {self.min_chars}")
+        except ConfigError as error:
+            raise PrepareError(str(error)) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -845,9 +847,15 @@ def prepare_corpus(
     )
     if (vocab is None) == (build_vocab is None):
         raise PrepareError("give exactly one of --vocab FILE and --build-vocab N")
+    try:
+        # the command-line options that are not PrepareConfig fields, before anything is written
+        check_value("output", os.fspath(output_dir), check=output_dir_check)
+        check_value("vocab", vocab, check=check_vocab_file)
+        check_value("build-vocab", build_vocab, gt=10)
+        check_value("workers", workers, ge=1)
+    except ConfigError as error:
+        raise PrepareError(str(error)) from None
     vocab_data = _vocab_data(vocab) if vocab is not None else None
-    if build_vocab is not None and build_vocab <= 10:
-        raise PrepareError(f"--build-vocab {build_vocab}: too small for a vocabulary")
     if user_dict is not None and not os.path.isfile(user_dict):
         raise PrepareError(f"{user_dict}: no such user dictionary")
     if t2s:
@@ -1042,7 +1050,7 @@ def _parser():
         "vocab.txt, else its tokenizer.json's WordPiece vocabulary)",
     )
     v.add_argument(
-        "--build-vocab", type=int, metavar="N", help="train a WordPiece vocabulary of about N tokens on the corpus"
+        "--build-vocab", type=int, metavar="N", help="train a WordPiece vocabulary of about N (> 10) tokens on the corpus"
     )
     p.add_argument(
         "--segmenter",
@@ -1052,14 +1060,14 @@ def _parser():
         "none (WordPiece words: each Chinese character is a word)",
     )
     p.add_argument("--user-dict", help="jieba-format user dictionary (word [freq] [tag] per line) for jieba/rjieba")
-    p.add_argument("--workers", type=int, default=1, help="processes; the output is identical for any number")
-    p.add_argument("--shard-size", type=float, default=256.0, metavar="MB", help="token ids per shard file, in MiB")
+    p.add_argument("--workers", type=int, default=1, help="processes (>= 1); the output is identical for any number")
+    p.add_argument("--shard-size", type=float, default=256.0, metavar="MB", help="token ids per shard file, in MiB (> 0)")
     p.add_argument(
         "--chunk-size",
         type=int,
         default=1024,
         metavar="KB",
-        help="input per unit of parallel work (bounds memory per worker; shards end at chunk ends)",
+        help="input per unit of parallel work (>= 1; bounds memory per worker; shards end at chunk ends)",
     )
     p.add_argument("--t2s", action="store_true", help="convert traditional to simplified Chinese (needs opencc)")
     p.add_argument(
@@ -1068,12 +1076,12 @@ def _parser():
         help="stop with file:line at invalid UTF-8, malformed JSON, binary or corrupt files "
         "(default: replace or drop, and count in the summary)",
     )
-    p.add_argument("--min-chars", type=int, default=2, help="drop sentences shorter than this (after cleaning)")
+    p.add_argument("--min-chars", type=int, default=2, help="drop sentences shorter than this (>= 1, after cleaning)")
     p.add_argument(
         "--max-sentence-chars",
         type=int,
         default=256,
-        help="split longer sentences at clause punctuation, then every this many characters",
+        help="split longer sentences at clause punctuation, then every this many characters (>= --min-chars)",
     )
     p.add_argument("--overwrite", action="store_true", help="delete shards of other settings in --output first")
     return p
@@ -1128,7 +1136,7 @@ def main(argv=None):
         )
     except PrepareError as e:
         print(f"lub_fast.prepare: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(summary.format())
     return 0
 

@@ -41,7 +41,17 @@ from typing import Literal
 import torch
 
 from lub_fast.checkpoint import CheckpointError  # noqa: E402
-from lub_fast.config_cli import ConfigError, describe, option, resolve_config  # noqa: E402
+from lub_fast.config_cli import (  # noqa: E402
+    ConfigError,
+    apply_overrides,
+    check_fields,
+    describe,
+    field_error,
+    option,
+    output_dir,
+    resolve_config,
+)
+from lub_fast.data.tokenizer import check_vocab_file  # noqa: E402
 from lub_fast.train import TrainConfig, init_distributed, shutdown_distributed, train  # noqa: E402
 
 RECIPES = ("bert", "roberta", "albert", "electra")
@@ -61,47 +71,64 @@ class PretrainError(ValueError):
 @dataclass(frozen=True)
 class ModelSection:
     size: Literal["tiny", "small", "base", "large"] = option("base", "size preset of the recipe's family")
-    num_hidden_layers: int | None = option(None, "override the preset's layer count")
-    hidden_size: int | None = option(None, "override the preset's hidden size")
-    num_attention_heads: int | None = option(None, "override the preset's head count")
-    intermediate_size: int | None = option(None, "override the preset's feed-forward size")
-    embedding_size: int | None = option(None, "factorized embedding size (ALBERT, ELECTRA)")
-    max_position_embeddings: int | None = option(None, "override the preset's maximum positions")
-    hidden_dropout_prob: float | None = option(None, "override the preset's hidden dropout")
-    attention_probs_dropout_prob: float | None = option(None, "override the preset's attention dropout")
+    num_hidden_layers: int | None = option(None, "override the preset's layer count", ge=1)
+    hidden_size: int | None = option(None, "override the preset's hidden size", ge=1)
+    num_attention_heads: int | None = option(None, "override the preset's head count", ge=1)
+    intermediate_size: int | None = option(None, "override the preset's feed-forward size", ge=1)
+    embedding_size: int | None = option(None, "factorized embedding size (ALBERT, ELECTRA)", ge=1)
+    max_position_embeddings: int | None = option(None, "override the preset's maximum positions", ge=1)
+    hidden_dropout_prob: float | None = option(None, "override the preset's hidden dropout", ge=0, lt=1)
+    attention_probs_dropout_prob: float | None = option(None, "override the preset's attention dropout", ge=0, lt=1)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class DataSection:
     data: tuple[str, ...] = option((), "shard directories, or raw text files/directories/globs to prepare")
     eval_data: tuple[str, ...] = option((), "held-out shard directories (default: split from raw text)")
-    max_seq_len: int = option(128, "tokens per example, [CLS] and [SEP] included")
-    batch_size: int = option(32, "examples per micro-batch per rank")
-    short_seq_prob: float = option(0.1, "probability of a shorter target length (BERT's short_seq_prob)")
+    max_seq_len: int = option(128, "tokens per example, [CLS] and [SEP] included", ge=8)
+    batch_size: int = option(32, "examples per micro-batch per rank", ge=1)
+    short_seq_prob: float = option(0.1, "probability of a shorter target length (BERT's short_seq_prob)", ge=0, le=1)
     pair: Literal["auto", "none", "nsp", "sop"] = option("auto", "sentence-pair task; auto: the recipe's")
-    seed: int = option(12345, "seed of example order, pairs and masking")
-    num_workers: int = option(0, "DataLoader worker processes per rank")
-    eval_batches: int = option(8, "held-out micro-batches per evaluation")
-    holdout_every: int = option(20, "raw text: every n-th document is held out for evaluation")
-    vocab: str | None = option(None, "vocab.txt of the data (raw text is tokenized, shards checked with it); default: the init model's, or built")
-    build_vocab: int = option(8000, "raw text without a vocab: WordPiece vocabulary size to build")
+    seed: int = option(12345, "seed of example order, pairs and masking", ge=0)
+    num_workers: int = option(0, "DataLoader worker processes per rank", ge=0)
+    eval_batches: int = option(8, "held-out micro-batches per evaluation", ge=1)
+    holdout_every: int = option(20, "raw text: every n-th document is held out for evaluation; 0: none", ge=0)
+    vocab: str | None = option(
+        None, "vocab.txt of the data (raw text is tokenized, shards checked with it); default: the init model's, "
+        "or built", check=check_vocab_file
+    )
+    build_vocab: int = option(8000, "raw text without a vocab: WordPiece vocabulary size to build", gt=10)
     segmenter: Literal["jieba", "rjieba", "none"] = option("jieba", "raw text: word segmenter for whole-word masking")
-    prepare_workers: int = option(1, "raw text: parallel processes for preparing")
+    prepare_workers: int = option(1, "raw text: parallel processes for preparing", ge=1)
     verify: bool = option(True, "check the shards' sha256 checksums at start (each rank a share); false if verified")
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.holdout_every == 1:
+            raise field_error(self, "holdout_every", "0 or >= 2; 0 holds out nothing, 1 would hold out every document")
 
 
 @dataclass(frozen=True)
 class MaskingSection:
     mode: Literal["auto", "whole_word", "ngram", "token"] = option("auto", "masking units; auto: the recipe's")
-    rate: float = option(0.15, "fraction of maskable tokens to predict")
-    max_predictions: int = option(20, "most predicted tokens per example (BERT: 20 at 128, 80 at 512)")
+    rate: float = option(0.15, "fraction of maskable tokens to predict", gt=0, le=1)
+    max_predictions: int = option(20, "most predicted tokens per example (BERT: 20 at 128, 80 at 512)", ge=1)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class ElectraSection:
-    generator_divisor: int = option(4, "generator hidden size = discriminator's / this")
-    disc_weight: float = option(50.0, "weight of the replaced-token-detection loss")
-    temperature: float = option(1.0, "generator sampling temperature")
+    generator_divisor: int = option(4, "generator hidden size = discriminator's / this", ge=1)
+    disc_weight: float = option(50.0, "weight of the replaced-token-detection loss", ge=0)
+    temperature: float = option(1.0, "generator sampling temperature", gt=0)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -110,12 +137,42 @@ class PretrainConfig:
     init_from: str | None = option(
         None, "HF directory or TF-1 checkpoint to continue pretraining from (electra: DISC_DIR,GEN_DIR "
         "or one TF-1 checkpoint holding both)")
-    output: str = option("runs/pretrain", "run directory: checkpoints, logs, plots, HF export")
+    output: str = option("runs/pretrain", "run directory: checkpoints, logs, plots, HF export", check=output_dir)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     masking: MaskingSection = field(default_factory=MaskingSection)
     electra: ElectraSection = field(default_factory=ElectraSection)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        check_fields(self, command=True)
+        if self.masking.max_predictions > self.data.max_seq_len:
+            raise field_error(self, "masking.max_predictions", f"<= data.max_seq_len = {self.data.max_seq_len}", command=True)
+        if not self.init_from:
+            self._check_model()
+
+    def _check_model(self):
+        """The recipe's preset with the --model overrides (and the ELECTRA generator) is a valid
+        model for --data.max_seq_len: checked here, before any data is prepared."""
+        from lub_fast.models.config import EncoderConfig
+
+        try:
+            config = EncoderConfig.preset(self.family, self.model.size, **_model_overrides(self))
+        except ConfigError as error:
+            raise error.placed("model.") from None
+        except ValueError as error:
+            raise ConfigError(f"--model: {error}") from None
+        positions = config.max_position_embeddings - config.position_offset
+        if self.data.max_seq_len > positions:
+            rule = f"<= the model's {positions} positions (--model.max_position_embeddings)"
+            raise field_error(self, "data.max_seq_len", rule, command=True)
+        if self.recipe == "electra":
+            try:
+                config.electra_generator(self.electra.generator_divisor)
+            except ValueError:
+                rule = (f"<= hidden_size = {config.hidden_size}, leaving a generator hidden size divisible by its "
+                        f"heads, num_attention_heads = {config.num_attention_heads} / it")
+                raise field_error(self, "electra.generator_divisor", rule, command=True) from None
 
     @property
     def family(self) -> str:
@@ -804,8 +861,8 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, **changes)
         if args.data:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data=tuple(args.data)))
-        if args.steps:
-            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, total_steps=args.steps))
+        if args.steps is not None:
+            cfg = apply_overrides(cfg, [f"train.total_steps={args.steps}"])
         summary = run(cfg, resume="latest" if args.resume else None, demo=demo)
     except (PretrainError, ConfigError, CheckpointError) as error:
         print(f"lub_fast.pretrain: error: {error}", file=sys.stderr)

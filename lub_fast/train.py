@@ -81,7 +81,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from lub_fast import checkpoint as ckpt
-from lub_fast.config_cli import option, save_config, to_dict
+from lub_fast.config_cli import check_fields, field_error, option, save_config, to_dict
 from lub_fast.logging_utils import MetricsLog, plot_metrics
 from lub_fast.optim import build_optimizer, build_scheduler
 
@@ -97,8 +97,8 @@ _RESERVED = ("loss", "lr", "grad_norm", "step", "micro_step", "samples", "tokens
 class TrainConfig:
     """How to optimize (the objective, model and data have their own configs)."""
 
-    total_steps: int = option(1000, "optimizer steps to train for")
-    grad_accum_steps: int = option(1, "micro-batches per rank per optimizer step")
+    total_steps: int = option(1000, "optimizer steps to train for", ge=1)
+    grad_accum_steps: int = option(1, "micro-batches per rank per optimizer step", ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = option(
         "auto",
         "auto: bf16 on a CUDA device that supports it, else fp32 (the resolved value goes to config.json); "
@@ -107,34 +107,26 @@ class TrainConfig:
     optimizer: Literal["adamw", "lamb"] = option(
         "adamw", "adamw (fused where torch has it) or lamb (large batches)"
     )
-    lr: float = option(1e-4, "peak learning rate")
-    weight_decay: float = option(0.01, "decoupled weight decay (not on biases and LayerNorm)")
-    betas: tuple[float, float] = option((0.9, 0.999), "Adam/LAMB moment decay rates")
-    eps: float = option(1e-6, "Adam/LAMB denominator epsilon")
-    max_grad_norm: float = option(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    lr: float = option(1e-4, "peak learning rate", ge=0)
+    weight_decay: float = option(0.01, "decoupled weight decay (not on biases and LayerNorm)", ge=0)
+    betas: tuple[float, float] = option((0.9, 0.999), "Adam/LAMB moment decay rates", ge=0, lt=1)
+    eps: float = option(1e-6, "Adam/LAMB denominator epsilon", gt=0)
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this; 0 disables clipping", ge=0)
     schedule: Literal["linear", "cosine", "constant"] = option("linear", "decay after warmup")
-    warmup_steps: int = option(0, "linear warmup steps")
-    min_lr_ratio: float = option(0.0, "final learning rate as a fraction of the peak")
-    seed: int = option(0, "seed of dropout and other global RNG use (rank r uses seed + r)")
-    log_every: int = option(10, "steps per metrics.jsonl record (values averaged over them)")
-    eval_every: int = option(0, "steps between evaluations; 0: only at the end")
-    save_every: int = option(1000, "steps between checkpoints; 0: only at the end")
-    keep_last: int = option(3, "checkpoints to keep; 0 keeps all")
+    warmup_steps: int = option(0, "linear warmup steps (at most total_steps)", ge=0)
+    min_lr_ratio: float = option(0.0, "final learning rate as a fraction of the peak", ge=0, le=1)
+    seed: int = option(0, "seed of dropout and other global RNG use (rank r uses seed + r)", ge=0)
+    log_every: int = option(10, "steps per metrics.jsonl record (values averaged over them)", ge=1)
+    eval_every: int = option(0, "steps between evaluations; 0: only at the end", ge=0)
+    save_every: int = option(1000, "steps between checkpoints; 0: only at the end", ge=0)
+    keep_last: int = option(3, "checkpoints to keep; 0 keeps all", ge=0)
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto: CUDA when available")
     find_unused_parameters: bool = option(False, "DDP: allow parameters that get no gradient in a step")
 
     def __post_init__(self):
-        for name in ("total_steps", "grad_accum_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "save_every", "keep_last", "seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "eps", "max_grad_norm"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        check_fields(self)
+        if self.warmup_steps > self.total_steps:
+            raise field_error(self, "warmup_steps", f"<= total_steps = {self.total_steps}")
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

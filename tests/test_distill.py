@@ -331,7 +331,7 @@ def test_distill_errors_name_the_problem(shards, random_teacher, tmp_path, capsy
         distill.run(_config(shards, None, tmp_path / "e", from_cache=cache_dir))
     # the command line: exit status 2 and the message
     assert distill.main(["--teacher", random_teacher, "--data", shards[0], "--output", str(tmp_path / "f"),
-                         "--student.init=teacher", "--student", "tiny", "--steps", "2"]) == 2
+                         "--student.init=teacher", "--student", "tiny", "--steps", "2", "--train.warmup_steps=0"]) == 2
     assert "cannot be initialised from the teacher" in capsys.readouterr().err
 
 

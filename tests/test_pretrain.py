@@ -405,7 +405,7 @@ def _error_cases(data, hf_bert, hf5_bert, tmp):
         ("vocab size", ["--init-from", bigger, *base], ["vocab_size", str(config["vocab_size"])]),
         ("init vocab", ["--init-from", other_vocab, *base], ["another vocabulary", "vocab.txt"]),
         ("family", ["--recipe", "albert", "--init-from", hf_bert, *base], ["bert checkpoint", "albert"]),
-        ("positions", [*base, "--model.max_position_embeddings=32"], ["max_seq_len 64", "32 positions"]),
+        ("positions", [*base, "--model.max_position_embeddings=32"], ["--data.max_seq_len: 64", "32 positions"]),
         ("electra family", ["--recipe", "electra", "--init-from", hf_bert, *base], ["bert checkpoint"]),
         ("electra without generator", ["--recipe", "electra", "--init-from", tmp / "tf1_discriminator_only", *base],
          ["tf1_discriminator_only/model.ckpt", "holds no generator", "DISC_DIR,GEN_DIR"]),
@@ -503,7 +503,7 @@ def test_pretrain_demo_exports_a_model_transformers_loads(tmp_path, monkeypatch,
 
     monkeypatch.setenv("LUB_FAST_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    _main(["--demo", "--steps", 4, "--output", out])
+    _main(["--demo", "--steps", 4, "--train.warmup_steps=2", "--output", out])
     printed = capsys.readouterr().out
     assert "held-out masked-token accuracy" in printed and str(out / "hf") in printed, printed[-2000:]
     assert (tmp_path / "cache" / "demo" / "train" / "meta.json").is_file()

@@ -16,11 +16,12 @@ is [104, 21128).
 """
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from lub_fast.config_cli import check_fields, option
 from lub_fast.ops.wwm import IGNORE_INDEX, MODES, wwm_mask
 
 # Keys of an example that the collator consumes; every other key is an int label passed through.
@@ -41,32 +42,25 @@ class MaskingConfig:
     ``(1 + largest special id, vocab_size)``. It must not contain a special id.
     """
 
-    vocab_size: int
-    cls_token_id: int
-    sep_token_id: int
-    pad_token_id: int
-    mask_token_id: int
-    unk_token_id: int
-    extra_special_ids: tuple[int, ...] = ()
+    vocab_size: int = option(ge=1)
+    cls_token_id: int = option(ge=0)
+    sep_token_id: int = option(ge=0)
+    pad_token_id: int = option(ge=0)
+    mask_token_id: int = option(ge=0)
+    unk_token_id: int = option(ge=0)
+    extra_special_ids: tuple[int, ...] = option((), ge=0)
     mode: str = "whole_word"
-    rate: float = 0.15
-    max_predictions: int | None = None
-    seed: int = 0
-    max_seq_len: int = 512
-    pad_to_multiple_of: int | None = None
-    random_ids: tuple[int, int] | None = field(default=None)
+    rate: float = option(0.15, gt=0, le=1)
+    max_predictions: int | None = option(None, ge=1)
+    seed: int = option(0, ge=0)
+    max_seq_len: int = option(512, ge=1)
+    pad_to_multiple_of: int | None = option(None, ge=1)
+    random_ids: tuple[int, int] | None = option(None, ge=0)
 
     def __post_init__(self):
+        check_fields(self)
         if self.mode not in MODES:
             raise ValueError(f"MaskingConfig.mode must be one of {MODES}, got {self.mode!r}")
-        if not 0.0 <= self.rate <= 1.0:
-            raise ValueError(f"MaskingConfig.rate must be in [0, 1], got {self.rate}")
-        if self.max_predictions is not None and self.max_predictions < 0:
-            raise ValueError(f"MaskingConfig.max_predictions must be >= 0 or None, got {self.max_predictions}")
-        if self.max_seq_len < 1:
-            raise ValueError(f"MaskingConfig.max_seq_len must be >= 1, got {self.max_seq_len}")
-        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ValueError(f"MaskingConfig.pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}")
         specials = self.special_ids + (self.unk_token_id,)
         bad = [i for i in specials if not 0 <= i < self.vocab_size]
         if bad:

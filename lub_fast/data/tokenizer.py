@@ -34,6 +34,7 @@ non-``##`` token that the segmenter put inside a word (e.g. ``OK`` in ``卡拉OK
 
 import hashlib
 import itertools
+import json
 import os
 import unicodedata
 
@@ -187,6 +188,42 @@ def bert_tokenizer_config(model_max_length):
         "mask_token": "[MASK]",
         "model_max_length": model_max_length,
     }
+
+
+def check_vocab_file(path):
+    """Raise ``ValueError`` (one line naming ``path``) unless it names a vocabulary: a BERT
+    ``vocab.txt`` (UTF-8 text, one token a line, with every one of ``SPECIAL_TOKENS``), a WordPiece
+    ``tokenizer.json``, or a model directory holding either (``model_vocab``). Binary files and other
+    JSON files (a ``vocab.json``) are told apart from a vocab.txt that lacks tokens."""
+    fix = f"pass a vocab.txt: UTF-8, one token a line, with {', '.join(SPECIAL_TOKENS)}"
+    if os.path.isdir(path):
+        if model_vocab(path) is None:
+            raise ValueError(f"{path}: a directory without {VOCAB_FILE} or {TOKENIZER_JSON}: {fix}, or a model directory")
+        return
+    if os.path.basename(path) == TOKENIZER_JSON and os.path.isfile(path):
+        with open(path, "rb") as f:
+            _tokenizer_json_vocab(f.read(), path)
+        return
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such vocabulary file")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text (invalid byte at {error.start}), not a vocab.txt: {fix}") from None
+    if "\0" in text:
+        raise ValueError(f"{path} is a binary file (NUL bytes), not a vocab.txt: {fix}")
+    try:
+        is_json = isinstance(json.loads(text.lstrip("\ufeff")), (dict, list))
+    except json.JSONDecodeError:
+        is_json = False
+    if is_json:
+        raise ValueError(f"{path} is a JSON file (a tokenizer.json or vocab.json?), not a vocab.txt: {fix}")
+    tokens = {line.rstrip("\r") for line in text.split("\n")}
+    missing = [t for t in SPECIAL_TOKENS if t not in tokens]
+    if missing:
+        raise ValueError(f"{path} lacks the special tokens {', '.join(missing)}, so it is not a BERT vocab.txt: {fix}")
 
 
 def is_cjk(cps):

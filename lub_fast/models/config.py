@@ -21,6 +21,8 @@ differences are fields:
 import dataclasses
 from dataclasses import dataclass
 
+from lub_fast.config_cli import check_fields, field_error, option
+
 FAMILIES = ("bert", "roberta", "albert", "electra")
 SIZES = ("tiny", "small", "base", "large")
 
@@ -48,24 +50,24 @@ class EncoderConfig:
     sharing), ``classifier_dropout`` -> ``hidden_dropout_prob``."""
 
     family: str = "bert"
-    vocab_size: int = _CHINESE_VOCAB
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    embedding_size: int | None = None
-    num_hidden_groups: int | None = None
-    inner_group_num: int = 1
+    vocab_size: int = option(_CHINESE_VOCAB, ge=1)
+    hidden_size: int = option(768, ge=1)
+    num_hidden_layers: int = option(12, ge=1)
+    num_attention_heads: int = option(12, ge=1)
+    intermediate_size: int = option(3072, ge=1)
+    embedding_size: int | None = option(None, ge=1)
+    num_hidden_groups: int | None = option(None, ge=1)
+    inner_group_num: int = option(1, ge=1)
     hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1
-    classifier_dropout: float | None = None
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    layer_norm_eps: float = 1e-12
-    pad_token_id: int = 0
-    position_offset: int = 0
-    initializer_range: float = 0.02
+    hidden_dropout_prob: float = option(0.1, ge=0, lt=1)
+    attention_probs_dropout_prob: float = option(0.1, ge=0, lt=1)
+    classifier_dropout: float | None = option(None, ge=0, lt=1)
+    max_position_embeddings: int = option(512, ge=1)
+    type_vocab_size: int = option(2, ge=1)
+    layer_norm_eps: float = option(1e-12, gt=0)
+    pad_token_id: int = option(0, ge=0)
+    position_offset: int = option(0, ge=0)
+    initializer_range: float = option(0.02, ge=0)
 
     def __post_init__(self):
         if self.embedding_size is None:
@@ -74,6 +76,7 @@ class EncoderConfig:
             object.__setattr__(self, "num_hidden_groups", self.num_hidden_layers)
         if self.classifier_dropout is None:
             object.__setattr__(self, "classifier_dropout", self.hidden_dropout_prob)
+        check_fields(self)
         self._validate()
 
     def _validate(self):
@@ -83,10 +86,7 @@ class EncoderConfig:
         if self.family not in FAMILIES:
             fail(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.hidden_size % self.num_attention_heads:
-            fail(
-                f"hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
-                f"{self.num_attention_heads}"
-            )
+            raise field_error(self, "hidden_size", f"a multiple of num_attention_heads = {self.num_attention_heads}")
         if self.hidden_act not in GELU_APPROXIMATE:
             fail(f"hidden_act must be one of {tuple(GELU_APPROXIMATE)}, got {self.hidden_act!r}")
         if not 1 <= self.num_hidden_groups <= self.num_hidden_layers:

@@ -86,7 +86,7 @@ def test_config_cli_overrides_typed_values():
         ("train.betas=0.9", "expected 2 comma-separated items"),
         ("model=3", "model is a config section"),
         ("name.x=1", "name.x: name is a STR field, not a section"),
-        ("train.total_steps=0", "total_steps must be >= 1, got 0"),
+        ("train.total_steps=0", "--train.total_steps: 0 is not allowed (must be >= 1)"),
         ("train.hidden_size", "must look like section.field=value"),
     ],
 )
