@@ -126,7 +126,8 @@ def files(tmp_path_factory):
     (d / "a_file").write_text("not a directory\n", encoding="utf-8")
     (d / "image.bin").write_bytes(bytes(range(256)) * 4)
     tokenizer = {"version": "1.0", "model": {"type": "WordPiece", "vocab": {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "[MASK]": 4}}}
-    (d / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2), encoding="utf-8")
+    (d / "tokenizer.json").write_text(json.dumps(tokenizer, indent=2), encoding="utf-8")  # lacks WordPiece fields
+    (d / "vocab.json").write_text(json.dumps(tokenizer["model"]["vocab"]), encoding="utf-8")
     (d / "words.txt").write_text("今\n天\n气\n", encoding="utf-8")
     (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"今天气很好"]) + "\n", encoding="utf-8")
     bad = to_dict(pretrain.PretrainConfig())
@@ -138,7 +139,8 @@ def files(tmp_path_factory):
 def _vocab_cases(flag):
     return [
         (f"{flag} binary", [f"--{flag}", "{d}/image.bin"], [f"--{flag}:", "image.bin", "not UTF-8", "[MASK]"]),
-        (f"{flag} json", [f"--{flag}", "{d}/tokenizer.json"], [f"--{flag}:", "tokenizer.json", "JSON file", "one token a line"]),
+        (f"{flag} json", [f"--{flag}", "{d}/vocab.json"], [f"--{flag}:", "vocab.json", "JSON file", "one token a line"]),
+        (f"{flag} broken tokenizer.json", [f"--{flag}", "{d}/tokenizer.json"], [f"--{flag}:", "tokenizer.json", "not a readable tokenizers file"]),
         (f"{flag} no specials", [f"--{flag}", "{d}/words.txt"], [f"--{flag}:", "words.txt", "lacks the special tokens [PAD]"]),
     ]
 

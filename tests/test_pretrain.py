@@ -295,7 +295,7 @@ def test_pretrain_init_from_tokenizer_json_trains_and_exports_its_ids(data, hf5_
     docs = _documents(data, 60)
     text.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     with pytest.warns(UserWarning, match=r"no weights for \['mlm'\]"):
-        _main(["--init-from", init, "--data", text, "--output", out, "--steps", 2, *TINY, "--train.lr=0"])
+        _main(["--init-from", init, "--data", text, "--output", out, "--steps", 2, *TINY, "--train.lr=0", "--train.warmup_steps=0"])
     assert read_vocab(out / "data" / "train" / "vocab.txt") == shuffled
     model_tokenizer = transformers.AutoTokenizer.from_pretrained(init)
     shards = open_shards(out / "data" / "train").shards[0]
@@ -376,7 +376,7 @@ def test_pretrain_init_from_tf1_electra_continues_both_networks(data, tmp_path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             _main(["--recipe", "electra", "--init-from", source, "--data", data["train"], "--output", out,
-                   "--steps", 2, *TINY, "--train.lr=0"])  # fmt: skip
+                   "--steps", 2, *TINY, "--train.lr=0", "--train.warmup_steps=0"])  # fmt: skip
         initialised = [str(w.message) for w in caught if "initialised" in str(w.message)]
         assert not initialised, (name, initialised)
         config = json.loads((out / "hf" / "generator" / "config.json").read_text())
@@ -532,7 +532,7 @@ def test_pretrain_stops_at_a_corrupt_shard_unless_told_it_is_verified(data, tmp_
     raw = bytearray(path.read_bytes())
     raw[0] ^= 1  # the lowest bit of an id below 3000: still valid, only the checksum sees it
     path.write_bytes(bytes(raw))
-    args = ["--recipe", "roberta", "--data", copy, "--steps", "2", *TINY]
+    args = ["--recipe", "roberta", "--data", copy, "--steps", "2", *TINY, "--train.warmup_steps=0"]
     capsys.readouterr()
     code = pretrain.main([str(a) for a in [*args, "--output", tmp_path / "a"]])
     err = capsys.readouterr().err.strip()
