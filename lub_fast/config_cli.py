@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from lub_fast.errors import UsageError
+
 T = TypeVar("T")
 
 _TRUE = ("1", "true", "yes", "on")
@@ -31,7 +33,7 @@ _FALSE = ("0", "false", "no", "off")
 _NONE = ("none", "null")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config file or override that does not match the config's fields and types."""
 
 

@@ -56,6 +56,8 @@ from lub_fast.data.shards import (
 )
 from lub_fast.data.tokenizer import WordPieceTokenizer, file_sha256, tokenizer_settings
 from lub_fast.data.tokenizer import build_vocab as build_vocab_fn
+from lub_fast.errors import EXIT_CODES_HELP, UsageError, run_command
+from lub_fast.lock import output_lock
 
 PREPARE_FILE = "prepare.json"
 INPUT_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
@@ -84,7 +86,7 @@ FIXED = {
 }
 
 
-class PrepareError(Exception):
+class PrepareError(UsageError):
     """Bad input or output directory: the one-line message names the file (and line) and the rule."""
 
 
@@ -747,6 +749,7 @@ def _parser():
         description="Turn raw Chinese text into shards for whole-word-masking pretraining "
         "(clean, split sentences, segment words, WordPiece, memory-mapped shards).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EXIT_CODES_HELP,
     )
     p.add_argument(
         "inputs",
@@ -800,29 +803,29 @@ def _parser():
 def main(argv=None):
     """CLI entry point; returns the exit status."""
     args = _parser().parse_args(argv)
-    try:
-        summary = prepare_corpus(
-            args.inputs,
-            args.output,
-            vocab=args.vocab,
-            build_vocab=args.build_vocab,
-            segmenter=args.segmenter,
-            user_dict=args.user_dict,
-            workers=args.workers,
-            shard_size_mb=args.shard_size,
-            chunk_kb=args.chunk_size,
-            t2s=args.t2s,
-            strict=args.strict,
-            min_chars=args.min_chars,
-            max_sentence_chars=args.max_sentence_chars,
-            overwrite=args.overwrite,
-            progress=True,
-        )
-    except PrepareError as e:
-        print(f"lub_fast.prepare: error: {e}", file=sys.stderr)
-        return 1
-    print(summary.format())
-    return 0
+
+    def body():
+        with output_lock(args.output, "prepare"):
+            summary = prepare_corpus(
+                args.inputs,
+                args.output,
+                vocab=args.vocab,
+                build_vocab=args.build_vocab,
+                segmenter=args.segmenter,
+                user_dict=args.user_dict,
+                workers=args.workers,
+                shard_size_mb=args.shard_size,
+                chunk_kb=args.chunk_size,
+                t2s=args.t2s,
+                strict=args.strict,
+                min_chars=args.min_chars,
+                max_sentence_chars=args.max_sentence_chars,
+                overwrite=args.overwrite,
+                progress=True,
+            )
+        print(summary.format())
+
+    return run_command("prepare", body)
 
 
 if __name__ == "__main__":

@@ -163,8 +163,9 @@ def test_pretrain_sigterm_mid_window_saves_and_resume_is_exact(data, tmp_path):
     _main(_args(data, "roberta", reference, *extra))
     args = _args(data, "roberta", out, *extra)
     stopped = _helper("--term-at-micro-step", 6, "--", *args)
-    assert stopped.returncode == 0, stopped.stderr[-2000:]
-    assert "Stopped at step 3" in stopped.stdout, stopped.stdout[-1000:]
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith("lub_fast.pretrain: stopped by SIGTERM at step 3") and "--resume" in last, last
     assert [p.name for p in list_checkpoints(out)] == ["step_00000003_micro_0001"]
     assert not (out / "hf").exists()
     _main([*args, "--resume"])

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lub_fast.errors import UsageError
 from lub_fast.tf1.crc import crc32c, mask_crc, unmask_crc
 from lub_fast.tf1.table import (
     DEFAULT_BLOCK_SIZE,
@@ -62,7 +63,7 @@ TF_DTYPE_NAMES = {
 }
 
 
-class TF1CheckpointError(Exception):
+class TF1CheckpointError(UsageError):
     """A TensorFlow checkpoint is missing, truncated, corrupt or of an unsupported kind."""
 
 

@@ -244,7 +244,7 @@ def test_prepare_cli(tmp_path, vocab_path, corpus_path, capsys):
     printed = capsys.readouterr().out
     assert "kept: 75 documents" in printed and "dropped:" in printed and "words:" in printed
     assert open_shards(out).num_documents == 75
-    assert main([str(tmp_path / "missing.txt"), "--output", str(out), "--vocab", vocab_path]) == 1
+    assert main([str(tmp_path / "missing.txt"), "--output", str(out), "--vocab", vocab_path]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lub_fast.prepare: error: ") and "missing.txt" in err[0]
     with pytest.raises(SystemExit) as e:

@@ -2,7 +2,6 @@
 a crash mid-save, and RNG state round trips; ``train(resume="latest")`` after a corruption."""
 
 import json
-import os
 import random
 import re
 
@@ -21,6 +20,7 @@ from lub_fast.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
+from lub_fast.lock import output_lock
 from lub_fast.train import TrainConfig, train
 from train_toy import ToyObjective, make_batches
 
@@ -80,9 +80,12 @@ def test_checkpoint_bad_newest_falls_back_with_warning(tmp_path, damage):
     with pytest.raises(CheckpointError, match=re.escape(str(newest)) + ".*" + re.escape(reason)):
         load_checkpoint(newest, ToyObjective())  # explicitly requested: a named error
     with pytest.warns(UserWarning, match=re.escape(str(newest)) + ".*falling back"):
-        chosen = latest_valid_checkpoint(tmp_path)
+        chosen = latest_valid_checkpoint(tmp_path)  # a reader: reports, changes nothing
+    assert chosen.name == "step_00000002" and newest.is_dir(), chosen
+    with output_lock(tmp_path, "test"), pytest.warns(UserWarning, match="moved to invalid-step_00000004"):
+        chosen = latest_valid_checkpoint(tmp_path)  # the owner sets it aside
     assert chosen.name == "step_00000002", chosen
-    assert (tmp_path / "checkpoints" / "invalid-step_00000004").is_dir()
+    assert (tmp_path / "checkpoints" / "invalid-step_00000004").is_dir() and not newest.exists()
     assert latest_valid_checkpoint(tmp_path).name == "step_00000002"  # no second warning needed
 
 
@@ -105,8 +108,7 @@ def test_checkpoint_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
         save_checkpoint(tmp_path, checkpoint_name(2), model, _state(2))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
     assert latest_valid_checkpoint(tmp_path).name == "step_00000001"
-    stale = remove_stale_tmp(tmp_path)
-    assert [p.name for p in stale] == [f".tmp-step_00000002-{os.getpid()}"], stale
+    assert remove_stale_tmp(tmp_path) == []  # the failed save removed its partial copy itself
 
 
 def test_checkpoint_rng_state_roundtrip(tmp_path):
