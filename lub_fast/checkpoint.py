@@ -90,16 +90,16 @@ def save_checkpoint(
     tmp = root / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         _write(tmp, name, model, state, grads)
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial copy on a full disk
         if isinstance(error, (OSError, RuntimeError)) and _disk_full(error):
             needed = _tensor_bytes(model.state_dict()) + _tensor_bytes(state) + _tensor_bytes(grads)
             raise CheckpointError(
-                f"no space left on the device of {root} while saving {name} (about {needed / 2**20:.0f} MB "
-                f"needed, {shutil.disk_usage(root).free / 2**20:.0f} MB free); the partial copy was removed, the "
+                f"no space left on the device of {root} while saving {name} (about {needed / 2**20:.1f} MB "
+                f"needed, {shutil.disk_usage(root).free / 2**20:.1f} MB free); the partial copy was removed, the "
                 f"earlier checkpoints are kept: free space (or move the run) and continue with --resume"
             ) from None
         raise
@@ -198,14 +198,16 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         )
     for name, expected in manifest.get("files", {}).items():
         file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path}: missing file {name}")
-        size = file.stat().st_size
+        try:
+            size = file.stat().st_size
+            digest = _sha256(file) if size == expected["bytes"] else None
+        except FileNotFoundError:  # absent, or removed while read (the owner pruned it)
+            raise CheckpointError(f"checkpoint {path}: missing file {name}") from None
         if size != expected["bytes"]:
             raise CheckpointError(
                 f"checkpoint {path}: {name} has {size} bytes, manifest says {expected['bytes']} (truncated?)"
             )
-        if _sha256(file) != expected["sha256"]:
+        if digest != expected["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} fails its SHA-256 check (corrupted)")
     for required in ("model.safetensors", "state.pt"):
         if required not in manifest.get("files", {}):
@@ -297,9 +299,9 @@ def load_checkpoint(
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
         raise CheckpointError(
-            f"checkpoint {path}: {path / 'state.pt'} cannot be loaded as plain tensors and numbers "
-            f"(torch.load weights_only=True refused it: {_first_line(error)}); it is not a lub_fast state "
-            "or has been tampered with: use another checkpoint"
+            f"{path / 'state.pt'}: not loadable as plain tensors and numbers (torch.load with "
+            f"weights_only=True: {_reason(error)}); it is truncated, not a lub_fast state, or tampered "
+            "with: use another checkpoint"
         ) from None
     grads = None
     if (path / "grads.safetensors").is_file():
@@ -353,8 +355,19 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+def _reason(error: BaseException) -> str:
+    """The specific sentence of torch.load's long message (which also suggests weights_only=False:
+    never for a file nobody vouches for)."""
+    text = str(error)
+    if text.startswith("Weights only load failed"):
+        body = text.split("Check the documentation")[0]
+        if "WeightsUnpickler error:" in body:
+            body = body.split("WeightsUnpickler error:", 1)[1]
+        else:
+            body = " ".join(body.split("\n\n")[1:])
+        return " ".join(["refused:", *body.split()])
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(error).__name__]
+    return lines[0].split(". ")[0].rstrip(".")
 
 
 def _sha256(path: Path) -> str:
