@@ -69,7 +69,10 @@ def output_lock(directory: str | os.PathLike, command: str) -> Iterator[None]:
         return
     directory = Path(directory)
     created = not directory.exists()
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file of that name, a read-only parent, ...
+        raise LockedError(f"{directory}: cannot create the output directory ({error.strerror})") from None
     key = os.path.realpath(directory)
     if key in _held:
         _held[key][1] += 1

@@ -117,7 +117,8 @@ def test_convert_garbage_config_json_names_the_file(tmp_path, capsys):
     capsys.readouterr()
     assert convert_main([str(hf), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"lub_fast.convert: error: {hf / 'config.json'}: not a readable JSON"), err
+    expected = f"lub_fast.convert: error: {hf / 'config.json'}: not a readable JSON"
+    assert len(err) == 1 and err[0].startswith(expected), err
     assert not (tmp_path / "out").exists()
 
 

@@ -57,7 +57,8 @@ def test_lock_released_by_sigkill_and_taken_over_with_a_note(tmp_path, capsys):
         record = json.loads((tmp_path / "run" / LOCK_FILE).read_text())
         assert record["pid"] == os.getpid() and record["command"] == "lub_fast.convert", record
     err = capsys.readouterr().err
-    assert f"lub_fast.convert: note: took over {tmp_path / 'run' / LOCK_FILE} from lub_fast.pretrain, PID {holder.pid}" in err, err
+    lock_file = tmp_path / "run" / LOCK_FILE
+    assert f"lub_fast.convert: note: took over {lock_file} from lub_fast.pretrain, PID {holder.pid}" in err, err
     assert "no longer runs" in err, err
     assert not (tmp_path / "run" / LOCK_FILE).exists()  # a clean exit removes the file
     with output_lock(tmp_path / "run", "convert"):
@@ -102,3 +103,10 @@ def test_lock_is_rank_0s_under_torchrun(tmp_path, monkeypatch):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_lock_output_that_is_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "taken").write_text("not a directory")
+    with pytest.raises(LockedError, match="taken: cannot create the output directory"):
+        with output_lock(tmp_path / "taken", "prepare"):
+            pass
