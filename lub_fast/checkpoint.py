@@ -16,12 +16,21 @@ the directory is renamed to its final name (atomic on POSIX) and the parent dire
 (the recipe of ``man 2 rename`` / LWN "Ensuring data reaches disk"). A crash mid-save leaves only a
 ``.tmp-*`` directory, which ``remove_stale_tmp`` deletes and ``list_checkpoints`` never returns.
 ``verify_checkpoint`` re-hashes every file against the manifest, so a truncated or corrupted
-checkpoint is detected before anything is loaded from it.
+checkpoint is detected before anything is loaded from it. A full disk during a save is reported
+as one ``CheckpointError`` naming the device's directory and the size needed, with the partial
+copy removed.
+
+Owner and readers (``lub_fast.lock``): only the process that holds the run's lock writes, prunes
+(``keep_last``: each old checkpoint is first renamed to ``.tmp-pruned-*``, so a reader sees it
+whole or not at all) and sets invalid checkpoints aside. Readers (``convert RUN``, ``--init-from
+RUN``) change nothing; ``load_latest_checkpoint`` retries when the owner prunes what they read.
 """
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -34,13 +43,16 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from lub_fast import lock
+from lub_fast.errors import UsageError
+
 FORMAT = "lub_fast-checkpoint"
 VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 _NAME = re.compile(r"^step_(\d{8,})(?:_micro_(\d{4,}))?$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint that cannot be used; the message names the path and the reason."""
 
 
@@ -78,7 +90,41 @@ def save_checkpoint(
     tmp = root / f".tmp-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+        _write(tmp, name, model, state, grads)
+    except BaseException as error:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a partial copy on a full disk
+        if isinstance(error, (OSError, RuntimeError)) and _disk_full(error):
+            needed = _tensor_bytes(model.state_dict()) + _tensor_bytes(state) + _tensor_bytes(grads)
+            raise CheckpointError(
+                f"no space left on the device of {root} while saving {name} (about {needed / 2**20:.1f} MB "
+                f"needed, {shutil.disk_usage(root).free / 2**20:.1f} MB free); the partial copy was removed, the "
+                f"earlier checkpoints are kept: free space (or move the run) and continue with --resume"
+            ) from None
+        raise
+    final = root / name
+    if final.exists():
+        # Re-saving the same position (e.g. SIGTERM right after a resume): swap the old one out.
+        old = root / f".tmp-replaced-{name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    _fsync(root)
+    if keep_last > 0:
+        for path in list_checkpoints(run_dir)[:-keep_last]:
+            # Renamed first (atomic), so that a reader sees a whole checkpoint or none.
+            doomed = root / f".tmp-pruned-{path.name}-{os.getpid()}"
+            os.rename(path, doomed)
+            shutil.rmtree(doomed)
+        _fsync(root)
+    return final
+
+
+def _write(tmp: Path, name: str, model: nn.Module, state: dict, grads: dict[str, torch.Tensor] | None) -> None:
+    """The files of checkpoint ``name`` into ``tmp``, each fsynced, the manifest last."""
     with open(tmp / "state.pt", "wb") as f:
         torch.save(state, f)
     save_model(model, str(tmp / "model.safetensors"))
@@ -105,21 +151,32 @@ def save_checkpoint(
         f.flush()
         os.fsync(f.fileno())
     _fsync(tmp)
-    final = root / name
-    if final.exists():
-        # Re-saving the same position (e.g. SIGTERM right after a resume): swap the old one out.
-        old = root / f".tmp-replaced-{name}-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    _fsync(root)
-    if keep_last > 0:
-        for path in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(path)
-        _fsync(root)
-    return final
+
+
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC/EDQUOT anywhere in the exception chain: torch.save reports a full disk as
+    ``RuntimeError: [enforce fail at inline_container.cc:...]`` raised while handling the
+    ``OSError``; safetensors as an error whose message is the OS's."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error) or "Disk quota exceeded" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in a (nested) dict/list."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def verify_checkpoint(path: str | os.PathLike) -> dict:
@@ -141,14 +198,16 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
         )
     for name, expected in manifest.get("files", {}).items():
         file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path}: missing file {name}")
-        size = file.stat().st_size
+        try:
+            size = file.stat().st_size
+            digest = _sha256(file) if size == expected["bytes"] else None
+        except FileNotFoundError:  # absent, or removed while read (the owner pruned it)
+            raise CheckpointError(f"checkpoint {path}: missing file {name}") from None
         if size != expected["bytes"]:
             raise CheckpointError(
                 f"checkpoint {path}: {name} has {size} bytes, manifest says {expected['bytes']} (truncated?)"
             )
-        if _sha256(file) != expected["sha256"]:
+        if digest != expected["sha256"]:
             raise CheckpointError(f"checkpoint {path}: {name} fails its SHA-256 check (corrupted)")
     for required in ("model.safetensors", "state.pt"):
         if required not in manifest.get("files", {}):
@@ -156,35 +215,69 @@ def verify_checkpoint(path: str | os.PathLike) -> dict:
     return manifest
 
 
-def latest_valid_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+def latest_valid_checkpoint(run_dir: str | os.PathLike, attempts: int = 5) -> Path | None:
     """The newest checkpoint of ``run_dir`` that passes ``verify_checkpoint``.
 
-    Each newer invalid one is reported with a warning naming it and the reason, and renamed to
-    ``invalid-<name>`` so that later resumes and ``keep_last`` pruning ignore it. ``None`` when the
-    run has no checkpoint; ``CheckpointError`` when it has some but none is valid.
+    Each newer invalid one is reported with a warning naming it and the reason. Only the run's
+    owner (the holder of its ``lub_fast.lock``) renames it to ``invalid-<name>`` so that later
+    resumes and ``keep_last`` pruning ignore it; a reader leaves the run as it is. A checkpoint
+    that vanishes while it is read (the owner pruned it) is skipped silently, and when that
+    leaves none, the listing is read again (``attempts`` times). ``None`` when the run has no
+    checkpoint; ``CheckpointError`` when it has some but none is valid.
     """
-    candidates = list_checkpoints(run_dir)
+    owner = lock.holds(run_dir)
     errors = []
-    for path in reversed(candidates):
-        try:
-            verify_checkpoint(path)
-        except CheckpointError as error:
-            errors.append(str(error))
-            aside = path.with_name(f"invalid-{path.name}")
-            suffix = 1
-            while aside.exists():
-                suffix += 1
-                aside = path.with_name(f"invalid-{path.name}-{suffix}")
-            warnings.warn(
-                f"{error}; falling back to the previous checkpoint (this one moved to {aside.name})", stacklevel=2
-            )
-            os.rename(path, aside)
-            continue
-        return path
+    for _ in range(attempts):
+        vanished = False
+        for path in reversed(list_checkpoints(run_dir)):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as error:
+                if not path.exists():
+                    vanished = True
+                    continue
+                errors.append(str(error))
+                if owner:
+                    aside = path.with_name(f"invalid-{path.name}")
+                    suffix = 1
+                    while aside.exists():
+                        suffix += 1
+                        aside = path.with_name(f"invalid-{path.name}-{suffix}")
+                    warnings.warn(
+                        f"{error}; falling back to the previous checkpoint (this one moved to {aside.name})",
+                        stacklevel=2,
+                    )
+                    os.rename(path, aside)
+                else:
+                    warnings.warn(f"{error}; falling back to the previous checkpoint", stacklevel=2)
+                continue
+            return path
+        if not vanished:
+            break
     if errors:
         root = Path(run_dir) / CHECKPOINT_DIR
         raise CheckpointError(f"no valid checkpoint in {root}: " + "; ".join(errors))
     return None
+
+
+def load_latest_checkpoint(
+    run_dir: str | os.PathLike, model: nn.Module, attempts: int = 5
+) -> tuple[Path, dict, dict[str, torch.Tensor] | None] | None:
+    """A reader's load of a run that may be live: the newest valid checkpoint into ``model``;
+    ``(path, state, grads)`` (see ``load_checkpoint``), ``None`` when the run has none. A
+    checkpoint pruned by the run's owner while it is being loaded is replaced by the newest one
+    then (``attempts`` times)."""
+    failures = 0
+    while True:
+        path = latest_valid_checkpoint(run_dir)
+        if path is None:
+            return None
+        try:
+            return (path, *load_checkpoint(path, model))
+        except Exception:
+            failures += 1
+            if path.exists() or failures == attempts:
+                raise
 
 
 def load_checkpoint(
@@ -202,7 +295,14 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint {path}: weights do not match {type(model).__name__}: {error}"
         ) from None
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise CheckpointError(
+            f"{path / 'state.pt'}: not loadable as plain tensors and numbers (torch.load with "
+            f"weights_only=True: {_reason(error)}); it is truncated, not a lub_fast state, or tampered "
+            "with: use another checkpoint"
+        ) from None
     grads = None
     if (path / "grads.safetensors").is_file():
         device = next(model.parameters()).device
@@ -253,6 +353,21 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _reason(error: BaseException) -> str:
+    """The specific sentence of torch.load's long message (which also suggests weights_only=False:
+    never for a file nobody vouches for)."""
+    text = str(error)
+    if text.startswith("Weights only load failed"):
+        body = text.split("Check the documentation")[0]
+        if "WeightsUnpickler error:" in body:
+            body = body.split("WeightsUnpickler error:", 1)[1]
+        else:
+            body = " ".join(body.split("\n\n")[1:])
+        return " ".join(["refused:", *body.split()])
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(error).__name__]
+    return lines[0].split(". ")[0].rstrip(".")
 
 
 def _sha256(path: Path) -> str:

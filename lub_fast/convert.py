@@ -22,6 +22,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from lub_fast.errors import EXIT_CODES_HELP, UsageError, run_command
+from lub_fast.lock import output_lock
 from lub_fast.models.hf import from_pretrained, from_pretrained_electra_pair, lub_to_hf, tf1_family
 
 
@@ -48,19 +50,18 @@ def load_run(path):
     from lub_fast.pretrain import PretrainConfig, build_objective
 
     path = Path(path)
-    if (path / "manifest.json").exists():
-        checkpoint, run_dir = path, path.parent.parent
-    else:
-        run_dir, checkpoint = path, ckpt.latest_valid_checkpoint(path)
-        if checkpoint is None:
-            raise ValueError(f"{path}: the run has no valid checkpoint")
+    single = (path / "manifest.json").exists()
+    run_dir = path.parent.parent if single else path
     cfg = load_config(PretrainConfig, run_dir / "config.json")
     vocab = next((p for p in (run_dir / "data" / "train" / "vocab.txt", *map(Path, _shard_vocabs(cfg))) if p.exists()), None)
     if vocab is None:
         raise ValueError(f"{run_dir}: cannot find the run's vocab.txt (its training shards are gone)")
     tokens = read_vocab(vocab)
     objective, _ = build_objective(cfg, len(tokens), {"pad": tokens.index("[PAD]")})
-    ckpt.load_checkpoint(checkpoint, objective)
+    if single:
+        ckpt.load_checkpoint(path, objective)
+    elif ckpt.load_latest_checkpoint(path, objective) is None:
+        raise ValueError(f"{path}: the run has no valid checkpoint")
     return objective, str(vocab)
 
 
@@ -145,21 +146,41 @@ def convert(src, dst, to: str = "hf") -> list[Path]:
 
 
 def main(argv=None) -> int:
+    """Entry point; returns the exit status (see ``--help``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m lub_fast.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m lub_fast.convert",
+        description=__doc__,
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("src", help="HF directory, TF-1 checkpoint (directory or model.ckpt prefix), or lub_fast run")
     parser.add_argument("dst", help="output directory")
     parser.add_argument("--to", choices=("hf", "tf1"), default="hf", help="output format (default: hf)")
     args = parser.parse_args(argv)
+
+    def body():
+        _check_json(Path(args.src) / "config.json")
+        with output_lock(args.dst, "convert"):
+            try:
+                written = convert(args.src, args.dst, args.to)
+            except UsageError:
+                raise
+            except (ValueError, FileNotFoundError) as error:
+                raise UsageError(str(error)) from None
+        for path in written:
+            print(f"wrote {path}")
+
+    return run_command("convert", body)
+
+
+def _check_json(path: Path) -> None:
+    """A source's config.json that exists must parse: say which file when it does not."""
+    if not path.is_file():
+        return
     try:
-        written = convert(args.src, args.dst, args.to)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"lub_fast.convert: error: {error}", file=sys.stderr)
-        return 2
-    for path in written:
-        print(f"wrote {path}")
-    return 0
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{path}: not a readable JSON config ({error})") from None
 
 
 if __name__ == "__main__":

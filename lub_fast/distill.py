@@ -63,6 +63,8 @@ from lub_fast.config_cli import (
     resolve_config,
 )
 from lub_fast.distill_cache import CacheError, CacheReader, CacheWriter, differences, fingerprint, indices_dtype, write_header
+from lub_fast.errors import EXIT_CODES_HELP, Preempted, UsageError, run_command
+from lub_fast.lock import output_lock
 from lub_fast.train import (
     AMP_DTYPES,
     TrainConfig,
@@ -73,11 +75,9 @@ from lub_fast.train import (
 )
 
 SIZES = ("tiny", "small", "base", "large")
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM
 
 
-class DistillError(ValueError):
+class DistillError(UsageError, ValueError):
     """Models, data or cache that cannot be distilled together; raised before any step runs."""
 
 
@@ -589,7 +589,8 @@ def parse_args(argv) -> tuple[DistillConfig, str | None]:
         prog="python -m lub_fast.distill",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Every field below is also an option (--section.field=value):\n  " + "\n  ".join(describe(DistillConfig())),
+        epilog="Every field below is also an option (--section.field=value):\n  " + "\n  ".join(describe(DistillConfig()))
+        + "\n\n" + EXIT_CODES_HELP,
     )
     parser.add_argument("--config", help="start from a saved config.json (overrides apply on top)")
     parser.add_argument("--teacher", help="teacher: HF directory or lub_fast pretrain run directory")
@@ -619,29 +620,31 @@ def parse_args(argv) -> tuple[DistillConfig, str | None]:
 
 
 def main(argv=None) -> int:
+    """Entry point; returns the exit status (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def body():
         cfg, resume = parse_args(argv)
-        summary = run(cfg, resume)
-    except (DistillError, ConfigError, CacheError) as error:
-        print(f"lub_fast.distill: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
-    finally:
-        shutdown_distributed()
-    if summary["interrupted"]:
-        again = "run the same command again" if cfg.mode == "cache-teacher" else "add --resume"
-        print(f"lub_fast.distill: stopped by SIGTERM; to continue, {again}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if int(os.environ.get("RANK", "0")) == 0:
-        if cfg.mode == "cache-teacher":
-            print(f"lub_fast.distill: teacher cache complete in {summary['cache']} "
-                  f"({summary['micro_batches']} micro-batches, {summary['rows']} masked tokens on rank 0)")
-        else:
-            ev = summary["eval"]
-            if ev:
-                print(f"lub_fast.distill: held-out masked-token accuracy {ev.get('mlm_acc', float('nan')):.3f}")
-            print(f"lub_fast.distill: student exported to {summary['hf']}")
-    return 0
+        written = cfg.cache_teacher if cfg.mode == "cache-teacher" else cfg.output
+        try:
+            with output_lock(written, "distill"):
+                summary = run(cfg, resume)
+        finally:
+            shutdown_distributed()
+        if summary["interrupted"]:
+            again = "run the same command again" if cfg.mode == "cache-teacher" else "add --resume"
+            raise Preempted(f"stopped by SIGTERM after saving; to continue, {again}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            if cfg.mode == "cache-teacher":
+                print(f"lub_fast.distill: teacher cache complete in {summary['cache']} "
+                      f"({summary['micro_batches']} micro-batches, {summary['rows']} masked tokens on rank 0)")
+            else:
+                ev = summary["eval"]
+                if ev:
+                    print(f"lub_fast.distill: held-out masked-token accuracy {ev.get('mlm_acc', float('nan')):.3f}")
+                print(f"lub_fast.distill: student exported to {summary['hf']}")
+
+    return run_command("distill", body)
 
 
 if __name__ == "__main__":

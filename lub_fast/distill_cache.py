@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from lub_fast.data.shards import write_json_atomic
+from lub_fast.errors import UsageError
 
 FORMAT = "lub_fast-teacher-cache"
 VERSION = 1
@@ -45,7 +46,7 @@ _BATCH_DTYPE = np.dtype([("rows", "<i8"), ("hidden_rows", "<i8"), ("fingerprint"
 _FILES = ("values", "indices", "lognorm", "hidden", "batches")
 
 
-class CacheError(ValueError):
+class CacheError(UsageError, ValueError):
     """A cache that is missing, incomplete, corrupt, or made from other data, masks or teacher."""
 
 

@@ -71,6 +71,8 @@ from lub_fast.config_cli import (
     output_dir,
     split_overrides,
 )
+from lub_fast.errors import EXIT_CODES_HELP, EXIT_PREEMPTED, EXIT_USAGE, Preempted, run_command
+from lub_fast.lock import output_lock
 from lub_fast.models.hf import from_pretrained
 from lub_fast.objectives.finetune import objective_for
 from lub_fast.optim import param_groups
@@ -100,8 +102,8 @@ _HEAD = {
     "span": "question_answering",
 }
 _DERIVED = ("train.total_steps", "train.warmup_steps", "train.eval_every")
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 143  # 128 + SIGTERM
+EXIT_BAD_INPUT = EXIT_USAGE
+EXIT_INTERRUPTED = EXIT_PREEMPTED
 
 
 @dataclass(frozen=True)
@@ -538,7 +540,8 @@ def _parser() -> argparse.ArgumentParser:
             for line in describe(default_config("classification"))
             if line.startswith(("--finetune.", "--train.")) and not line.startswith(tuple(f"--{d}=" for d in _DERIVED))
         )
-        + "\n\nExit status: 0 done, 2 bad arguments or data, 143 stopped by SIGTERM (continue with --resume).",
+        + "\n\n"
+        + EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add = parser.add_argument
@@ -637,8 +640,8 @@ def build_model(config: FinetuneConfig, labels: tuple | None) -> nn.Module:
     return model
 
 
-def run(config: FinetuneConfig, resume: str | None = None) -> int:
-    """Fine-tune, export the best model, predict dev/test; returns the exit status."""
+def run(config: FinetuneConfig, resume: str | None = None) -> None:
+    """Fine-tune, export the best model, predict dev/test; ``Preempted`` when SIGTERM stopped it."""
     spec = TASKS[config.task]
     kind, options = spec.kind, config.finetune
     env = init_distributed(config.train.device)
@@ -702,9 +705,7 @@ def run(config: FinetuneConfig, resume: str | None = None) -> int:
         run_module, batches, config.train, output, eval_fn=evaluate, resume=resume, run_config=config, **extra
     )
     if result.interrupted:
-        if main:
-            print(f"stopped at step {result.step} of {total}; continue with --resume", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        raise Preempted(f"stopped by SIGTERM at step {result.step} of {total} after saving; continue with --resume")
     stopped_early = result.stopped_early
     if stopped_early and main:
         print(
@@ -713,7 +714,6 @@ def run(config: FinetuneConfig, resume: str | None = None) -> int:
         )
     if main:
         _final(config, splits, kind, best_dir, run_module, stopped_early, env.device)
-    return 0
 
 
 def _final(config, splits, kind, best_dir, run_module, stopped_early, device) -> None:
@@ -756,14 +756,18 @@ def _final(config, splits, kind, best_dir, run_module, stopped_early, device) ->
 
 def main(argv=None) -> int:
     """Entry point; returns the exit status (see the module docstring)."""
-    try:
-        config, resume = resolve(sys.argv[1:] if argv is None else argv)
-        return run(config, resume)
-    except (ConfigError, TaskDataError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    finally:
-        shutdown_distributed()
+
+    def body():
+        try:
+            config, resume = resolve(sys.argv[1:] if argv is None else argv)
+            with output_lock(config.output, "finetune"):
+                run(config, resume)
+        except FileNotFoundError as error:
+            raise ConfigError(str(error)) from None
+        finally:
+            shutdown_distributed()
+
+    return run_command("finetune", body)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """``python -m lub_fast.info``: versions, extensions, and which implementation each op runs."""
 
+import argparse
 import platform
 import sys
+
+from lub_fast.errors import EXIT_CODES_HELP, run_command
 
 
 def _version(module):
@@ -79,9 +82,11 @@ def attention_routes(head_dims=(64, 128, 96)):
     return lines
 
 
-def main():
-    print(report())
+def main(argv=None) -> int:
+    """Entry point; returns the exit status."""
+    argparse.ArgumentParser(prog="python -m lub_fast.info", description=__doc__, epilog=EXIT_CODES_HELP).parse_args(argv)
+    return run_command("info", lambda: print(report()))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

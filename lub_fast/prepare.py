@@ -65,7 +65,6 @@ from lub_fast.data.shards import (
     META_FILE,
     SHARD_FILES,
     VOCAB_FILE,
-    ShardError,
     ShardWriter,
     expected_sizes,
     open_shards,
@@ -75,6 +74,8 @@ from lub_fast.data.shards import (
 )
 from lub_fast.data.tokenizer import WordPieceTokenizer, check_vocab_file, file_sha256, tokenizer_settings
 from lub_fast.data.tokenizer import build_vocab as build_vocab_fn
+from lub_fast.errors import EXIT_CODES_HELP, UsageError, run_command
+from lub_fast.lock import output_lock
 
 PREPARE_FILE = "prepare.json"
 SUMMARY_FILE = "summary.json"
@@ -114,7 +115,7 @@ FIXED = {
 }
 
 
-class PrepareError(Exception):
+class PrepareError(UsageError):
     """Bad input or output directory: the one-line message names the file (and line) and the rule."""
 
 
@@ -1026,6 +1027,7 @@ def _parser():
         description="Turn raw Chinese text into shards for whole-word-masking pretraining "
         "(clean, split sentences, segment words, WordPiece, memory-mapped shards).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog=EXIT_CODES_HELP,
     )
     p.add_argument(
         "inputs",
@@ -1087,23 +1089,18 @@ def _parser():
     return p
 
 
-def verify_main(directories):
+def verify_shard_dirs(directories):
     """``--verify DIR ...``: open every shard directory with all checks and checksums; prints one
-    line a directory (its shards, bytes and seconds), or one error line naming the file. Returns
-    the exit status: 0 all good, 2 a problem."""
+    line a directory (its shards, bytes and seconds); a problem raises ``ShardError`` naming the
+    file (the command's exit status 2)."""
     for directory in directories:
         started = time.perf_counter()
-        try:
-            shards = open_shards(directory, check_tokens=True, check_checksums=True)
-        except ShardError as e:
-            print(f"lub_fast.prepare: error: {e}", file=sys.stderr)
-            return 2
+        shards = open_shards(directory, check_tokens=True, check_checksums=True)
         size = sum(os.path.getsize(path) for shard in shards.shards for path in shard.paths.values())
         print(
             f"{directory}: {len(shards.shards)} shards, {shards.num_tokens:,} tokens, {size / 1e9:.2f} GB: "
             f"sizes, index, ids and sha256 checksums good in {time.perf_counter() - started:.1f} s"
         )
-    return 0
 
 
 def main(argv=None):
@@ -1113,32 +1110,32 @@ def main(argv=None):
     if args.verify:
         if args.inputs or args.output:
             parser.error("--verify DIR checks shard directories: give no INPUT and no --output")
-        return verify_main(args.verify)
+        return run_command("prepare", lambda: verify_shard_dirs(args.verify))
     if not args.inputs or not args.output:
         parser.error("INPUT and --output are required (or --verify DIR)")
-    try:
-        summary = prepare_corpus(
-            args.inputs,
-            args.output,
-            vocab=args.vocab,
-            build_vocab=args.build_vocab,
-            segmenter=args.segmenter,
-            user_dict=args.user_dict,
-            workers=args.workers,
-            shard_size_mb=args.shard_size,
-            chunk_kb=args.chunk_size,
-            t2s=args.t2s,
-            strict=args.strict,
-            min_chars=args.min_chars,
-            max_sentence_chars=args.max_sentence_chars,
-            overwrite=args.overwrite,
-            progress=True,
-        )
-    except PrepareError as e:
-        print(f"lub_fast.prepare: error: {e}", file=sys.stderr)
-        return 2
-    print(summary.format())
-    return 0
+
+    def body():
+        with output_lock(args.output, "prepare"):
+            summary = prepare_corpus(
+                args.inputs,
+                args.output,
+                vocab=args.vocab,
+                build_vocab=args.build_vocab,
+                segmenter=args.segmenter,
+                user_dict=args.user_dict,
+                workers=args.workers,
+                shard_size_mb=args.shard_size,
+                chunk_kb=args.chunk_size,
+                t2s=args.t2s,
+                strict=args.strict,
+                min_chars=args.min_chars,
+                max_sentence_chars=args.max_sentence_chars,
+                overwrite=args.overwrite,
+                progress=True,
+            )
+        print(summary.format())
+
+    return run_command("prepare", body)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,6 @@ from typing import Literal
 
 import torch
 
-from lub_fast.checkpoint import CheckpointError  # noqa: E402
 from lub_fast.config_cli import (  # noqa: E402
     ConfigError,
     apply_overrides,
@@ -52,6 +51,8 @@ from lub_fast.config_cli import (  # noqa: E402
     resolve_config,
 )
 from lub_fast.data.tokenizer import check_vocab_file  # noqa: E402
+from lub_fast.errors import EXIT_CODES_HELP, Preempted, UsageError, run_command  # noqa: E402
+from lub_fast.lock import output_lock  # noqa: E402
 from lub_fast.train import TrainConfig, init_distributed, shutdown_distributed, train  # noqa: E402
 
 RECIPES = ("bert", "roberta", "albert", "electra")
@@ -64,7 +65,7 @@ _RECIPE = {
 }
 
 
-class PretrainError(ValueError):
+class PretrainError(UsageError, ValueError):
     """A configuration, checkpoint and data combination that cannot train; raised before training."""
 
 
@@ -273,9 +274,11 @@ def resolve_data(cfg: PretrainConfig, vocab: str | None, main: bool) -> tuple[li
                 raise PretrainError(f"--data.data {', '.join(raw)}: no documents found")
             common = dict(segmenter=cfg.data.segmenter, workers=cfg.data.prepare_workers, progress=True)
             vocab_args = dict(vocab=vocab) if vocab else dict(build_vocab=cfg.data.build_vocab)
-            print(prepare_corpus(files["train"], str(work / "train"), **vocab_args, **common).format())
+            with output_lock(work / "train", "pretrain"):  # nested in the run's lock: keeps out a stray prepare
+                print(prepare_corpus(files["train"], str(work / "train"), **vocab_args, **common).format())
             if files["heldout"]:
-                held = prepare_corpus(files["heldout"], str(work / "heldout"), vocab=str(work / "train" / "vocab.txt"), **common)
+                with output_lock(work / "heldout", "pretrain"):
+                    held = prepare_corpus(files["heldout"], str(work / "heldout"), vocab=str(work / "train" / "vocab.txt"), **common)
                 print(held.format())
         _barrier()
         shards.append(str(work / "train"))
@@ -808,9 +811,6 @@ def _eval_dataset(eval_dirs, common: dict, verify_checksums: bool):
 
 def _print_summary(summary: dict, demo: bool) -> None:
     run_dir = Path(summary["run_dir"])
-    if summary["interrupted"]:
-        print(f"\nStopped at step {summary['step']}; continue with: python -m lub_fast.pretrain --config {run_dir / 'config.json'} --resume")
-        return
     ev = summary["eval"] or {}
     print("\nlub_fast.pretrain finished")
     if ev:
@@ -830,13 +830,16 @@ def _print_summary(summary: dict, demo: bool) -> None:
 
 
 def main(argv=None) -> int:
+    """Entry point; returns the exit status (see ``--help``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="python -m lub_fast.pretrain",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every field below is also an option (--section.field=value):\n  "
-        + "\n  ".join(describe(PretrainConfig())),
+        + "\n  ".join(describe(PretrainConfig()))
+        + "\n\n"
+        + EXIT_CODES_HELP,
     )
     parser.add_argument("--config", help="re-run a saved run directory's config.json (overrides apply on top)")
     parser.add_argument("--recipe", choices=RECIPES, help="bert, roberta, albert or electra (default roberta)")
@@ -846,7 +849,8 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint of the run directory")
     parser.add_argument("--steps", type=int, help="optimizer steps (same as --train.total_steps)")
     parser.add_argument("--demo", action="store_true", help="the offline demo (what no arguments run)")
-    try:
+
+    def body():
         demo = not argv or argv == ["--demo"] or "--demo" in argv
         default = demo_config() if demo else PretrainConfig()
         cfg, rest = resolve_config(default, argv)
@@ -863,15 +867,20 @@ def main(argv=None) -> int:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data=tuple(args.data)))
         if args.steps is not None:
             cfg = apply_overrides(cfg, [f"train.total_steps={args.steps}"])
-        summary = run(cfg, resume="latest" if args.resume else None, demo=demo)
-    except (PretrainError, ConfigError, CheckpointError) as error:
-        print(f"lub_fast.pretrain: error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown_distributed()
-    if int(os.environ.get("RANK", "0")) == 0:
-        _print_summary(summary, demo)
-    return 0
+        try:
+            with output_lock(cfg.output, "pretrain"):
+                summary = run(cfg, resume="latest" if args.resume else None, demo=demo)
+        finally:
+            shutdown_distributed()
+        if summary["interrupted"]:
+            raise Preempted(
+                f"stopped by SIGTERM at step {summary['step']} after saving a checkpoint; continue with: "
+                f"python -m lub_fast.pretrain --config {Path(cfg.output) / 'config.json'} --resume"
+            )
+        if int(os.environ.get("RANK", "0")) == 0:
+            _print_summary(summary, demo)
+
+    return run_command("pretrain", body)
 
 
 if __name__ == "__main__":

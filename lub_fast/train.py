@@ -82,6 +82,7 @@ from tqdm.auto import tqdm
 
 from lub_fast import checkpoint as ckpt
 from lub_fast.config_cli import check_fields, field_error, option, save_config, to_dict
+from lub_fast.errors import UsageError
 from lub_fast.logging_utils import MetricsLog, plot_metrics
 from lub_fast.optim import build_optimizer, build_scheduler
 
@@ -170,7 +171,7 @@ class TrainResult:
     stopped_early: bool = False
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(UsageError, FloatingPointError):
     """A NaN/Inf loss or gradient in fp32/bf16 training."""
 
 
@@ -229,6 +230,12 @@ class _Position:
     window_pos: int = 0  # micro-batches of the current window done
     samples: int = 0
     tokens: int = 0
+
+
+_STATE_KEYS = {
+    *(f.name for f in dataclasses.fields(_Position)),
+    "world_size", "optimizer", "scheduler", "scaler", "rng", "window", "interval", "config",
+}  # fmt: skip
 
 
 @dataclass
@@ -335,6 +342,12 @@ class _Loop:
         """Continue from checkpoint ``path`` (rank 0 verified its checksums when choosing it)."""
         env, config = self.env, self.config
         saved, grads = ckpt.load_checkpoint(path, self.objective, verify=False)
+        missing = sorted(_STATE_KEYS - set(saved)) if isinstance(saved, dict) else ["everything (not a dict)"]
+        if missing:
+            raise ckpt.CheckpointError(
+                f"checkpoint {path}: {path / 'state.pt'} lacks {', '.join(missing)}: it is not a state that "
+                "lub_fast.train saved; resume from another checkpoint"
+            )
         _check_compatible(saved, config, env, path)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])

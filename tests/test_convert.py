@@ -205,3 +205,37 @@ def test_convert_tokenizer_json_only_hf_to_tf1_writes_its_vocab(tmp_path):
     assert not (hf / "vocab.txt").exists() and (hf / "tokenizer.json").exists()
     assert convert_main([str(hf), str(tmp_path / "tf1"), "--to", "tf1"]) == 0
     assert (tmp_path / "tf1" / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1] == shuffled
+
+
+def test_convert_garbage_config_json_names_the_file(tmp_path, capsys):
+    hf = tmp_path / "hf"
+    _seeded(BertForPreTraining, BertConfig(**SMALL, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=32)).save_pretrained(hf)  # fmt: skip
+    (hf / "config.json").write_text('{"model_type": "bert", "hidden_size": 16,')  # cut off mid-write
+    capsys.readouterr()
+    assert convert_main([str(hf), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = f"lub_fast.convert: error: {hf / 'config.json'}: not a readable JSON"
+    assert len(err) == 1 and err[0].startswith(expected), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_into_a_directory_another_writer_holds_stops_at_once(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    _, directory, _ = _tf1_checkpoint(tmp_path, "bert")
+    busy = tmp_path / "busy"
+    hold = "import sys, time\nfrom lub_fast.lock import output_lock\nwith output_lock(sys.argv[1], 'pretrain'):\n" \
+           "    print('locked', flush=True)\n    time.sleep(60)\n"  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(busy)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        assert convert_main([str(directory), str(busy)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{busy} is in use by lub_fast.pretrain, PID {holder.pid}" in err[0], err
+    assert not (busy / "config.json").exists()

@@ -371,3 +371,28 @@ def test_distill_help_lists_every_option(capsys):
     for option in ("--cache-teacher", "--loss.alpha_ce=FLOAT (default: 5.0)", "--loss.temperature=FLOAT (default: 2.0)",
                    "--cache.top_k", "--student.init"):
         assert option in out, option
+
+
+def test_distill_command_sigterm_exits_143_and_resume_finishes(shards, random_teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--teacher", random_teacher, "--data", shards[0], "--output", str(out), "--student", "tiny",
+            "--student.num_hidden_layers=1", "--student.hidden_size=32", "--student.num_attention_heads=2",
+            "--student.intermediate_size=64", f"--data.max_seq_len={SEQ}", "--data.batch_size=8", "--steps", "4",
+            "--train.device=cpu", "--train.save_every=0"]  # fmt: skip
+    steps = []
+
+    def stop_after_step_2(optimizer, *_):
+        steps.append(1)
+        if len(steps) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    handle = register_optimizer_step_post_hook(stop_after_step_2)
+    try:
+        assert distill.main(argv) == 143
+    finally:
+        handle.remove()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "lub_fast.distill: stopped by SIGTERM after saving; to continue, add --resume", last
+    assert not (out / "hf").exists() and list((out / "checkpoints").iterdir())
+    assert distill.main([*argv, "--resume"]) == 0
+    assert (out / "hf" / "model.safetensors").is_file()

@@ -426,7 +426,7 @@ def test_finetune_bad_input_names_file_and_line(tmp_path, capsys):
     common = ["--task", "afqmc", "--model", model, "--dev", dev, "--finetune.epochs=1", "--finetune.batch_size=13"]
     assert _run(*common, "--train", bad, "--output", tmp_path / "a") == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith(f"error: {bad}:5: expected 3 tab-separated fields"), err[-1]
+    assert err[-1].startswith(f"lub_fast.finetune: error: {bad}:5: expected 3 tab-separated fields"), err[-1]
     unknown = _write(tmp_path / "unknown.txt", _lines(dev, 0, 10) + ["一\t二\t7"])
     assert _run(*common[:4], "--train", train, "--dev", unknown, "--output", tmp_path / "b") == EXIT_BAD_INPUT
     assert f"{unknown}:11: label outside the label set" in capsys.readouterr().err

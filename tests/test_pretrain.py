@@ -9,11 +9,16 @@ where they can (``pretrain.main``) and in subprocesses where a process must die
 (``pretrain_helpers.py``) or be two (``torch.distributed.run``).
 """
 
+import hashlib
+import io
 import json
 import os
+import pickle
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +27,7 @@ from safetensors.torch import load_file
 
 from lub_fast import pretrain
 from lub_fast.checkpoint import list_checkpoints
+from lub_fast.lock import LOCK_FILE
 from lub_fast.logging_utils import read_metrics
 
 pytest.importorskip("snownlp")
@@ -163,8 +169,9 @@ def test_pretrain_sigterm_mid_window_saves_and_resume_is_exact(data, tmp_path):
     _main(_args(data, "roberta", reference, *extra))
     args = _args(data, "roberta", out, *extra)
     stopped = _helper("--term-at-micro-step", 6, "--", *args)
-    assert stopped.returncode == 0, stopped.stderr[-2000:]
-    assert "Stopped at step 3" in stopped.stdout, stopped.stdout[-1000:]
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith("lub_fast.pretrain: stopped by SIGTERM at step 3") and "--resume" in last, last
     assert [p.name for p in list_checkpoints(out)] == ["step_00000003_micro_0001"]
     assert not (out / "hf").exists()
     _main([*args, "--resume"])
@@ -539,3 +546,87 @@ def test_pretrain_stops_at_a_corrupt_shard_unless_told_it_is_verified(data, tmp_
     assert code == 2 and len(err.splitlines()) == 1, (code, err[-2000:])
     assert f"{path}: sha256" in err, err
     assert pretrain.main([str(a) for a in [*args, "--data.verify=false", "--output", tmp_path / "b"]]) == 0
+
+
+def test_pretrain_second_run_into_one_output_stops_naming_the_first(data, tmp_path, capsys):
+    """Run A holds the run directory (paused right after it took the lock); run B into the same
+    --output stops at once with one line naming A, and A then finishes with all its files."""
+    out = tmp_path / "run"
+    args = [str(a) for a in _args(data, "roberta", out, *NO_DROPOUT, steps=4)]
+    first = subprocess.Popen([sys.executable, "-m", "lub_fast.pretrain", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / LOCK_FILE).is_file() or not (out / LOCK_FILE).read_text().strip():
+            assert first.poll() is None and time.monotonic() < deadline, "run A ended before it held the lock"
+            time.sleep(0.01)
+        first.send_signal(signal.SIGSTOP)
+        capsys.readouterr()
+        assert pretrain.main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"lub_fast.pretrain: error: {out} is in use by lub_fast.pretrain, "
+                                                   f"PID {first.pid}"), err  # fmt: skip
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert [r["step"] for r in _train_records(out)] == [1, 2, 3, 4]
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000004"] and (out / "hf" / "model.safetensors").is_file()
+    assert not (out / LOCK_FILE).exists()
+
+
+def test_pretrain_full_disk_names_the_device_keeps_checkpoints_and_resumes(data, reference, tmp_path):
+    """The second checkpoint save meets a real ENOSPC inside torch.save: one line with the path,
+    the step and the size, exit 2, no partial directory; the first checkpoint resumes exactly."""
+    out = tmp_path / "run"
+    args = _args(data, "roberta", out, *DROPOUT)
+    full = _helper("--full-disk-at-save", 2, "--", *args)
+    assert full.returncode == 2, full.stderr[-3000:]
+    last = full.stderr.strip().splitlines()[-1]
+    expected = f"lub_fast.pretrain: error: no space left on the device of {out / 'checkpoints'} while saving step_00000020 (about "
+    assert last.startswith(expected) and " MB needed" in last and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert [p.name for p in list_checkpoints(out)] == ["step_00000010"]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    _main([*args, "--resume"])
+    _assert_same_run(out, reference("roberta"))
+
+
+def _rewrite_state(checkpoint, data):
+    """Replace state.pt and make the manifest agree (as a consistent writer would have)."""
+    (checkpoint / "state.pt").write_bytes(data)
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"]["state.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("damage", ["malicious", "truncated", "no_config"])
+def test_pretrain_resume_from_an_unloadable_state_names_the_file(data, reference, tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    shutil.copytree(reference("roberta"), out)
+    newest = list_checkpoints(out)[-1]
+    if damage == "malicious":
+        raw = pickle.dumps({"step": 30, "rng": _Payload()}, protocol=2)
+    elif damage == "truncated":
+        raw = (newest / "state.pt").read_bytes()[:1000]
+    else:
+        state = torch.load(newest / "state.pt", weights_only=True)
+        del state["config"]
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        raw = buffer.getvalue()
+    _rewrite_state(newest, raw)
+    capsys.readouterr()
+    code = pretrain.main([str(a) for a in [*_args(data, "roberta", out, *DROPOUT), "--resume"]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, (code, err[-5:])
+    assert err[0].startswith("lub_fast.pretrain: error: ") and str(newest / "state.pt") in err[0], err[0]
+    reason = {"malicious": "unsupported GLOBAL posix.system", "truncated": "failed reading zip archive",
+              "no_config": "lacks config"}[damage]  # fmt: skip
+    assert reason in err[0], err[0]
+    assert not (tmp_path / "PWNED").exists() and not Path("PWNED").exists()
+    assert [p.name for p in list_checkpoints(out)][-1] == newest.name  # nothing renamed or pruned

@@ -29,6 +29,7 @@ import os
 import numpy as np
 
 from lub_fast.data.tokenizer import file_sha256, read_vocab
+from lub_fast.errors import UsageError
 
 FORMAT = "lub_fast-shards"
 FORMAT_VERSION = 1
@@ -37,7 +38,7 @@ VOCAB_FILE = "vocab.txt"
 SHARD_FILES = ("ids", "wstart", "sentences", "documents")
 
 
-class ShardError(ValueError):
+class ShardError(UsageError, ValueError):
     """A shard directory is missing, truncated, corrupt or inconsistent; the message names the file."""
 
 

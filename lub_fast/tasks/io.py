@@ -21,6 +21,8 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+from lub_fast.errors import UsageError
+
 
 @dataclass
 class TaskData:
@@ -41,7 +43,7 @@ class TaskData:
     repairs: dict = field(default_factory=dict)
 
 
-class TaskDataError(ValueError):
+class TaskDataError(UsageError, ValueError):
     """A task file broke a format rule. `path`, `line` (1-based, 0 when not line-bound), `rule`."""
 
     def __init__(self, path, line, rule, detail=""):

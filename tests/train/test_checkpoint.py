@@ -1,10 +1,17 @@
-"""Atomic checkpoints: tied weights, weights_only state, keep-last, fallback from a bad newest one,
-a crash mid-save, and RNG state round trips; ``train(resume="latest")`` after a corruption."""
+"""Atomic checkpoints: tied weights, weights_only state, keep-last, fallback from a bad newest one
+(set aside only by the run's owner), a crash mid-save, a full disk, a reader of a live run that
+prunes, and RNG state round trips; ``train(resume="latest")`` after a corruption."""
 
+import errno
+import io
 import json
 import os
 import random
 import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +24,12 @@ from lub_fast.checkpoint import (
     latest_valid_checkpoint,
     list_checkpoints,
     load_checkpoint,
+    load_latest_checkpoint,
     remove_stale_tmp,
     save_checkpoint,
     verify_checkpoint,
 )
+from lub_fast.lock import output_lock
 from lub_fast.train import TrainConfig, train
 from train_toy import ToyObjective, make_batches
 
@@ -80,9 +89,12 @@ def test_checkpoint_bad_newest_falls_back_with_warning(tmp_path, damage):
     with pytest.raises(CheckpointError, match=re.escape(str(newest)) + ".*" + re.escape(reason)):
         load_checkpoint(newest, ToyObjective())  # explicitly requested: a named error
     with pytest.warns(UserWarning, match=re.escape(str(newest)) + ".*falling back"):
-        chosen = latest_valid_checkpoint(tmp_path)
+        chosen = latest_valid_checkpoint(tmp_path)  # a reader: reports, changes nothing
+    assert chosen.name == "step_00000002" and newest.is_dir(), chosen
+    with output_lock(tmp_path, "test"), pytest.warns(UserWarning, match="moved to invalid-step_00000004"):
+        chosen = latest_valid_checkpoint(tmp_path)  # the owner sets it aside
     assert chosen.name == "step_00000002", chosen
-    assert (tmp_path / "checkpoints" / "invalid-step_00000004").is_dir()
+    assert (tmp_path / "checkpoints" / "invalid-step_00000004").is_dir() and not newest.exists()
     assert latest_valid_checkpoint(tmp_path).name == "step_00000002"  # no second warning needed
 
 
@@ -105,8 +117,7 @@ def test_checkpoint_crash_mid_save_keeps_previous(tmp_path, monkeypatch):
         save_checkpoint(tmp_path, checkpoint_name(2), model, _state(2))
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000001"]
     assert latest_valid_checkpoint(tmp_path).name == "step_00000001"
-    stale = remove_stale_tmp(tmp_path)
-    assert [p.name for p in stale] == [f".tmp-step_00000002-{os.getpid()}"], stale
+    assert remove_stale_tmp(tmp_path) == []  # the failed save removed its partial copy itself
 
 
 def test_checkpoint_rng_state_roundtrip(tmp_path):
@@ -151,3 +162,81 @@ def test_checkpoint_train_resume_latest_skips_corrupted(tmp_path, optimizer, pre
         assert torch.equal(value, resumed.state_dict()[name]), name
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if r["split"] == "train"] == list(range(1, 9)), lines
+
+
+class _FullDisk(io.RawIOBase):
+    """A file on a full disk: every write fails with ENOSPC."""
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "safetensors"])
+def test_checkpoint_full_disk_is_named_and_leaves_no_partial_copy(tmp_path, monkeypatch, writer):
+    """torch.save's chain ends in ``RuntimeError: [enforce fail at inline_container.cc]``; the
+    error must still say what happened, where, and how much room was needed."""
+    model = ToyObjective()
+    save_checkpoint(tmp_path, checkpoint_name(1), model, _state(1))
+    if writer == "torch.save":
+        save = torch.save
+        monkeypatch.setattr(torch, "save", lambda obj, f: save(obj, _FullDisk()))
+    else:
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(ckpt, "save_model", full)
+    with pytest.raises(CheckpointError) as caught:
+        save_checkpoint(tmp_path, checkpoint_name(2), model, _state(2), keep_last=1)
+    message = str(caught.value)
+    root = tmp_path / "checkpoints"
+    assert message.startswith(f"no space left on the device of {root} while saving step_00000002 (about 0.0"), message
+    assert " MB needed" in message, message
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000001"]  # no .tmp-*, nothing pruned
+    verify_checkpoint(root / "step_00000001")
+
+
+def test_checkpoint_full_tmpfs_is_named_and_leaves_no_partial_copy(tmp_path):
+    """A real full filesystem (a 1 MiB tmpfs, where this process may mount one)."""
+    small = tmp_path / "small"
+    small.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                                           capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        model = ToyObjective()
+        save_checkpoint(small, checkpoint_name(1), model, _state(1))
+        with open(small / "filler", "wb", buffering=0) as filler, pytest.raises(OSError, match="No space"):
+            while True:
+                filler.write(b"\0" * 4096)
+        with pytest.raises(CheckpointError, match="no space left on the device of " + re.escape(str(small))):
+            save_checkpoint(small, checkpoint_name(2), model, _state(2))
+        assert sorted(p.name for p in (small / "checkpoints").iterdir()) == ["step_00000001"]
+        verify_checkpoint(small / "checkpoints" / "step_00000001")
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_checkpoint_reader_of_a_live_pruning_run_never_breaks_it(tmp_path):
+    """A trainer saves every step and keeps 1 (so it prunes every step) while this process loads
+    the run's newest checkpoint in a loop: the trainer finishes, every load succeeds, and
+    nothing of the run was renamed."""
+    toy = Path(__file__).with_name("train_toy.py")
+    trainer = subprocess.Popen(
+        [sys.executable, str(toy), "--run-dir", str(tmp_path), "--dropout", "0", "--train.total_steps=12",
+         "--train.save_every=1", "--train.keep_last=1", "--train.log_every=50"],  # fmt: skip
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    loads, steps = 0, set()
+    while trainer.poll() is None:
+        loaded = load_latest_checkpoint(tmp_path, ToyObjective(dropout=0.0))
+        if loaded is not None:
+            loads += 1
+            steps.add(loaded[1]["step"])
+        time.sleep(0.02)  # leave the trainer a core
+    stderr = trainer.stderr.read()
+    assert trainer.returncode == 0, stderr[-3000:]
+    assert loads >= 5 and len(steps) >= 3, f"only {loads} loads of {len(steps)} steps while the trainer ran"
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000012"]
