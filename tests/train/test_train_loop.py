@@ -2,7 +2,6 @@
 bit-exact resume after SIGKILL and after SIGTERM in the middle of an accumulation window."""
 
 import json
-import platform
 import re
 import signal
 import subprocess
@@ -13,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from lub_fast.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
 from lub_fast.config_cli import load_config
 from lub_fast.logging_utils import MetricsLog, read_metrics
-from lub_fast import train as train_module
 from lub_fast.train import NonFiniteError, TrainConfig, train
 from train_toy import ToyObjective, eval_fn, make_batches
 
@@ -122,27 +120,6 @@ def test_train_loop_clips_gradient_norm(tmp_path, max_grad_norm):
     assert len(seen) == 3 and all(n > 1.0 for n in reported), (seen, reported)
     expected = [min(n, max_grad_norm) for n in reported] if max_grad_norm else reported
     assert seen == pytest.approx(expected, rel=1e-4), (seen, reported)
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
-def test_train_loop_finds_glibc_malloc_trim():
-    assert train_module._HeapTrim().malloc_trim is not None
-
-
-def test_train_loop_trims_the_heap_every_few_steps_inside_train(tmp_path, monkeypatch):
-    """The loop trims the heap after every ``_HeapTrim.EVERY``-th optimizer step (100; 5 here),
-    and nothing is trimmed at import or before training."""
-    steps, trims = [], []
-    libc = types.SimpleNamespace(malloc_trim=lambda pad: trims.append((len(steps), pad)))
-    monkeypatch.setattr(train_module.ctypes, "CDLL", lambda name: libc)
-    monkeypatch.setattr(train_module._HeapTrim, "EVERY", 5)
-    handle = register_optimizer_step_post_hook(lambda *_: steps.append(1))
-    try:
-        _train(tmp_path, total_steps=12, save_every=0)
-    finally:
-        handle.remove()
-    assert len(steps) == 12
-    assert trims == [(5, 0), (10, 0)], trims
 
 
 def test_train_loop_fp16_inf_loss_skips_step(tmp_path):
