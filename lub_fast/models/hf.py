@@ -23,6 +23,8 @@ with a warning. Chinese "RoBERTa-wwm" checkpoints are model_type bert and load a
 """
 
 import json
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -518,6 +520,19 @@ def _from_tf1(path: Path, task: str | None, num_labels: int | None):
     return model
 
 
+def _new_file_mode(directory: Path) -> int:
+    """The permission bits ``open`` gives a new file in ``directory`` (0666 less the umask, or the
+    directory's default ACL), read from a probe file, since the umask cannot be read without
+    setting it."""
+    probe = directory / f".mode-probe-{os.getpid()}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
+
+
 def save_pretrained(model, path) -> None:
     """Write ``model`` as an HF directory that the matching ``transformers`` Auto class loads."""
     path = Path(path)
@@ -535,6 +550,7 @@ def save_pretrained(model, path) -> None:
     tensors = lub_to_hf(model.state_dict(), cfg, model.task)
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    os.chmod(path / "model.safetensors", _new_file_mode(path))  # safetensors leaves its 0600 temporary's mode
     (path / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     for name, data in _export_tokenizer_files(model, path).items():
         (path / name).write_bytes(data)
