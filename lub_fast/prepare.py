@@ -1115,6 +1115,7 @@ def main(argv=None):
         parser.error("INPUT and --output are required (or --verify DIR)")
 
     def body():
+        check_value("output", args.output, check=output_dir_check)  # before the lock creates the directory
         with output_lock(args.output, "prepare"):
             summary = prepare_corpus(
                 args.inputs,

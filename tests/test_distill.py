@@ -378,7 +378,7 @@ def test_distill_command_sigterm_exits_143_and_resume_finishes(shards, random_te
     argv = ["--teacher", random_teacher, "--data", shards[0], "--output", str(out), "--student", "tiny",
             "--student.num_hidden_layers=1", "--student.hidden_size=32", "--student.num_attention_heads=2",
             "--student.intermediate_size=64", f"--data.max_seq_len={SEQ}", "--data.batch_size=8", "--steps", "4",
-            "--train.device=cpu", "--train.save_every=0"]  # fmt: skip
+            "--train.device=cpu", "--train.save_every=0", "--train.warmup_steps=0"]  # fmt: skip
     steps = []
 
     def stop_after_step_2(optimizer, *_):
