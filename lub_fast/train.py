@@ -51,6 +51,12 @@ gradients, optimizer, scheduler, scaler, every rank's RNG states and the counter
 continued run is bit-identical (``torch.equal``) to an uninterrupted one, from a step boundary or
 from the middle of an accumulation window.
 
+Memory: while ``train`` runs, every ``lub_fast.models.encoder.Encoder`` in the objective rounds its
+unpadded token count up to a multiple of ``TOKEN_MULTIPLE`` (``Encoder.token_multiple``; restored
+afterwards). Varlen batches otherwise give every activation a new size each step, and glibc's heap
+fragments: resident memory grew from 402 to 744 MiB over 2000 steps of the demo
+(benchmarks/results/2026-12-02-memory-cpu.md).
+
 Logs (rank 0): a tqdm bar (loss, lr, tokens/s, ETA), ``run_dir/metrics.jsonl`` (records averaged
 over ``log_every`` steps), TensorBoard when installed, ``run_dir/loss.png`` at the end, and the
 resolved config in ``run_dir/config.json``.
@@ -84,6 +90,7 @@ from lub_fast import checkpoint as ckpt
 from lub_fast.config_cli import check_fields, field_error, option, save_config, to_dict
 from lub_fast.errors import UsageError
 from lub_fast.logging_utils import MetricsLog, plot_metrics
+from lub_fast.models.encoder import Encoder
 from lub_fast.optim import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -91,6 +98,8 @@ logger = logging.getLogger(__name__)
 Batches = Callable[[int, int, int], Iterator[Any]]
 EvalFn = Callable[[nn.Module], dict]
 
+# Rows of the encoder's unpadded activations are a multiple of this while training (see "Memory").
+TOKEN_MULTIPLE = 64
 _RESERVED = ("loss", "lr", "grad_norm", "step", "micro_step", "samples", "tokens", "split")
 
 
@@ -295,9 +304,15 @@ def train(
     if main:
         save_config(run_config if run_config is not None else config, run_dir / "config.json")
         loop.log = MetricsLog(run_dir, resume_step=loop.pos.step if resume_from is not None else None)
+    encoders = [m for m in objective.modules() if isinstance(m, Encoder)]
+    saved_multiples = [e.token_multiple for e in encoders]
+    for encoder in encoders:
+        encoder.token_multiple = TOKEN_MULTIPLE
     try:
         interrupted = loop.run(batches)
     finally:
+        for encoder, multiple in zip(encoders, saved_multiples):
+            encoder.token_multiple = multiple
         if loop.log is not None:
             loop.log.close()
     if main:

@@ -46,6 +46,11 @@ class Unpadded:
     ``cu_seqlens[b]:cu_seqlens[b + 1]``). ``max_seqlen``: longest row. ``token_rank`` int64
     ``[B * S]``: for a real position its index in ``[0, T)`` (meaningless at padding). ``is_real``
     bool ``[B * S]``: the flattened mask.
+
+    ``dummy_tokens``: rows the encoder appends after the ``T`` real ones, so that its row count
+    ``T + dummy_tokens`` is a multiple of ``from_mask``'s ``token_multiple``. They form their own
+    sequences of at most ``max_seqlen`` rows, so no real token attends to them; attention runs on
+    ``attention_cu_seqlens`` (``cu_seqlens`` followed by those sequences' ends).
     """
 
     indices: Tensor
@@ -55,10 +60,13 @@ class Unpadded:
     is_real: Tensor
     batch_size: int
     seq_len: int
+    dummy_tokens: int
+    attention_cu_seqlens: Tensor
 
     @classmethod
-    def from_mask(cls, attention_mask: Tensor) -> "Unpadded":
-        """From ``attention_mask [B, S]`` (1/True = real token, any int or bool dtype)."""
+    def from_mask(cls, attention_mask: Tensor, token_multiple: int = 1) -> "Unpadded":
+        """From ``attention_mask [B, S]`` (1/True = real token, any int or bool dtype); the row
+        count is rounded up to a multiple of ``token_multiple`` with dummy rows."""
         batch_size, seq_len = attention_mask.shape
         flat = attention_mask.reshape(-1).bool()
         indices = flat.nonzero().squeeze(1)
@@ -66,7 +74,17 @@ class Unpadded:
         cu_seqlens = F.pad(torch.cumsum(lengths, dim=0, dtype=torch.int32), (1, 0))
         max_seqlen = int(lengths.max()) if batch_size else 0
         token_rank = torch.cumsum(flat, dim=0) - 1
-        return cls(indices, cu_seqlens, max_seqlen, token_rank, flat, batch_size, seq_len)
+        num_tokens = indices.numel()
+        dummy_tokens = -num_tokens % token_multiple
+        attention_cu_seqlens = cu_seqlens
+        if dummy_tokens:  # then num_tokens > 0, so max_seqlen > 0
+            end = num_tokens + dummy_tokens
+            ends = [*range(num_tokens + max_seqlen, end, max_seqlen), end]
+            attention_cu_seqlens = torch.cat([cu_seqlens, cu_seqlens.new_tensor(ends)])
+        return cls(
+            indices, cu_seqlens, max_seqlen, token_rank, flat, batch_size, seq_len,
+            dummy_tokens, attention_cu_seqlens,
+        )  # fmt: skip
 
     @property
     def num_tokens(self) -> int:
@@ -170,7 +188,9 @@ class EncoderLayer(nn.Module):
             seed = int(torch.randint(0, _SEED_HIGH, (1,)))
         else:
             dropout_p, seed = 0.0, 0
-        attn = varlen_attention(q, k, v, unpadded.cu_seqlens, unpadded.max_seqlen, dropout_p, seed)
+        attn = varlen_attention(
+            q, k, v, unpadded.attention_cu_seqlens, unpadded.max_seqlen, dropout_p, seed
+        )  # fmt: skip
         attn = self.attn_out(attn.reshape(tokens, cfg.hidden_size))
         x = self.attn_norm(x + F.dropout(attn, cfg.hidden_dropout_prob, self.training))
         h = bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias, cfg.gelu_approximate)
@@ -210,7 +230,7 @@ def rows_attention(q: Tensor, kv: Tensor, unpadded: Unpadded, rows: Tensor, head
     slot = torch.empty_like(rows)
     slot[order] = torch.arange(num_rows, device=rows.device) - (torch.cumsum(counts, 0) - counts)[seq[order]]
     q_pad = q.new_zeros(batch, int(counts.max()), heads, head_dim).index_put((seq, slot), q.view(num_rows, heads, head_dim))
-    k_pad, v_pad = unpadded.pad(kv).view(batch, seq_len, 2, heads, head_dim).unbind(2)
+    k_pad, v_pad = unpadded.pad(kv[: unpadded.num_tokens]).view(batch, seq_len, 2, heads, head_dim).unbind(2)
     key_mask = unpadded.is_real.view(batch, seq_len).clone()
     # A sequence without tokens has no queries; one open key keeps its unused padded queries finite.
     key_mask[:, 0] |= unpadded.cu_seqlens[1:] == unpadded.cu_seqlens[:-1]
@@ -229,6 +249,12 @@ class Encoder(nn.Module):
     int64 ``[B, S]`` tensors (``attention_mask`` any int/bool dtype, 1 = real token; default all
     real) and returns an ``EncoderOutput``. Default ``position_ids``: ``0..S-1`` per row, or for
     RoBERTa (``position_offset > 0``) HF's ``cumsum(input_ids != pad) + pad`` at real tokens.
+
+    ``token_multiple`` (default 1: off): the rows the layers run on are rounded up to a multiple of
+    it with pad-token rows in sequences of their own (``Unpadded.dummy_tokens``), which no output
+    reads. Real tokens' states are unchanged up to float rounding (GEMMs of another row count may
+    sum in another order); the point is fewer distinct tensor sizes per run, which keeps glibc's
+    heap from fragmenting (``lub_fast.train`` sets it while training).
     """
 
     def __init__(self, config: EncoderConfig, add_pooler: bool = False):
@@ -241,6 +267,7 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_unique_layers))
         self.pooler = nn.Linear(config.hidden_size, config.hidden_size) if add_pooler else None
         self._schedule = config.layer_schedule()
+        self.token_multiple = 1
         self.apply(functools.partial(init_weights, std=config.initializer_range))
 
     def default_position_ids(self, input_ids: Tensor) -> Tensor:
@@ -262,18 +289,23 @@ class Encoder(nn.Module):
             raise ValueError(f"Encoder: input_ids must be [B, S]; got {tuple(input_ids.shape)}")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        unpadded = Unpadded.from_mask(attention_mask)
+        unpadded = Unpadded.from_mask(attention_mask, self.token_multiple)
         if position_ids is None:
             position_ids = self.default_position_ids(input_ids)
         ids = unpadded.unpad(input_ids)
         positions = unpadded.unpad(position_ids.expand_as(input_ids))
         types = torch.zeros_like(ids) if token_type_ids is None else unpadded.unpad(token_type_ids)
+        if unpadded.dummy_tokens:
+            dummy = (0, unpadded.dummy_tokens)
+            ids = F.pad(ids, dummy, value=self.config.pad_token_id)
+            positions, types = F.pad(positions, dummy), F.pad(types, dummy)
         x = self.embeddings(ids, types, positions)
         if self.embedding_projection is not None:
             x = self.embedding_projection(x)
         if output_positions is None:
             for index in self._schedule:
                 x = self.layers[index](x, unpadded)
+            x = x[: unpadded.num_tokens]
             pooled = None
             if self.pooler is not None:
                 pooled = torch.tanh(self.pooler(unpadded.first_tokens(x)))

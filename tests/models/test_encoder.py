@@ -146,3 +146,42 @@ def test_encoder_dropout_reproducible_from_rng_state():
         first = model(ids, mask, masked_positions=positions).logits
         second = model(ids, mask, masked_positions=positions).logits
     assert torch.equal(first, second)
+
+
+def test_encoder_unpadded_dummy_rows_are_their_own_sequences():
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 1, 1]])
+    u = Unpadded.from_mask(mask, token_multiple=12)
+    assert u.dummy_tokens == 7 and u.num_tokens == 5, (u.dummy_tokens, u.num_tokens)
+    assert u.attention_cu_seqlens.tolist() == [0, 2, 2, 5, 8, 11, 12] and u.cu_seqlens.tolist() == [0, 2, 2, 5]
+    assert u.attention_cu_seqlens.dtype == torch.int32
+    assert Unpadded.from_mask(torch.zeros(2, 3), token_multiple=12).dummy_tokens == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_encoder_token_multiple_changes_only_rounding(family):
+    """Dummy rows (here 17 after 15 real tokens: two sequences of 9 and 8) leave every output and
+    gradient as it was, up to float rounding, in the full and in the sparse last layer (without
+    dropout: dropout masks are drawn for every row, so the dummy rows shift them)."""
+    config = tiny(family, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ids, mask = padded_batch((9, 1, 5, 0), 9, pad=config.pad_token_id)
+    positions = torch.tensor([0, 4, 8, 9, 18, 22])
+    labels = ids.reshape(-1)[positions]
+    results = []
+    for multiple in (1, 32):
+        torch.manual_seed(0)
+        model = MaskedLM(config).train()
+        model.encoder.token_multiple = multiple
+        rows = []
+        model.encoder.layers[0].register_forward_hook(lambda module, args, out, rows=rows: rows.append(out.shape[0]))
+        logits = model(ids, mask).logits
+        out = model(ids, mask, labels=labels, masked_positions=positions)
+        out.loss.backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        results.append((rows, logits.detach(), out.logits.detach(), grads))
+    (rows_1, logits_1, sparse_1, grads_1), (rows_32, logits_32, sparse_32, grads_32) = results
+    assert set(rows_1) == {15} and set(rows_32) == {32} and len(rows_32) >= 2, (rows_1, rows_32)
+    torch.testing.assert_close(logits_32, logits_1, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(sparse_32, sparse_1, atol=1e-6, rtol=1e-6)
+    assert grads_32.keys() == grads_1.keys() and len(grads_1) > 10, sorted(grads_1)
+    for name, grad in grads_1.items():
+        torch.testing.assert_close(grads_32[name], grad, atol=1e-6, rtol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

@@ -14,9 +14,11 @@ import torch
 from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from lub_fast import train as train_module
 from lub_fast.checkpoint import list_checkpoints, load_checkpoint, verify_checkpoint
 from lub_fast.config_cli import load_config
 from lub_fast.logging_utils import MetricsLog, read_metrics
+from lub_fast.models import EncoderConfig, MaskedLM
 from lub_fast.train import NonFiniteError, TrainConfig, train
 from train_toy import ToyObjective, eval_fn, make_batches
 
@@ -205,3 +207,41 @@ def test_train_loop_resume_after_sigterm_mid_window_and_sigkill_is_bit_exact(tmp
     assert max(r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")) == 6
     _run_toy(tmp_path, "--resume", "latest")
     _assert_same_run(tmp_path, reference_run)
+
+
+class _MaskedLMLoss(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model(batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                          masked_positions=batch["masked_positions"]).loss, {}  # fmt: skip
+
+
+def _encoder_batches(start, rank, world_size):
+    step = start
+    while True:
+        gen = torch.Generator().manual_seed(step)
+        lengths = torch.randint(1, 13, (3,), generator=gen)
+        mask = (torch.arange(12)[None, :] < lengths[:, None]).long()
+        ids = torch.randint(5, 99, (3, 12), generator=gen) * mask
+        positions = mask.reshape(-1).nonzero().squeeze(1)[::3]
+        yield {"input_ids": ids, "attention_mask": mask, "masked_positions": positions,
+               "labels": ids.reshape(-1)[positions]}  # fmt: skip
+        step += 1
+
+
+def test_train_loop_rounds_encoder_rows_while_it_runs(tmp_path):
+    """``train`` rounds the encoder's rows up to ``TOKEN_MULTIPLE`` (few distinct activation sizes
+    for the heap) for the run only: construction sets nothing, and train restores the setting."""
+    config = EncoderConfig.preset("bert", "tiny", vocab_size=99, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=37, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = MaskedLM(config)
+    assert model.encoder.token_multiple == 1
+    rows = []
+    model.encoder.layers[0].register_forward_hook(lambda module, args, out: rows.append(out.shape[0]))
+    train(_MaskedLMLoss(model), _encoder_batches, TrainConfig(total_steps=6, device="cpu"), tmp_path)
+    assert len(rows) == 6 and all(r % train_module.TOKEN_MULTIPLE == 0 for r in rows), rows
+    assert train_module.TOKEN_MULTIPLE > 1 and model.encoder.token_multiple == 1
