@@ -192,23 +192,39 @@ def train_lub_fast(cfg: PretrainConfig, held: list[dict]) -> dict:
             "final_train_loss": float(last["loss"])}
 
 
-def train_hf(init_dir: Path, cfg: PretrainConfig, tokenizer, setup: Setup, seed: int, held: list[dict]) -> dict:
-    """The plain HF loop over lub_fast's examples (see the module docstring)."""
-    start = time.perf_counter()
-    model = BertForMaskedLM.from_pretrained(init_dir)
-    model.train()
-    norms = (torch.nn.LayerNorm,)
+def hf_optimizer(model: BertForMaskedLM, setup: Setup):
+    """``torch.optim.AdamW`` (no weight decay on biases and LayerNorm, as HF's Trainer) and the
+    warmup + linear schedule of ``lr_factor``."""
     decay, no_decay, seen = [], [], set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            (no_decay if isinstance(module, norms) or name == "bias" else decay).append(param)
+            (no_decay if isinstance(module, torch.nn.LayerNorm) or name == "bias" else decay).append(param)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": setup.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
                                   lr=setup.lr, betas=setup.betas, eps=setup.eps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, setup))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, setup))
+
+
+def hf_step(model: BertForMaskedLM, optimizer, scheduler, batch: dict, max_grad_norm: float) -> float:
+    """One plain HF training step on an HF-collated batch; returns its loss."""
+    loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def train_hf(init_dir: Path, cfg: PretrainConfig, tokenizer, setup: Setup, seed: int, held: list[dict]) -> dict:
+    """The plain HF loop over lub_fast's examples (see the module docstring)."""
+    start = time.perf_counter()
+    model = BertForMaskedLM.from_pretrained(init_dir)
+    model.train()
+    optimizer, scheduler = hf_optimizer(model, setup)
     dataset = PretrainDataset(list(cfg.data.data), max_seq_len=setup.max_seq_len, pair=None,
                               short_seq_prob=setup.short_seq_prob, seed=cfg.data.seed)
     lub_collator = MaskingCollator(masking_config(dataset, "token", cfg.masking, cfg.data.seed, setup.max_seq_len))
@@ -217,15 +233,8 @@ def train_hf(init_dir: Path, cfg: PretrainConfig, tokenizer, setup: Setup, seed:
     tokens, losses = 0, []
     for _ in range(setup.steps):
         batch = collate([{"input_ids": row} for row in unmasked_rows(next(batches))])
-        loss = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     labels=batch["labels"]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), setup.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        losses.append(hf_step(model, optimizer, scheduler, batch, setup.max_grad_norm))
         tokens += int(batch["attention_mask"].sum())
-        losses.append(float(loss.detach()))
     wall = time.perf_counter() - start
     return {**score(model, held), "wall_s": wall, "tokens": tokens, "steps": setup.steps,
             "final_train_loss": sum(losses[-10:]) / len(losses[-10:])}
@@ -348,7 +357,7 @@ def main(argv=None) -> int:
         setup = dataclasses.replace(setup, seeds=tuple(range(args.seeds)))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    begin = time.perf_counter()
+    begin, revision = time.perf_counter(), _git_revision()  # the code that runs, not what HEAD is at the end
 
     demo = _prepare_demo_data(demo_config())
     train_dir, held_dir = Path(demo.data.data[0]), Path(demo.data.eval_data[0])
@@ -382,7 +391,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "git": _git_revision(),
+        "git": revision,
         "command": " ".join(["python", "benchmarks/quality/parity_hf.py", *(sys.argv[1:] if argv is None else argv)]),
         "total_wall_s": time.perf_counter() - begin,
     }
