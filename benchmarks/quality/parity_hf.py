@@ -1,6 +1,6 @@
 """Parity of lub_fast's pretraining loop with the trusted recipe: a plain HuggingFace loop (issue 18, 1).
 
-    python benchmarks/quality/parity_hf.py --output runs/parity-hf            # ~15 min on 2 cores
+    python benchmarks/quality/parity_hf.py --output runs/parity-hf            # 23 min here under load
     python benchmarks/quality/parity_hf.py --smoke --output /tmp/parity-smoke # ~1 min, a pipeline check
 
 Per seed, both sides start from one tiny random ``transformers.BertForMaskedLM`` written by
