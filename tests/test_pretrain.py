@@ -514,6 +514,8 @@ def test_pretrain_demo_exports_a_model_transformers_loads(tmp_path, monkeypatch,
     printed = capsys.readouterr().out
     assert "held-out masked-token accuracy" in printed and str(out / "hf") in printed, printed[-2000:]
     assert (tmp_path / "cache" / "demo" / "train" / "meta.json").is_file()
+    shown = [line.split() for line in printed.splitlines() if "[MASK]" in line and " answer " in line]
+    assert len(shown) == 4 and all(len(row) == 7 and row[1:4:2] == ["answer", "model"] and len(row[2]) == 1 for row in shown), printed[-2000:]
     hf_dir = out / "hf"
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
     hf = transformers.AutoModelForMaskedLM.from_pretrained(hf_dir).eval()
@@ -530,6 +532,15 @@ def test_pretrain_demo_exports_a_model_transformers_loads(tmp_path, monkeypatch,
         got = ours(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"]).logits
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+def test_demo_sentences_mask_the_middle_chinese_character_of_held_out_sentences(tmp_path):
+    text = tmp_path / "heldout.txt"
+    text.write_text("短句。今天天气很好我们去公园散步。\n\n这家店的服务非常周到下次还来！太长" + "长" * 40 + "。\n", encoding="utf-8")
+    vocab = set("今天气很好我们去公园散步这家店的服务非常周到下次还来短句长。！")
+    picked = pretrain.demo_sentences(text, vocab, count=4)
+    assert picked == [("今天天气很好我们去公园散步。", 6), ("这家店的服务非常周到下次还来！", 7)], picked
+    assert pretrain.demo_sentences(text, vocab - {"公"}, count=1) == [("这家店的服务非常周到下次还来！", 7)]
 
 
 def test_pretrain_stops_at_a_corrupt_shard_unless_told_it_is_verified(data, tmp_path, capsys):
