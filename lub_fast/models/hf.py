@@ -621,10 +621,11 @@ def from_pretrained_electra_pair(discriminator_path, generator_path=None) -> Ele
             f"from_pretrained_electra_pair: generator and discriminator embeddings differ in {differing}; "
             "ELECTRA shares them"
         )
-    vocabs = [vocab_from_files(m.tokenizer_files, str(p)) for m, p in ((disc, discriminator_path), (gen, generator_path))]
+    generator_origin = generator_path if generator_path is not None else f"{discriminator_path} (generator)"
+    vocabs = [vocab_from_files(m.tokenizer_files, str(p)) for m, p in ((disc, discriminator_path), (gen, generator_origin))]
     if None not in vocabs and vocabs[0] != vocabs[1]:
         raise VocabularyError(
-            f"from_pretrained_electra_pair: {discriminator_path} and {generator_path} have different vocabularies "
+            f"from_pretrained_electra_pair: {discriminator_path} and {generator_origin} have different vocabularies "
             f"({first_difference(*vocabs, 'the discriminator', 'the generator')}); ELECTRA's two models share one"
         )
     return ElectraPair(gen, disc)
