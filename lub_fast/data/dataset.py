@@ -19,20 +19,42 @@ prediction from ALBERT (Lan et al. 2020, google-research/albert):
   or its back with probability 1/2 (the front count is drawn as a binomial).
 
 Determinism. The chunk plan (start sentence of every chunk; 4 bytes per example for shards under
-4G sentences) is computed once from the memory-mapped sentence index with vectorised numpy and
-depends only on ``seed``. Example ``i`` of rank ``r`` is the plan's chunk at position
-``perm(r + world_size * i)`` of a keyed bijection of ``[0, num_examples)`` (a Feistel network with
-cycle walking; Black and Rogaway, "Ciphers with arbitrary finite domains", 2002) and every random
-choice in it is a counter-based draw keyed by ``(seed, epoch, global index)``: the example is a pure
-function of those, so resuming needs only the counter, and ranks see disjoint examples.
+4G sentences) is computed from the memory-mapped sentence index with vectorised numpy and depends
+only on ``seed`` (and the settings above).
+
+Plan cache. A shard's plan is computed once and kept in ``$LUB_FAST_CACHE/plans`` (default
+``~/.cache/lub_fast/plans``) as ``<digest>.npy`` (the starts) and ``<digest>.json`` (counts; written
+last, it marks the plan complete), where the digest hashes the plan version, the sha256 of the
+shard's index files and the settings: a plan is never stale, a shard directory is never written
+to, and one cache serves every copy of a corpus. Each plan is built under a POSIX lock
+(``<digest>.lock``): processes opening a dataset at once (the ranks of a machine, or of many on a
+shared ``LUB_FAST_CACHE``) each build the plans nobody else holds, then wait for the rest, so
+every plan is computed by one process and every process maps the same files (one copy in the page
+cache). Opening a dataset whose plans are cached costs O(number of shards) in time and memory.
+Without a writable cache the plans are built in memory (and a warning says so).
+
+Example ``i`` of rank ``r`` is the plan's chunk at position ``perm(r + world_size * i)`` of a
+keyed bijection of ``[0, num_examples)`` (a Feistel network with cycle walking; Black and Rogaway,
+"Ciphers with arbitrary finite domains", 2002) and every random choice in it is a counter-based
+draw keyed by ``(seed, epoch, global index)``: the example is a pure function of those, so
+resuming needs only the counter, and ranks see disjoint examples.
 """
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import warnings
 
 import numpy as np
 
-from lub_fast.data.shards import ShardError, open_shards
+from lub_fast.data.shards import ShardError, check_index, open_shards, write_json_atomic
 from lub_fast.data.tokenizer import SPECIAL_TOKENS, read_vocab
 
 PAIRS = (None, "sop", "nsp")
+PLAN_VERSION = 1  # part of every cached plan's digest: bump it whenever plan_chunks' output changes
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -135,6 +157,112 @@ def plan_chunks(sentence_offsets, document_offsets, key, max_tokens, short_seq_p
     return out.astype(dtype), int(np.count_nonzero(~eligible))
 
 
+def plan_cache_dir():
+    """``$LUB_FAST_CACHE/plans`` (default ``~/.cache/lub_fast/plans``)."""
+    root = os.environ.get("LUB_FAST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lub_fast")
+    return os.path.join(root, "plans")
+
+
+def _plan_spec(shard, key, max_tokens, short_seq_prob, min_sentences):
+    files = shard.header["files"]
+    return {
+        "plan_version": PLAN_VERSION,
+        "shard": shard.name,
+        "sentences_sha256": files["sentences"]["sha256"],
+        "documents_sha256": files["documents"]["sha256"],
+        "num_sentences": shard.num_sentences,
+        "key": key,
+        "max_tokens": max_tokens,
+        "short_seq_prob": float(short_seq_prob),
+        "min_sentences": min_sentences,
+    }
+
+
+def _plan_digest(spec):
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _build_plan(shard, spec):
+    check_index(shard, full=True)  # the plan reads every offset anyway: a corrupt index stops here
+    return plan_chunks(
+        shard.sentence_offsets, shard.document_offsets, spec["key"], spec["max_tokens"], spec["short_seq_prob"],
+        spec["min_sentences"],
+    )
+
+
+def _load_plan(stem, shard):
+    """``(starts, dropped)`` of a complete cached plan, or ``None``."""
+    try:
+        with open(f"{stem}.json", encoding="utf-8") as f:
+            info = json.load(f)
+        starts = np.load(f"{stem}.npy", mmap_mode="r").view(np.ndarray) if info["examples"] else np.zeros(0, np.uint32)
+    except (OSError, ValueError, KeyError):
+        return None
+    if starts.shape != (info["examples"],) or (len(starts) and int(starts[-1]) >= shard.num_sentences):
+        return None
+    return starts, info["dropped"]
+
+
+def _lock_and_build(stem, shard, spec, wait):
+    """Build and cache the plan under its lock; ``None`` when another process holds the lock and
+    ``wait`` is false."""
+    fd = os.open(f"{stem}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        plan = _load_plan(stem, shard)  # the holder before us built it
+        if plan is None:
+            starts, dropped = _build_plan(shard, spec)
+            tmp = f"{stem}.npy.tmp"
+            with open(tmp, "wb") as f:
+                np.save(f, starts)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, f"{stem}.npy")
+            write_json_atomic(f"{stem}.json", dict(spec, examples=len(starts), dropped=dropped))
+            plan = _load_plan(stem, shard)
+        # The .json exists, so whoever opens (or creates) the lock file from now on builds nothing;
+        # each process removes the path when done, and the last one leaves no lock file behind.
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(f"{stem}.lock")
+        return plan
+    finally:
+        os.close(fd)
+
+
+def shard_plans(shards, keys, max_tokens, short_seq_prob, min_sentences):
+    """The chunk plan of every shard (``plan_chunks`` with ``keys[i]`` for ``shards[i]``) as a list
+    of ``(starts, dropped)``, ``starts`` memory-mapped from ``plan_cache_dir()``, each built by one
+    process: first the plans nobody is building, then a
+    wait for the others' (a process that died holding a lock released it, and the waiter builds).
+    A cache that cannot be written is read; the plans it lacks are built in memory, with a warning."""
+    specs = [_plan_spec(s, k, max_tokens, short_seq_prob, min_sentences) for s, k in zip(shards, keys)]
+    cache_dir = plan_cache_dir()
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        problem = None if os.access(cache_dir, os.W_OK) else "not writable"
+    except OSError as error:
+        problem = str(error)
+    stems = [os.path.join(cache_dir, _plan_digest(spec)) for spec in specs]
+    plans = [_load_plan(stem, shard) for stem, shard in zip(stems, shards)]
+    if problem is not None:
+        if None in plans:
+            warnings.warn(
+                f"lub_fast: no plan cache in {cache_dir} ({problem}); building the example plans in memory "
+                "(set LUB_FAST_CACHE to a writable directory to build them once)",
+                stacklevel=3,
+            )
+        return [plan or _build_plan(shard, spec) for plan, shard, spec in zip(plans, shards, specs)]
+    for wait in (False, True):
+        for i in [i for i, plan in enumerate(plans) if plan is None]:
+            plans[i] = _lock_and_build(stems[i], shards[i], specs[i], wait)
+    return plans
+
+
 class PretrainDataset:
     """BERT-style pretraining examples from one or more shard directories (map-style dataset).
 
@@ -160,7 +288,7 @@ class PretrainDataset:
         rank=0,
         world_size=1,
         shuffle=True,
-        check_tokens=True,
+        check_tokens=False,
         verify_checksums=True,
     ):
         if pair not in PAIRS:
@@ -198,18 +326,10 @@ class PretrainDataset:
         )
 
         min_sentences = 2 if pair == "sop" else 1
-        self._plans, dropped = [], 0
-        for i, shard in enumerate(self.shards):
-            starts, n = plan_chunks(
-                shard.sentence_offsets,
-                shard.document_offsets,
-                _key(_SALT_PLAN, seed, i),
-                self.max_tokens,
-                short_seq_prob,
-                min_sentences,
-            )
-            self._plans.append(starts)
-            dropped += n
+        keys = [_key(_SALT_PLAN, seed, i) for i in range(len(self.shards))]
+        plans = shard_plans(self.shards, keys, self.max_tokens, short_seq_prob, min_sentences)
+        self._plans = [starts for starts, _ in plans]
+        dropped = sum(n for _, n in plans)
         self._example_offsets = np.concatenate(([0], np.cumsum([len(p) for p in self._plans]))).astype(np.int64)
         self._doc_offsets = np.concatenate(([0], np.cumsum([s.num_documents for s in self.shards]))).astype(np.int64)
         self.num_examples = int(self._example_offsets[-1])
@@ -222,6 +342,17 @@ class PretrainDataset:
             "examples": self.num_examples,
         }
 
+    def __getstate__(self):
+        # A spawned DataLoader worker maps the cached plans (and the shards) again instead of
+        # receiving copies: pickled, a memory map would travel as its whole data.
+        state = dict(self.__dict__)
+        state["_plans"] = [p.base.filename if isinstance(p.base, np.memmap) else p for p in self._plans]
+        return state
+
+    def __setstate__(self, state):
+        plans = [np.load(p, mmap_mode="r").view(np.ndarray) if isinstance(p, str) else p for p in state["_plans"]]
+        self.__dict__.update(state, _plans=plans)
+
     def set_epoch(self, epoch):
         """Examples of another epoch: a new order and new pair/truncation draws over the same plan."""
         self.epoch = epoch
@@ -230,6 +361,12 @@ class PretrainDataset:
         return self.num_examples // self.world_size
 
     def __getitem__(self, i):
+        return self._example(*self.segments(i))
+
+    def segments(self, i):
+        """Example ``i`` before its arrays are built: ``(index, a, b, label)`` with segments as
+        ``(shard, token_start, token_stop)`` (``b`` is ``None`` without pairs) and ``label`` as
+        ``(name, value)`` or ``None``; about half of ``dataset[i]``'s time (for label statistics)."""
         if not 0 <= i < len(self):
             raise IndexError(f"example {i} out of range for {len(self)} examples")
         index = self.rank + self.world_size * i
@@ -245,7 +382,7 @@ class PretrainDataset:
         offsets = shard.sentence_offsets
         if self.pair is None:
             a = self._truncate((shard, int(offsets[start]), int(offsets[end])), None, draws)[0]
-            return self._example(index, a, None, None)
+            return index, a, None, None
         n = end - start
         a_end = start + 1 + (draws.below(n - 1) if n > 1 else 0)
         a = (shard, int(offsets[start]), int(offsets[a_end]))
@@ -254,14 +391,14 @@ class PretrainDataset:
             label = draws.below(2)
             if label:
                 a, b = b, a
-            return self._example(index, *self._truncate(a, b, draws), ("sentence_order_label", label))
+            return index, *self._truncate(a, b, draws), ("sentence_order_label", label)
         label = 1 if n == 1 else draws.below(2)
         if label:
             chunk_tokens = min(int(offsets[end] - offsets[start]), self.max_tokens)
             b = self._random_segment(s, doc, max(1, chunk_tokens - (a[2] - a[1])), draws)
         else:
             b = (shard, int(offsets[a_end]), int(offsets[end]))
-        return self._example(index, *self._truncate(a, b, draws), ("next_sentence_label", label))
+        return index, *self._truncate(a, b, draws), ("next_sentence_label", label)
 
     def _random_segment(self, shard_index, doc, target, draws):
         """Sentences of a random other document from a random sentence on, until ``target`` tokens."""

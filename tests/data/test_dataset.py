@@ -1,6 +1,13 @@
+import multiprocessing
+import os
+import pickle
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from lub_fast.data import dataset as dataset_module
 from lub_fast.data.dataset import PretrainDataset, permute, plan_chunks, truncation
 from lub_fast.data.shards import ShardError, open_shards
 from lub_fast.prepare import prepare_corpus
@@ -35,8 +42,8 @@ def test_truncation_matches_bert_loop():
                 lb, cb = lb - 1, cb + 1
         return ca, cb
 
-    for la in range(0, 30):
-        for lb in range(0, 30):
+    for la in range(30):
+        for lb in range(30):
             for m in (2, 5, 17, 40):
                 assert truncation(la, lb, m) == bert(la, lb, m), (la, lb, m)
 
@@ -125,7 +132,41 @@ def test_dataset_sop_segments_are_consecutive_or_swapped(prepared_dir):
         first, second = (b, a) if label else (a, b)
         assert _find(shards, np.concatenate((first, second))), f"example {i}: label {label} but not contiguous"
         labels.append(label)
-    assert 0.35 < np.mean(labels) < 0.65, f"swapped fraction {np.mean(labels):.2f} of {len(labels)}"
+    assert 0 < np.mean(labels) < 1, f"both orders are checked ({len(labels)} examples)"
+
+
+def _label_rate(ds, samples=100_000):
+    """The mean label over whole epochs of ``ds`` (at least ``samples`` examples), from
+    ``segments`` (no arrays built)."""
+    labels, epoch = [], 0
+    while len(labels) < samples:
+        ds.set_epoch(epoch)
+        labels += [ds.segments(i)[3][1] for i in range(len(ds))]
+        epoch += 1
+    return np.mean(labels), len(labels)
+
+
+def _single_sentence_chunks(ds):
+    """The fraction of the plan's chunks that hold one sentence (NSP always pairs those at random)."""
+    singles = 0
+    for shard, starts in zip(ds.shards, ds._plans):
+        starts = np.asarray(starts, dtype=np.int64)
+        doc_ends = shard.document_offsets[np.searchsorted(shard.document_offsets, starts, side="right")]
+        ends = np.minimum(np.append(starts[1:], shard.num_sentences), doc_ends)
+        singles += int(np.count_nonzero(ends - starts == 1))
+    return singles / ds.num_examples
+
+
+def test_dataset_sop_swaps_half_the_pairs(prepared_dir):
+    rate, n = _label_rate(PretrainDataset(prepared_dir, max_seq_len=64, pair="sop", seed=5))
+    assert abs(rate - 0.5) <= 0.01, f"swapped fraction {rate:.4f} of {n} examples"
+
+
+def test_dataset_nsp_takes_half_the_second_segments_from_other_documents(prepared_dir):
+    ds = PretrainDataset(prepared_dir, max_seq_len=64, pair="nsp", seed=5)
+    expected = 0.5 + 0.5 * _single_sentence_chunks(ds)
+    rate, n = _label_rate(ds)
+    assert abs(rate - expected) <= 0.01, f"random-next fraction {rate:.4f} of {n} examples, expected {expected:.4f}"
 
 
 def test_dataset_nsp_negatives_come_from_other_documents(prepared_dir):
@@ -142,7 +183,7 @@ def test_dataset_nsp_negatives_come_from_other_documents(prepared_dir):
         if label == 0 and len(ids) < 512:
             assert _find(shards, np.concatenate((a, b))), f"example {i}: positive pair is not contiguous"
         labels.append(label)
-    assert 0.35 < np.mean(labels) < 0.65, f"random-next fraction {np.mean(labels):.2f}"
+    assert 0 < np.mean(labels) < 1, "both kinds of pair are checked"
 
 
 def test_dataset_short_seq_prob_shortens_examples(prepared_dir):
@@ -183,7 +224,7 @@ def test_dataset_single_sentence_documents(tmp_path, vocab_path, real_lines, wri
 
 def test_dataset_vocab_and_special_ids(prepared_dir, tokenizer):
     ds = PretrainDataset(prepared_dir)
-    assert open(ds.vocab_path, encoding="utf-8").read() == open(tokenizer.vocab_path, encoding="utf-8").read()
+    assert Path(ds.vocab_path).read_text(encoding="utf-8") == Path(tokenizer.vocab_path).read_text(encoding="utf-8")
     assert (ds.pad_token_id, ds.cls_token_id, ds.sep_token_id, ds.mask_token_id, ds.unk_token_id) == (
         tokenizer.pad_id,
         tokenizer.cls_id,
@@ -231,3 +272,92 @@ def test_dataset_verifies_checksums_of_its_share_of_shards(tmp_path, prepared_di
     PretrainDataset(copy, max_seq_len=64, rank=0, world_size=2)  # rank 0 hashes shards 0, 2, ...
     with pytest.raises(ShardError, match=rf"shard-00001\.{kind}"):
         PretrainDataset(copy, max_seq_len=64, rank=1, world_size=2)
+
+
+def _count_builds(monkeypatch, log):
+    """Append the shard name of every plan built (in this process or its forks) to ``log``."""
+    build = dataset_module._build_plan
+
+    def counted(shard, spec):
+        with open(log, "a", encoding="utf-8") as f:
+            f.write(f"{spec['shard']}\n")
+        return build(shard, spec)
+
+    monkeypatch.setattr(dataset_module, "_build_plan", counted)
+    return lambda: Path(log).read_text(encoding="utf-8").split() if os.path.exists(log) else []
+
+
+def test_dataset_plans_are_cached_once_per_settings(tmp_path, monkeypatch, prepared_dir):
+    monkeypatch.setenv("LUB_FAST_CACHE", str(tmp_path / "cache"))
+    builds = _count_builds(monkeypatch, tmp_path / "builds")
+    first = PretrainDataset(prepared_dir, max_seq_len=64, seed=2)
+    assert sorted(builds()) == [s.name for s in first.shards]
+    again = PretrainDataset(prepared_dir, max_seq_len=64, seed=2)
+    assert len(builds()) == len(first.shards), "the second open maps the cached plans"
+    assert len(again) == len(first)
+    for i in range(0, len(first), 11):
+        _same(first[i], again[i])
+    PretrainDataset(prepared_dir, max_seq_len=96, seed=2)
+    assert len(builds()) == 2 * len(first.shards), "other settings, other plans"
+    assert len(os.listdir(tmp_path / "cache" / "plans")) == 2 * 2 * len(first.shards), "a .npy and a .json each"
+
+
+def _open_in_child(prepared_dir, barrier, queue):
+    barrier.wait()
+    ds = PretrainDataset(prepared_dir, max_seq_len=64, seed=7, verify_checksums=False)
+    queue.put([int(ds[i]["input_ids"].sum()) for i in range(0, len(ds), 17)])
+
+
+def test_dataset_ranks_opening_at_once_build_each_plan_once(tmp_path, monkeypatch, prepared_dir):
+    monkeypatch.setenv("LUB_FAST_CACHE", str(tmp_path / "cache"))
+    builds = _count_builds(monkeypatch, tmp_path / "builds")
+    ctx = multiprocessing.get_context("fork")
+    barrier, queue = ctx.Barrier(3), ctx.Queue()
+    children = [ctx.Process(target=_open_in_child, args=(prepared_dir, barrier, queue)) for _ in range(3)]
+    for child in children:
+        child.start()
+    results = [queue.get(timeout=300) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+        assert child.exitcode == 0
+    names = [s.name for s in PretrainDataset(prepared_dir, max_seq_len=64, seed=7, verify_checksums=False).shards]
+    assert sorted(builds()) == names, f"plans built: {sorted(builds())}"
+    assert results[0] == results[1] == results[2]
+    assert not [n for n in os.listdir(tmp_path / "cache" / "plans") if not n.endswith((".npy", ".json"))]
+
+
+def test_dataset_pickles_without_its_data(tmp_path, monkeypatch, prepared_dir):
+    monkeypatch.setenv("LUB_FAST_CACHE", str(tmp_path / "cache"))
+    ds = PretrainDataset(prepared_dir, max_seq_len=64, seed=2)
+    data = pickle.dumps(ds)
+    plan_bytes = sum(p.nbytes for p in ds._plans)
+    assert len(data) < 16384 and plan_bytes > 0, f"{len(data)} bytes pickled ({plan_bytes} bytes of plans)"
+    again = pickle.loads(data)
+    assert all(isinstance(p.base, np.memmap) for p in again._plans), "the plans are mapped again, not copied"
+    assert all(isinstance(s.ids.base, np.memmap) for s in again.shards)
+    for i in range(0, len(ds), 11):
+        _same(again[i], ds[i])
+
+
+def test_dataset_without_a_writable_cache_builds_plans_in_memory(tmp_path, monkeypatch, prepared_dir):
+    cached = PretrainDataset(prepared_dir, max_seq_len=64, seed=2)
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("LUB_FAST_CACHE", str(not_a_dir))
+    with pytest.warns(UserWarning, match="no plan cache in .*file/plans .* building the example plans in memory"):
+        in_memory = PretrainDataset(prepared_dir, max_seq_len=64, seed=2)
+    assert len(in_memory) == len(cached)
+    for i in range(0, len(cached), 11):
+        _same(in_memory[i], cached[i])
+
+
+def test_dataset_plan_build_checks_the_index(tmp_path, monkeypatch, prepared_dir):
+    monkeypatch.setenv("LUB_FAST_CACHE", str(tmp_path / "cache"))
+    copy = tmp_path / "shards"
+    shutil.copytree(prepared_dir, copy)
+    offsets = np.memmap(copy / "shard-00000.sentences", dtype="<i8", mode="r+")
+    offsets[2], offsets[3] = offsets[3], offsets[2]
+    offsets.flush()
+    del offsets
+    with pytest.raises(ShardError, match=r"shard-00000\.sentences: sentence offsets must rise"):
+        PretrainDataset(copy, max_seq_len=64, verify_checksums=False)

@@ -1,11 +1,19 @@
 import json
 import os
+import pickle
 import shutil
 
 import numpy as np
 import pytest
 
-from lub_fast.data.shards import FORMAT_VERSION, Shard, ShardError, ShardWriter, open_shards, token_dtype
+from lub_fast.data.shards import (
+    FORMAT_VERSION,
+    Shard,
+    ShardError,
+    ShardWriter,
+    open_shards,
+    token_dtype,
+)
 
 
 @pytest.fixture
@@ -35,6 +43,7 @@ def test_shard_writer_roundtrip_odd_sizes(tmp_path, dtype):
     header = writer.close({})
     shard = Shard(str(tmp_path), header)
     ids, flags = np.concatenate(all_ids), np.concatenate(all_flags)
+    assert header["max_token_id"] == ids.max(), "recorded at write time: open_shards checks it without reading ids"
     np.testing.assert_array_equal(shard.ids, ids)
     assert shard.ids.dtype == dtype
     np.testing.assert_array_equal(shard.word_start(0, len(ids)), flags)
@@ -83,8 +92,31 @@ def test_open_shards_token_out_of_range(shard_copy):
     ids.flush()
     del ids
     with pytest.raises(ShardError, match=r"shard-00000\.ids: token 5 has id 65000, not below"):
+        open_shards(shard_copy, check_tokens=True)
+    assert open_shards(shard_copy).shards[0].ids[5] == 65000, "opening reads no ids (prepare --verify does)"
+
+
+def test_open_shards_checks_the_headers_max_token_id(shard_copy):
+    header_path = shard_copy / "shard-00001.json"
+    header = json.loads(header_path.read_text())
+    vocab_size = json.loads((shard_copy / "meta.json").read_text())["vocab_size"]
+    assert 0 < header["max_token_id"] < vocab_size
+    header["max_token_id"] = vocab_size
+    header_path.write_text(json.dumps(header))
+    with pytest.raises(ShardError, match=rf"shard-00001\.json: max_token_id {vocab_size} is not below the vocabulary"):
         open_shards(shard_copy)
-    assert open_shards(shard_copy, check_tokens=False).shards[0].ids[5] == 65000
+    del header["max_token_id"]  # shards of an older lub_fast: ids are checked by prepare --verify only
+    header_path.write_text(json.dumps(header))
+    assert len(open_shards(shard_copy).shards) >= 3
+
+
+def test_shard_pickles_as_paths(prepared_dir):
+    shard = open_shards(prepared_dir).shards[0]
+    data = pickle.dumps(shard)
+    assert len(data) < 4096 < shard.ids.nbytes, f"{len(data)} bytes pickled"
+    again = pickle.loads(data)
+    np.testing.assert_array_equal(again.ids, shard.ids)
+    np.testing.assert_array_equal(again.sentence_offsets, shard.sentence_offsets)
 
 
 def test_open_shards_checksums_on_demand(shard_copy):
@@ -122,8 +154,9 @@ def test_open_shards_corrupt_index(shard_copy):
     offsets[2], offsets[3] = offsets[3], offsets[2]
     offsets.flush()
     del offsets
+    open_shards(shard_copy)  # opening reads the index ends only
     with pytest.raises(ShardError, match=r"shard-00000\.sentences: sentence offsets must rise"):
-        open_shards(shard_copy)
+        open_shards(shard_copy, check_tokens=True)
 
 
 def test_open_shards_version_and_missing_meta(shard_copy, tmp_path):
