@@ -13,7 +13,8 @@ A shard directory written by ``python -m lub_fast.prepare`` holds::
                             and atomically, so its presence marks the shard complete
 
 Every sentence has at least one token and every document at least one sentence. The header also
-records ``max_token_id``, the largest id the writer wrote (older shards lack it).
+records ``max_token_id``, the largest id the writer wrote (format version 2; version 1 shards,
+which lack it, are read as well).
 
 Opening costs O(number of shards), not O(tokens): ``open_shards`` checks the header, the
 vocabulary hash, every file's size against the counts, the index ends and that ``max_token_id`` is
@@ -36,7 +37,8 @@ from lub_fast.data.tokenizer import file_sha256, read_vocab
 from lub_fast.errors import UsageError
 
 FORMAT = "lub_fast-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 (lub_fast 2026-12): shard headers record max_token_id
+READ_VERSIONS = (1, 2)  # version 1 shards are read as they are; prepare --verify reads their ids
 META_FILE = "meta.json"
 VOCAB_FILE = "vocab.txt"
 SHARD_FILES = ("ids", "wstart", "sentences", "documents")
@@ -245,11 +247,13 @@ def _check_header(path, header, meta):
     for key in ("name", "token_dtype", "num_tokens", "num_sentences", "num_documents", "files"):
         if key not in header:
             raise ShardError(f"{path}: header lacks {key!r}")
-    if header.get("format") != FORMAT or header.get("version") != FORMAT_VERSION:
+    if header.get("format") != FORMAT or header.get("version") != meta.get("version"):
         raise ShardError(
             f"{path}: format {header.get('format')!r} version {header.get('version')!r}, "
-            f"this lub_fast reads {FORMAT!r} version {FORMAT_VERSION}"
+            f"meta.json's is {FORMAT!r} version {meta.get('version')!r}"
         )
+    if header["version"] >= 2 and not isinstance(header.get("max_token_id"), int):
+        raise ShardError(f"{path}: a version {header['version']} header lacks 'max_token_id'")
     for key in ("vocab_sha256", "settings_sha256", "token_dtype"):
         if header.get(key) != meta.get(key):
             raise ShardError(f"{path}: {key} {header.get(key)!r} does not match meta.json's {meta.get(key)!r}")
@@ -267,10 +271,10 @@ def open_shards(directory, check_tokens=False, check_checksums=False):
     if not os.path.isdir(directory):
         raise ShardError(f"{directory}: not a directory")
     meta = _read_json(meta_path, "prepare did not finish, or this is not a shard directory")
-    if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+    if meta.get("format") != FORMAT or meta.get("version") not in READ_VERSIONS:
         raise ShardError(
             f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
-            f"this lub_fast reads {FORMAT!r} version {FORMAT_VERSION}"
+            f"this lub_fast reads {FORMAT!r} versions {', '.join(map(str, READ_VERSIONS))}"
         )
     vocab_path = os.path.join(directory, VOCAB_FILE)
     if not os.path.isfile(vocab_path):

@@ -1,3 +1,4 @@
+import json
 import multiprocessing
 import os
 import pickle
@@ -361,3 +362,17 @@ def test_dataset_plan_build_checks_the_index(tmp_path, monkeypatch, prepared_dir
     del offsets
     with pytest.raises(ShardError, match=r"shard-00000\.sentences: sentence offsets must rise"):
         PretrainDataset(copy, max_seq_len=64, verify_checksums=False)
+
+
+def test_dataset_reads_format_version_1_shards_alike(tmp_path, prepared_dir):
+    copy = tmp_path / "v1"
+    shutil.copytree(prepared_dir, copy)
+    for path in [copy / "meta.json", *copy.glob("shard-*.json")]:
+        header = json.loads(path.read_text())
+        header["version"] = 1
+        header.pop("max_token_id", None)
+        path.write_text(json.dumps(header))
+    old, new = PretrainDataset(copy, max_seq_len=64, seed=3), PretrainDataset(prepared_dir, max_seq_len=64, seed=3)
+    assert len(old) == len(new)
+    for i in range(0, len(new), 7):
+        _same(old[i], new[i])

@@ -105,9 +105,23 @@ def test_open_shards_checks_the_headers_max_token_id(shard_copy):
     header_path.write_text(json.dumps(header))
     with pytest.raises(ShardError, match=rf"shard-00001\.json: max_token_id {vocab_size} is not below the vocabulary"):
         open_shards(shard_copy)
-    del header["max_token_id"]  # shards of an older lub_fast: ids are checked by prepare --verify only
+    del header["max_token_id"]
     header_path.write_text(json.dumps(header))
-    assert len(open_shards(shard_copy).shards) >= 3
+    with pytest.raises(ShardError, match=r"shard-00001\.json: a version 2 header lacks 'max_token_id'"):
+        open_shards(shard_copy)
+
+
+def test_open_shards_reads_format_version_1(shard_copy, prepared_dir):
+    """Version 1 (before max_token_id): the same shards, read the same; their ids are checked by
+    prepare --verify (check_tokens) only."""
+    for path in [shard_copy / "meta.json", *shard_copy.glob("shard-*.json")]:
+        header = json.loads(path.read_text())
+        header["version"] = 1
+        header.pop("max_token_id", None)
+        path.write_text(json.dumps(header))
+    old, new = open_shards(shard_copy, check_tokens=True), open_shards(prepared_dir)
+    assert [s.num_tokens for s in old.shards] == [s.num_tokens for s in new.shards]
+    np.testing.assert_array_equal(old.shards[1].ids, new.shards[1].ids)
 
 
 def test_shard_pickles_as_paths(prepared_dir):
@@ -164,7 +178,7 @@ def test_open_shards_version_and_missing_meta(shard_copy, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["version"] = FORMAT_VERSION + 1
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(ShardError, match=r"meta\.json: format .* version 2, this lub_fast reads"):
+    with pytest.raises(ShardError, match=rf"meta\.json: format .* version {FORMAT_VERSION + 1}, this lub_fast reads"):
         open_shards(shard_copy)
     meta_path.write_text("{not json")
     with pytest.raises(ShardError, match=r"meta\.json: not valid JSON"):
