@@ -23,8 +23,9 @@ demand: ``check_tokens`` (every id below the vocabulary size, the offsets rising
 checksums of the header (``Shard.verify_checksums``: a flipped bit that leaves a valid id, or any
 flip in ``.wstart``, passes every other check). ``python -m lub_fast.prepare --verify DIR`` does
 both; ``PretrainDataset`` compares the checksums when a run opens its shards (each rank a share,
-unless the run turns it off). sha256 stays the checksum: it is the fastest of hashlib's here with SHA-NI (about 1 s/GB,
-blake2b about 3.5 s/GB). Any problem raises ``ShardError`` naming the file and the problem.
+unless the run turns it off). sha256 stays the checksum: it is the fastest of hashlib's here with
+SHA-NI (about 1 s/GB, blake2b about 3.5 s/GB). Any problem raises ``ShardError`` naming the file
+and the problem.
 """
 
 import hashlib
