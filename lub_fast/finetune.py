@@ -75,7 +75,7 @@ from lub_fast.errors import EXIT_CODES_HELP, EXIT_PREEMPTED, EXIT_USAGE, Preempt
 from lub_fast.lock import output_lock
 from lub_fast.models.hf import from_pretrained
 from lub_fast.objectives.finetune import objective_for
-from lub_fast.optim import param_groups
+from lub_fast.optim import layerwise_param_groups
 from lub_fast.tasks import TASKS, TaskDataError, load_task
 from lub_fast.tasks import metrics as task_metrics
 from lub_fast.tasks.cmrc2018 import build_features, postprocess, special_id, trainable_questions
@@ -457,37 +457,7 @@ def write_submission(output: Path, task: str, kind: str, split: Split, predictio
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimizer groups, best-model tracking
-
-
-def layerwise_param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Optimizer groups with layer-wise learning-rate decay for a task model of ``lub_fast.models``.
-
-    Depth ``0``: embeddings (and ALBERT/ELECTRA's embedding projection); ``l``: encoder layer
-    ``l`` (an ALBERT layer shared by several positions takes its deepest one); ``L + 1``: pooler
-    and head. Group ``lr`` = ``lr * layer_decay ** (L + 1 - depth)``; weight decay as
-    ``lub_fast.optim.param_groups`` (none on biases and LayerNorm). Groups in depth order.
-    """
-    config = model.config
-    top = config.num_hidden_layers + 1
-    deepest = {unique: position + 1 for position, unique in enumerate(config.layer_schedule())}  # last use wins
-    no_decay = {id(p) for g in param_groups(model, weight_decay) if g["weight_decay"] == 0.0 for p in g["params"]}
-    groups = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.startswith(("encoder.embeddings.", "encoder.embedding_projection.")):
-            depth = 0
-        elif name.startswith("encoder.layers."):
-            depth = deepest[int(name.split(".")[2])]
-        else:
-            depth = top
-        decay = 0.0 if id(param) in no_decay else weight_decay
-        key = (depth, decay)
-        if key not in groups:
-            groups[key] = {"params": [], "weight_decay": decay, "lr": lr * layer_decay ** (top - depth)}
-        groups[key]["params"].append(param)
-    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], -k[1]))]
+# Best-model tracking
 
 
 class _Run(nn.Module):

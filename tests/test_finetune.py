@@ -19,7 +19,6 @@ from lub_fast.finetune import (
     EXIT_BAD_INPUT,
     EXIT_INTERRUPTED,
     FinetuneConfig,
-    layerwise_param_groups,
     load_tokenizer,
     main,
     resolve,
@@ -443,29 +442,6 @@ def test_finetune_truncates_longest_first():
     assert truncate_pair([1, 2, 3, 4], [5, 6], 4) == ([1, 2], [5, 6])
     assert truncate_pair([1, 2], [5, 6, 7], 3) == ([1, 2], [5])  # the longer first; b on ties
     assert truncate_pair([1, 2, 3], None, 2) == ([1, 2], None)
-
-
-@pytest.mark.parametrize("family", ["bert", "albert"])
-def test_finetune_layerwise_lr_groups(family):
-    config = EncoderConfig(family=family, vocab_size=50, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-                           intermediate_size=32, num_hidden_groups=2 if family == "albert" else None)  # fmt: skip
-    model = SequenceClassification(config, num_labels=3)
-    groups = layerwise_param_groups(model, lr=1e-3, weight_decay=0.01, layer_decay=0.5)
-    seen = [id(p) for g in groups for p in g["params"]]
-    assert sorted(seen) == sorted(id(p) for p in model.parameters()), "every parameter in exactly one group"
-    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
-    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-    named = dict(model.named_parameters())
-    assert lr_of[id(named["encoder.embeddings.word.weight"])] == pytest.approx(1e-3 * 0.5**5)
-    assert lr_of[id(named["classifier.out.weight"])] == pytest.approx(1e-3)
-    assert lr_of[id(named["encoder.pooler.weight"])] == pytest.approx(1e-3)
-    # bert: layer k at depth k + 1; albert with 2 groups over 4 layers: unique layer k runs last at 2k + 2
-    depth = [1, 2, 3, 4] if family == "bert" else [2, 4]
-    for k, d in enumerate(depth):
-        assert lr_of[id(named[f"encoder.layers.{k}.qkv.weight"])] == pytest.approx(1e-3 * 0.5 ** (5 - d)), k
-    assert decay_of[id(named["encoder.layers.0.qkv.bias"])] == 0.0
-    assert decay_of[id(named["encoder.layers.0.attn_norm.weight"])] == 0.0
-    assert decay_of[id(named["encoder.layers.0.qkv.weight"])] == 0.01
 
 
 def test_finetune_layer_decay_reaches_the_optimizer(tmp_path):
