@@ -29,6 +29,17 @@ from lub_fast.train import shutdown_distributed
 
 _DERIVED = ("train.total_steps", "train.warmup_steps", "train.eval_every")
 _SECTIONS = ("--data.", "--finetune.", "--train.")
+# the flags of earlier versions: named in the error, so that an old command line says how to fix it
+_RENAMED = {
+    "--train": "--data.train=FILE",
+    "--dev": "--data.dev=FILE",
+    "--test": "--data.test=FILE",
+    "--labels": "--data.labels=FILE",
+    "--text-fields": "--data.text_fields=A[,B]",
+    "--label-field": "--data.label_field=NAME",
+    "--scheme": "--data.scheme=SCHEME",
+    "--skip-bad": "--data.skip_bad=true",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
 def resolve(argv) -> tuple[FinetuneConfig, str | None]:
     """Command line -> ``(config, resume)``. Raises ``ConfigError`` for bad or missing arguments."""
     overrides, rest = split_overrides(argv)
+    renamed = [arg.partition("=")[0] for arg in rest if arg.partition("=")[0] in _RENAMED]
+    if renamed:
+        raise ConfigError(f"{renamed[0]} is now {_RENAMED[renamed[0]]}: the files and how to read them are --data.*")
     args = _parser().parse_args(rest)
     derived = [o.partition("=")[0] for o in overrides if o.partition("=")[0] in _DERIVED]
     if derived:

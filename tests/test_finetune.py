@@ -432,6 +432,18 @@ def test_finetune_bad_input_names_file_and_line(tmp_path, capsys):
     assert "error: --data.scheme is for the 'ner' task" in capsys.readouterr().err
 
 
+def test_finetune_one_spelling_per_option(tmp_path, capsys):
+    base = ["--task", "afqmc", "--model", "m", "--output", str(tmp_path / "o")]
+    config, resume = resolve([*base, "--data.train", "a.txt", "--data.dev=b.txt", "--train.lr=1e-4", "--resume"])
+    assert (config.data.train, config.data.dev, config.train.lr, resume) == ("a.txt", "b.txt", 1e-4, "latest")
+    for old, new in (("--train", "--data.train=FILE"), ("--dev", "--data.dev=FILE"), ("--skip-bad", "--data.skip_bad=true")):
+        assert main([*base, old, "x.txt"] if old != "--skip-bad" else [*base, old]) == EXIT_USAGE
+        assert f"lub_fast.finetune: error: {old} is now {new}" in capsys.readouterr().err
+    assert main([*base, "--data.train=a.txt"]) == EXIT_USAGE
+    assert "error: missing --data.dev" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_finetune_layer_decay_reaches_the_optimizer(tmp_path):
     train, dev = _keyword_task(tmp_path, 16, 8, seed=7)
     model = tiny_model(tmp_path / "model", [train, dev])
