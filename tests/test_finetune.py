@@ -148,7 +148,8 @@ def test_finetune_classification_outputs_and_hf_export(tmp_path, real):
     train, dev, test = _pair_tsv(tmp_path, real)
     model = tiny_model(tmp_path / "model", [train, dev, test])
     out = tmp_path / "out"
-    code = _run("--task", "afqmc", "--model", model, "--data.train", train, "--data.dev", dev, "--data.test", test, "--output", out,
+    code = _run("--task", "afqmc", "--model", model, "--output", out,
+                "--data.train", train, "--data.dev", dev, "--data.test", test,
                 "--finetune.epochs=2", "--finetune.batch_size=16", "--finetune.max_seq_len=64")  # fmt: skip
     assert code == 0
     report = json.loads((out / "metrics.json").read_text())
@@ -183,7 +184,8 @@ def test_finetune_regression_stsb(tmp_path):
         train, dev = _write(tmp_path / "train.tsv", rows[:120]), _write(tmp_path / "dev.tsv", rows[120:])
     model = tiny_model(tmp_path / "model", [train, dev])
     out = tmp_path / "out"
-    code = _run("--task", "stsb", "--model", model, "--data.train", train, "--data.dev", dev, "--data.test", dev, "--output", out,
+    code = _run("--task", "stsb", "--model", model, "--output", out,
+                "--data.train", train, "--data.dev", dev, "--data.test", dev,
                 "--finetune.epochs=1", "--finetune.batch_size=20", "--finetune.max_seq_len=64")  # fmt: skip
     assert code == 0
     report = json.loads((out / "metrics.json").read_text())
@@ -234,7 +236,8 @@ def test_finetune_cmrc2018_predictions_and_hf_export(tmp_path, capsys):
     train, dev, dev_docs = _cmrc_files(tmp_path)
     model = tiny_model(tmp_path / "model", [train, dev])
     out = tmp_path / "out"
-    code = _run("--task", "cmrc2018", "--model", model, "--data.train", train, "--data.dev", dev, "--data.test", dev, "--output", out,
+    code = _run("--task", "cmrc2018", "--model", model, "--output", out,
+                "--data.train", train, "--data.dev", dev, "--data.test", dev,
                 "--finetune.epochs=1", "--finetune.batch_size=16", "--finetune.max_seq_len=128",
                 "--finetune.doc_stride=64", "--finetune.max_query_len=24")  # fmt: skip
     assert code == 0
@@ -349,7 +352,8 @@ def test_finetune_learns_a_keyword_task(tmp_path):
     model = tiny_model(tmp_path / "model", [train, dev])
     out = tmp_path / "out"
     code = _run("--task", "classification", "--data.text_fields", "body", "--data.label_field", "tag", "--model", model,
-                "--data.train", train, "--data.dev", dev, "--output", out, "--finetune.epochs=6", "--finetune.batch_size=16",
+                "--data.train", train, "--data.dev", dev, "--output", out,
+                "--finetune.epochs=6", "--finetune.batch_size=16",
                 "--finetune.max_seq_len=32", "--train.lr=2e-3", "--finetune.warmup_ratio=0.05")  # fmt: skip
     assert code == 0
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
@@ -399,7 +403,8 @@ def test_finetune_early_stopping_keeps_the_best(tmp_path):
     model = tiny_model(tmp_path / "model", [train, dev])
     out = tmp_path / "out"
     code = _run("--task", "classification", "--data.text_fields", "body", "--data.label_field", "tag", "--model", model,
-                "--data.train", train, "--data.dev", dev, "--output", out, "--finetune.epochs=30", "--finetune.batch_size=16",
+                "--data.train", train, "--data.dev", dev, "--output", out,
+                "--finetune.epochs=30", "--finetune.batch_size=16",
                 "--finetune.max_seq_len=32", "--train.lr=0", "--finetune.patience=2",
                 "--finetune.eval_every=1")  # fmt: skip
     assert code == 0
@@ -436,7 +441,8 @@ def test_finetune_one_spelling_per_option(tmp_path, capsys):
     base = ["--task", "afqmc", "--model", "m", "--output", str(tmp_path / "o")]
     config, resume = resolve([*base, "--data.train", "a.txt", "--data.dev=b.txt", "--train.lr=1e-4", "--resume"])
     assert (config.data.train, config.data.dev, config.train.lr, resume) == ("a.txt", "b.txt", 1e-4, "latest")
-    for old, new in (("--train", "--data.train=FILE"), ("--dev", "--data.dev=FILE"), ("--skip-bad", "--data.skip_bad=true")):
+    renamed = (("--train", "--data.train=FILE"), ("--dev", "--data.dev=FILE"), ("--skip-bad", "--data.skip_bad=true"))
+    for old, new in renamed:
         assert main([*base, old, "x.txt"] if old != "--skip-bad" else [*base, old]) == EXIT_USAGE
         assert f"lub_fast.finetune: error: {old} is now {new}" in capsys.readouterr().err
     assert main([*base, "--data.train=a.txt"]) == EXIT_USAGE
@@ -454,7 +460,8 @@ def test_finetune_layer_decay_reaches_the_optimizer(tmp_path):
 
     handle = register_optimizer_step_post_hook(record)
     try:
-        code = _run("--task", "classification", "--data.text_fields", "body", "--data.label_field", "tag", "--model", model,
+        code = _run("--task", "classification", "--data.text_fields", "body", "--data.label_field", "tag",
+                    "--model", model,
                     "--data.train", train, "--data.dev", dev, "--output", tmp_path / "out", "--finetune.epochs=1",
                     "--finetune.batch_size=8", "--finetune.warmup_ratio=0", "--train.schedule=constant",
                     "--train.lr=1e-3", "--finetune.layer_decay=0.5")  # fmt: skip

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lub_fast.tasks import metrics
 from lub_fast.tasks.base import Head, Split, special_id
 from lub_fast.tasks.io import (
     BadLines,
@@ -40,6 +39,7 @@ from lub_fast.tasks.io import (
     read_lines,
     write_clue_predictions,
 )
+from lub_fast.tasks.metrics import accuracy, macro_f1, pearson, spearman
 
 
 @dataclass(frozen=True)
@@ -487,7 +487,7 @@ class ClassificationTask:
 
     def score(self, split, predictions) -> dict:
         golds = [e.label for e in split.data.examples]
-        return {"accuracy": metrics.accuracy(predictions, golds), "macro_f1": metrics.macro_f1(predictions, golds)}
+        return {"accuracy": accuracy(predictions, golds), "macro_f1": macro_f1(predictions, golds)}
 
     def write_predictions(self, path, split, predictions, submission=False) -> None:
         labels = [str(p) for p in predictions] if submission else predictions
@@ -510,4 +510,4 @@ class RegressionTask(ClassificationTask):
     def score(self, split, predictions) -> dict:
         golds = [e.label for e in split.data.examples]
         mse = float(np.mean((np.asarray(predictions) - np.asarray(golds)) ** 2))
-        return {"pearson": metrics.pearson(predictions, golds), "spearman": metrics.spearman(predictions, golds), "mse": mse}
+        return {"pearson": pearson(predictions, golds), "spearman": spearman(predictions, golds), "mse": mse}

@@ -13,7 +13,9 @@ Readers (chosen from the file's content):
 A file of tag lines only (a `tags.txt` without its `sentences.txt`, a tag set file) is an error.
 
 Schemes: BIO, BIOES and BMES (M = I) and BIOS all decode through `tags_to_spans`, which is
-seqeval's default-mode chunker (https://github.com/chakki-works/seqeval), so metrics match it.
+seqeval's default-mode chunker (https://github.com/chakki-works/seqeval), so `entity_f1` matches
+seqeval's default (CoNLL-eval) mode: an entity counts when its type, start and end all match,
+precision/recall/F1 are micro-averaged over all entities.
 """
 
 import os
@@ -31,7 +33,6 @@ from lub_fast.tasks.io import (
     read_lines,
     write_ner_predictions,
 )
-from lub_fast.tasks.metrics import entity_f1
 
 SCHEMES = ("bio", "bioes", "bmes")
 _TAG = re.compile(r"^(O|[BIMES]-.+)$")
@@ -71,6 +72,28 @@ def tags_to_spans(tags):
             begin = i
         prev_tag, prev_type = tag, kind
     return spans
+
+
+def entity_f1(gold_tags, pred_tags):
+    """Entity-level micro precision/recall/F1 with exact span match, as seqeval's default mode.
+
+    `gold_tags`, `pred_tags`: lists of tag sequences (one per sentence, equal lengths) in BIO,
+    BIOES or BMES. Returns `{"precision", "recall", "f1"}` as fractions (0 when undefined) and
+    the counts `gold`, `pred`, `correct`.
+    """
+    if len(gold_tags) != len(pred_tags):
+        raise ValueError(f"{len(gold_tags)} gold sentences but {len(pred_tags)} predicted")
+    gold, pred = set(), set()
+    for k, (g, p) in enumerate(zip(gold_tags, pred_tags)):
+        if len(g) != len(p):
+            raise ValueError(f"sentence {k}: {len(g)} gold tags but {len(p)} predicted")
+        gold.update((k,) + span for span in tags_to_spans(g))
+        pred.update((k,) + span for span in tags_to_spans(p))
+    correct = len(gold & pred)
+    precision = correct / len(pred) if pred else 0.0
+    recall = correct / len(gold) if gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "gold": len(gold), "pred": len(pred), "correct": correct}
 
 
 def _chunk_end(prev_tag, tag, prev_type, kind):
@@ -405,7 +428,7 @@ def decode_tags(positions, predicted_ids, n_tokens, id_to_label, tags=None):
 class NerTask:
     """The NER ``Task`` (``lub_fast.tasks.base``): sentences as ``encode_windows`` windows (nothing
     is cut), a character's tag on its first word piece, each character predicted by the window
-    that gives it the most context, scored by entity F1 (``lub_fast.tasks.metrics.entity_f1``).
+    that gives it the most context, scored by entity F1 (``entity_f1``).
     ``scheme``: re-tag the data in this scheme (None: as the file)."""
 
     max_seq_len: int
@@ -449,4 +472,5 @@ class NerTask:
     def write_predictions(self, path, split, predictions, submission=False) -> None:
         examples = split.data.examples
         spans = [tags_to_spans(t) for t in predictions]
-        write_ner_predictions(path, [e.id for e in examples], [e.tokens for e in examples], spans, with_text=not submission)
+        ids, tokens = [e.id for e in examples], [e.tokens for e in examples]
+        write_ner_predictions(path, ids, tokens, spans, with_text=not submission)

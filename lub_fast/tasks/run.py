@@ -398,7 +398,9 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict | None:
         "examples": {name: len(s.data.examples) for name, s in splits.items()},
         "skipped": {name: s.data.skipped for name, s in splits.items() if s.data.skipped},
         "repaired": {
-            name: {rule: len(ids) for rule, ids in s.data.repairs.items()} for name, s in splits.items() if s.data.repairs
+            name: {rule: len(ids) for rule, ids in s.data.repairs.items()}
+            for name, s in splits.items()
+            if s.data.repairs
         },
     }
     return _predict_with_best(config, task, splits, best_dir, env.device, report)

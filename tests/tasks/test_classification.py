@@ -277,7 +277,8 @@ def test_classification_task_unlabelled_file_has_no_labels_in_rows(tmp_path):
 
 def test_regression_task_rows_decode_and_score(tmp_path):
     task = RegressionTask("stsb", max_seq_len=16)
-    data = task.read(_pair_file(tmp_path, [("一", "二", 0), ("三", "四", 2.5), ("五", "六", 5)]), None, training=True)
+    path = _pair_file(tmp_path, [("一", "二", 0), ("三", "四", 2.5), ("五", "六", 5)])
+    data = task.read(path, None, training=True)
     split = task.features(data, _pair_tokenizer())
     assert [r["labels"] for r in split.rows] == [0.0, 2.5, 5.0]
     assert task.head(data.labels) == Head("sequence_classification", 1, "regression")

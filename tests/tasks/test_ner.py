@@ -20,6 +20,7 @@ from lub_fast.tasks.ner import (
     decode_tags,
     encode_tokens,
     encode_windows,
+    entity_f1,
     label_ids,
     spans_to_tags,
     tags_to_spans,
@@ -133,6 +134,37 @@ def test_ner_spans_tags_round_trip(scheme):
     assert spans_to_tags(3, [("X", 0, 0), ("X", 1, 2)], "bmes") == ["S-X", "B-X", "E-X"]
     assert spans_to_tags(4, [("X", 0, 3)], "bmes") == ["B-X", "M-X", "M-X", "E-X"]
     assert convert_tags(["S-X", "B-Y", "E-Y"], "bio") == ["B-X", "B-Y", "I-Y"]
+
+
+def test_entity_f1_hand_case():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG", "I-ORG"]]
+    pred = [["B-PER", "I-PER", "O", "O"], ["O", "B-ORG", "O"]]
+    scores = entity_f1(gold, pred)
+    # gold 3 entities, predicted 2, 1 exact (PER); ORG predicted too short
+    assert (scores["gold"], scores["pred"], scores["correct"]) == (3, 2, 1)
+    assert scores["precision"] == pytest.approx(0.5)
+    assert scores["recall"] == pytest.approx(1 / 3)
+    assert scores["f1"] == pytest.approx(0.4)
+    empty = entity_f1([["O"]], [["O"]])
+    assert empty["f1"] == 0.0
+
+
+def _random_tags(rng, n, prefixes):
+    return [rng.choice(["O"] + [f"{p}-{t}" for p in prefixes for t in ("PER", "LOC")]) for _ in range(n)]
+
+
+@pytest.mark.parametrize("prefixes", ["BI", "BIES"])
+def test_entity_f1_matches_seqeval(prefixes):
+    seqeval = pytest.importorskip("seqeval.metrics")
+    rng = random.Random(1)
+    for _ in range(30):
+        lengths = [rng.randint(1, 12) for _ in range(8)]
+        gold = [_random_tags(rng, n, prefixes) for n in lengths]
+        pred = [_random_tags(rng, n, prefixes) for n in lengths]
+        ours = entity_f1(gold, pred)
+        assert ours["precision"] == pytest.approx(seqeval.precision_score(gold, pred, zero_division=0))
+        assert ours["recall"] == pytest.approx(seqeval.recall_score(gold, pred, zero_division=0))
+        assert ours["f1"] == pytest.approx(seqeval.f1_score(gold, pred, zero_division=0))
 
 
 def test_ner_tags_to_spans_matches_seqeval_on_ill_formed_tags():
@@ -277,7 +309,10 @@ def test_ner_split_windows_lose_nothing_on_real_long_sentences(tmp_path):
 
 
 def test_ner_task_windows_decode_to_the_gold_tags_and_score(tmp_path):
-    sentences = [("张三在北京大学读书他说", "B-PER I-PER O B-ORG I-ORG I-ORG I-ORG O O O O"), ("李四去上海", "B-PER I-PER O B-LOC I-LOC")]
+    sentences = [
+        ("张三在北京大学读书他说", "B-PER I-PER O B-ORG I-ORG I-ORG I-ORG O O O O"),
+        ("李四去上海", "B-PER I-PER O B-LOC I-LOC"),
+    ]
     path = tmp_path / "train.txt"
     path.write_text(
         "\n\n".join("\n".join(f"{c} {t}" for c, t in zip(text, tags.split())) for text, tags in sentences) + "\n",
@@ -301,10 +336,12 @@ def test_ner_task_windows_decode_to_the_gold_tags_and_score(tmp_path):
     assert predictions == [list(e.tags) for e in data.examples]
     assert task.score(split, predictions) == {"entity_f1": 1.0, "entity_precision": 1.0, "entity_recall": 1.0}
     wrong = [predictions[0], ["O"] * 5]  # 2 of the 4 gold entities found, nothing wrongly predicted
-    assert task.score(split, wrong) == pytest.approx({"entity_f1": 2 / 3, "entity_precision": 1.0, "entity_recall": 0.5})
+    expected = {"entity_f1": 2 / 3, "entity_precision": 1.0, "entity_recall": 0.5}
+    assert task.score(split, wrong) == pytest.approx(expected)
     task.write_predictions(tmp_path / "p.jsonl", split, predictions)
     task.write_predictions(tmp_path / "s.json", split, predictions, submission=True)
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert rows[1] == {"id": 1, "text": "李四去上海", "label": {"PER": {"李四": [[0, 1]]}, "LOC": {"上海": [[3, 4]]}}}
+    entities = {"PER": {"李四": [[0, 1]]}, "LOC": {"上海": [[3, 4]]}}
+    assert rows[1] == {"id": 1, "text": "李四去上海", "label": entities}
     submission = [json.loads(line) for line in (tmp_path / "s.json").read_text(encoding="utf-8").splitlines()]
     assert submission == [{"id": r["id"], "label": r["label"]} for r in rows]
