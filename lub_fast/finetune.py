@@ -29,17 +29,8 @@ from lub_fast.train import shutdown_distributed
 
 _DERIVED = ("train.total_steps", "train.warmup_steps", "train.eval_every")
 _SECTIONS = ("--data.", "--finetune.", "--train.")
-# the flags of earlier versions: named in the error, so that an old command line says how to fix it
-_RENAMED = {
-    "--train": "--data.train=FILE",
-    "--dev": "--data.dev=FILE",
-    "--test": "--data.test=FILE",
-    "--labels": "--data.labels=FILE",
-    "--text-fields": "--data.text_fields=A[,B]",
-    "--label-field": "--data.label_field=NAME",
-    "--scheme": "--data.scheme=SCHEME",
-    "--skip-bad": "--data.skip_bad=true",
-}
+# the flags of earlier versions, now --data.FIELD: named in the error, so that an old command line says how to fix it
+_RENAMED = ("--train", "--dev", "--test", "--labels", "--text-fields", "--label-field", "--scheme", "--skip-bad")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m lub_fast.finetune",
         description="Fine-tune an encoder (an HF directory) on a Chinese task; write metrics, predictions and "
         "the best model as an HF directory.\n\nRequired: --task (or --config), --model, --output, --data.train, "
-        "--data.dev.\n\nTask defaults (--train.lr, --finetune.epochs, --finetune.batch_size, "
-        "--finetune.max_seq_len):\n"
+        "--data.dev. The flags of earlier versions (--train FILE, --dev, --test, --labels, --text-fields, "
+        "--label-field, --scheme, --skip-bad) are the --data.* fields below.\n\n"
+        "Task defaults (--train.lr, --finetune.epochs, --finetune.batch_size, --finetune.max_seq_len):\n"
         + f"  {'task':<15}{'kind':<15}{'metric':<10}{'lr':<8}{'epochs':<8}{'batch':<7}max_seq_len\n"
         + rows,
         epilog="Overrides (--section.field=VALUE; total_steps, warmup_steps and eval_every are derived):\n  "
@@ -81,7 +73,8 @@ def resolve(argv) -> tuple[FinetuneConfig, str | None]:
     overrides, rest = split_overrides(argv)
     renamed = [arg.partition("=")[0] for arg in rest if arg.partition("=")[0] in _RENAMED]
     if renamed:
-        raise ConfigError(f"{renamed[0]} is now {_RENAMED[renamed[0]]}: the files and how to read them are --data.*")
+        field = renamed[0].removeprefix("--").replace("-", "_")
+        raise ConfigError(f"{renamed[0]} is now --data.{field}=VALUE: the files and how to read them are --data.*")
     args = _parser().parse_args(rest)
     derived = [o.partition("=")[0] for o in overrides if o.partition("=")[0] in _DERIVED]
     if derived:

@@ -77,6 +77,11 @@ def _run(*args):
     return main([str(a) for a in args] + FAST)
 
 
+def _files(train, dev, test=None):
+    """The ``--data.*`` options naming a run's files."""
+    return [f"--data.train={train}", f"--data.dev={dev}"] + ([f"--data.test={test}"] if test else [])
+
+
 def _read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
@@ -148,8 +153,7 @@ def test_finetune_classification_outputs_and_hf_export(tmp_path, real):
     train, dev, test = _pair_tsv(tmp_path, real)
     model = tiny_model(tmp_path / "model", [train, dev, test])
     out = tmp_path / "out"
-    code = _run("--task", "afqmc", "--model", model, "--output", out,
-                "--data.train", train, "--data.dev", dev, "--data.test", test,
+    code = _run("--task", "afqmc", "--model", model, "--output", out, *_files(train, dev, test),
                 "--finetune.epochs=2", "--finetune.batch_size=16", "--finetune.max_seq_len=64")  # fmt: skip
     assert code == 0
     report = json.loads((out / "metrics.json").read_text())
@@ -184,8 +188,7 @@ def test_finetune_regression_stsb(tmp_path):
         train, dev = _write(tmp_path / "train.tsv", rows[:120]), _write(tmp_path / "dev.tsv", rows[120:])
     model = tiny_model(tmp_path / "model", [train, dev])
     out = tmp_path / "out"
-    code = _run("--task", "stsb", "--model", model, "--output", out,
-                "--data.train", train, "--data.dev", dev, "--data.test", dev,
+    code = _run("--task", "stsb", "--model", model, "--output", out, *_files(train, dev, dev),
                 "--finetune.epochs=1", "--finetune.batch_size=20", "--finetune.max_seq_len=64")  # fmt: skip
     assert code == 0
     report = json.loads((out / "metrics.json").read_text())
@@ -236,8 +239,7 @@ def test_finetune_cmrc2018_predictions_and_hf_export(tmp_path, capsys):
     train, dev, dev_docs = _cmrc_files(tmp_path)
     model = tiny_model(tmp_path / "model", [train, dev])
     out = tmp_path / "out"
-    code = _run("--task", "cmrc2018", "--model", model, "--output", out,
-                "--data.train", train, "--data.dev", dev, "--data.test", dev,
+    code = _run("--task", "cmrc2018", "--model", model, "--output", out, *_files(train, dev, dev),
                 "--finetune.epochs=1", "--finetune.batch_size=16", "--finetune.max_seq_len=128",
                 "--finetune.doc_stride=64", "--finetune.max_query_len=24")  # fmt: skip
     assert code == 0
@@ -307,7 +309,7 @@ def test_finetune_ner_spans_and_hf_export(tmp_path, flavour):
     model = tiny_model(tmp_path / "model", [f for f in (train, dev, test) if f])
     out = tmp_path / "out"
     extra = ["--data.scheme", "bmes", "--data.test", dev] if flavour == "conll" else ["--data.test", test]
-    code = _run("--task", "ner", "--model", model, "--data.train", train, "--data.dev", dev, "--output", out, *extra,
+    code = _run("--task", "ner", "--model", model, "--output", out, *_files(train, dev), *extra,
                 "--finetune.epochs=1", "--finetune.batch_size=10", "--finetune.max_seq_len=64")  # fmt: skip
     assert code == 0
     report = json.loads((out / "metrics.json").read_text())
@@ -441,10 +443,9 @@ def test_finetune_one_spelling_per_option(tmp_path, capsys):
     base = ["--task", "afqmc", "--model", "m", "--output", str(tmp_path / "o")]
     config, resume = resolve([*base, "--data.train", "a.txt", "--data.dev=b.txt", "--train.lr=1e-4", "--resume"])
     assert (config.data.train, config.data.dev, config.train.lr, resume) == ("a.txt", "b.txt", 1e-4, "latest")
-    renamed = (("--train", "--data.train=FILE"), ("--dev", "--data.dev=FILE"), ("--skip-bad", "--data.skip_bad=true"))
-    for old, new in renamed:
+    for old, new in (("--train", "data.train"), ("--dev", "data.dev"), ("--skip-bad", "data.skip_bad")):
         assert main([*base, old, "x.txt"] if old != "--skip-bad" else [*base, old]) == EXIT_USAGE
-        assert f"lub_fast.finetune: error: {old} is now {new}" in capsys.readouterr().err
+        assert f"lub_fast.finetune: error: {old} is now --{new}=VALUE" in capsys.readouterr().err
     assert main([*base, "--data.train=a.txt"]) == EXIT_USAGE
     assert "error: missing --data.dev" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
