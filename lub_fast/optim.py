@@ -3,6 +3,9 @@
 - ``param_groups``: weight decay on weight matrices and embeddings, none on biases and
   normalization weights (as BERT's ``exclude_from_weight_decay=["LayerNorm", "bias"]``, Devlin et
   al. 2019, google-research/bert ``optimization.py``).
+- ``layerwise_param_groups``: layer-wise learning-rate decay for fine-tuning (Clark et al. 2020,
+  ELECTRA; Sun et al. 2019, "How to Fine-Tune BERT for Text Classification"): layer ``l`` of ``L``
+  trains at ``lr * layer_decay ** (L + 1 - l)``, the embeddings (``l = 0``) slowest.
 - ``build_optimizer``: AdamW (Loshchilov & Hutter 2019) using torch's fused kernel on the devices
   where torch has one (CUDA, CPU), or ``Lamb``.
 - ``Lamb``: layer-wise adaptive moments (You et al. 2019, "Large Batch Optimization for Deep
@@ -70,6 +73,36 @@ def build_optimizer(
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps)
     raise ValueError(f"optimizer must be 'adamw' or 'lamb', got {name!r}")
+
+
+def layerwise_param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Optimizer groups with layer-wise learning-rate decay for a task model of ``lub_fast.models``.
+
+    Depth ``0``: embeddings (and ALBERT/ELECTRA's embedding projection); ``l``: encoder layer
+    ``l`` (an ALBERT layer shared by several positions takes its deepest one); ``L + 1``: pooler
+    and head. Group ``lr`` = ``lr * layer_decay ** (L + 1 - depth)``; weight decay as
+    ``param_groups`` (none on biases and LayerNorm). Groups in depth order.
+    """
+    config = model.config
+    top = config.num_hidden_layers + 1
+    deepest = {unique: position + 1 for position, unique in enumerate(config.layer_schedule())}  # last use wins
+    no_decay = {id(p) for g in param_groups(model, weight_decay) if g["weight_decay"] == 0.0 for p in g["params"]}
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name.startswith(("encoder.embeddings.", "encoder.embedding_projection.")):
+            depth = 0
+        elif name.startswith("encoder.layers."):
+            depth = deepest[int(name.split(".")[2])]
+        else:
+            depth = top
+        decay = 0.0 if id(param) in no_decay else weight_decay
+        key = (depth, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": decay, "lr": lr * layer_decay ** (top - depth)}
+        groups[key]["params"].append(param)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], -k[1]))]
 
 
 class Lamb(torch.optim.Optimizer):

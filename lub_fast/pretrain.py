@@ -870,7 +870,7 @@ def _print_summary(summary: dict, demo: bool) -> None:
     if hf:
         print("\nNext:")
         print(f"  python -c \"from transformers import pipeline; print(pipeline('fill-mask', model='{hf}')('今天天气很[MASK]。')[:3])\"")
-        print(f"  python -m lub_fast.finetune --task tnews --model {hf} --train train.json --dev dev.json --output runs/tnews")
+        print(f"  python -m lub_fast.finetune --task tnews --model {hf} --data.train=train.json --data.dev=dev.json --output runs/tnews")
         if demo:
             print("  python -m lub_fast.pretrain --recipe roberta --model.size base --data.data YOUR_CORPUS/ --output runs/mine")
 

@@ -209,7 +209,7 @@ def _argv(command, args, d, out):
         return [f"{d}/corpus.txt", "--output", str(out), *vocab, *args]
     if command == "finetune":
         model = d / "no_model"
-        return ["--task", "tnews", "--model", str(model), "--train", f"{d}/corpus.txt", "--dev", f"{d}/corpus.txt",
+        return ["--task", "tnews", "--model", str(model), "--data.train", f"{d}/corpus.txt", "--data.dev", f"{d}/corpus.txt",
                 "--output", str(out), *args]
     # pretrain and distill: raw text / shard paths that the run would start preparing into --output
     data = ["--data", f"{d}/corpus.txt", "--output", str(out)]

@@ -108,8 +108,8 @@ def _bad_inputs(tmp_path):
         "prepare": ([str(missing / "a.txt"), "--output", str(out), "--build-vocab", "100"], "a.txt"),
         "pretrain": (["--data", str(missing), "--output", str(out), "--train.device=cpu"], str(missing)),
         "distill": (["--teacher", str(missing), "--data", str(missing), "--output", str(out)], str(missing)),
-        "finetune": (["--task", "afqmc", "--model", str(missing), "--train", str(missing / "train.json"),
-                      "--dev", str(missing / "dev.json"), "--output", str(out)], str(missing)),  # fmt: skip
+        "finetune": (["--task", "afqmc", "--model", str(missing), "--data.train", str(missing / "train.json"),
+                      "--data.dev", str(missing / "dev.json"), "--output", str(out)], str(missing)),  # fmt: skip
         "convert": ([str(missing), str(out)], str(missing)),
     }
 

@@ -11,10 +11,10 @@ import torch
 
 from lub_fast.checkpoint import save_checkpoint
 from lub_fast.convert import convert
-from lub_fast.finetune import _export
 from lub_fast.models import EncoderConfig, MaskedLM
 from lub_fast.objectives import MaskedLMObjective
 from lub_fast.pretrain import export_hf
+from lub_fast.tasks.run import export_model
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"t{i}" for i in range(27)]
 
@@ -31,8 +31,8 @@ def _write_everything(out: Path) -> None:
     model.save_pretrained(out / "saved")
     objective = MaskedLMObjective(model)
     export_hf(objective, str(vocab), out / "run" / "hf")
-    _export(model, out / "best_model")
-    _export(model, out / "best_model")  # the second swaps the first out
+    export_model(model, out / "best_model")
+    export_model(model, out / "best_model")  # the second swaps the first out
     convert(out / "run" / "hf", out / "converted")
     convert(out / "run" / "hf", out / "tf1", to="tf1")
     save_checkpoint(out / "run", "step_00000001", objective, {"step": 1}, grads={"w": torch.ones(2)})

@@ -1,7 +1,7 @@
 """``python -m lub_fast.finetune`` end to end on tiny random models: classification, regression,
 CMRC 2018 and NER (CoNLL and CLUENER) on slices of ../shared/data when present (synthetic files of
 the same formats otherwise), HF export parity with ``transformers``, learning, exact resume after
-SIGTERM, bad input, and layer-wise learning-rate groups."""
+SIGTERM, bad input, and layer-wise learning-rate decay reaching the optimizer."""
 
 import json
 import os
@@ -15,19 +15,12 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lub_fast.config_cli import load_config
-from lub_fast.finetune import (
-    EXIT_BAD_INPUT,
-    EXIT_INTERRUPTED,
-    FinetuneConfig,
-    layerwise_param_groups,
-    load_tokenizer,
-    main,
-    resolve,
-    truncate_pair,
-)
+from lub_fast.errors import EXIT_PREEMPTED, EXIT_USAGE
+from lub_fast.finetune import FinetuneConfig, main, resolve
 from lub_fast.logging_utils import read_metrics
 from lub_fast.models import EncoderConfig, EncoderModel, SequenceClassification, from_pretrained
-from lub_fast.tasks.cmrc2018 import REPAIR_NO_VERBATIM, REPAIR_NOT_VERBATIM, special_id
+from lub_fast.tasks.base import load_tokenizer, special_id
+from lub_fast.tasks.cmrc2018 import REPAIR_NO_VERBATIM, REPAIR_NOT_VERBATIM
 from lub_fast.tasks.metrics import cmrc2018_score
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -82,6 +75,11 @@ def tiny_model(directory, data_files, family="bert", layers=2, dropout=0.1, head
 
 def _run(*args):
     return main([str(a) for a in args] + FAST)
+
+
+def _files(train, dev, test=None):
+    """The ``--data.*`` options naming a run's files."""
+    return [f"--data.train={train}", f"--data.dev={dev}"] + ([f"--data.test={test}"] if test else [])
 
 
 def _read_jsonl(path):
@@ -155,7 +153,7 @@ def test_finetune_classification_outputs_and_hf_export(tmp_path, real):
     train, dev, test = _pair_tsv(tmp_path, real)
     model = tiny_model(tmp_path / "model", [train, dev, test])
     out = tmp_path / "out"
-    code = _run("--task", "afqmc", "--model", model, "--train", train, "--dev", dev, "--test", test, "--output", out,
+    code = _run("--task", "afqmc", "--model", model, "--output", out, *_files(train, dev, test),
                 "--finetune.epochs=2", "--finetune.batch_size=16", "--finetune.max_seq_len=64")  # fmt: skip
     assert code == 0
     report = json.loads((out / "metrics.json").read_text())
@@ -190,7 +188,7 @@ def test_finetune_regression_stsb(tmp_path):
         train, dev = _write(tmp_path / "train.tsv", rows[:120]), _write(tmp_path / "dev.tsv", rows[120:])
     model = tiny_model(tmp_path / "model", [train, dev])
     out = tmp_path / "out"
-    code = _run("--task", "stsb", "--model", model, "--train", train, "--dev", dev, "--test", dev, "--output", out,
+    code = _run("--task", "stsb", "--model", model, "--output", out, *_files(train, dev, dev),
                 "--finetune.epochs=1", "--finetune.batch_size=20", "--finetune.max_seq_len=64")  # fmt: skip
     assert code == 0
     report = json.loads((out / "metrics.json").read_text())
@@ -241,7 +239,7 @@ def test_finetune_cmrc2018_predictions_and_hf_export(tmp_path, capsys):
     train, dev, dev_docs = _cmrc_files(tmp_path)
     model = tiny_model(tmp_path / "model", [train, dev])
     out = tmp_path / "out"
-    code = _run("--task", "cmrc2018", "--model", model, "--train", train, "--dev", dev, "--test", dev, "--output", out,
+    code = _run("--task", "cmrc2018", "--model", model, "--output", out, *_files(train, dev, dev),
                 "--finetune.epochs=1", "--finetune.batch_size=16", "--finetune.max_seq_len=128",
                 "--finetune.doc_stride=64", "--finetune.max_query_len=24")  # fmt: skip
     assert code == 0
@@ -310,8 +308,8 @@ def test_finetune_ner_spans_and_hf_export(tmp_path, flavour):
     train, dev, test, n_dev = _ner_files(tmp_path, flavour)
     model = tiny_model(tmp_path / "model", [f for f in (train, dev, test) if f])
     out = tmp_path / "out"
-    extra = ["--scheme", "bmes", "--test", dev] if flavour == "conll" else ["--test", test]
-    code = _run("--task", "ner", "--model", model, "--train", train, "--dev", dev, "--output", out, *extra,
+    extra = ["--data.scheme", "bmes", "--data.test", dev] if flavour == "conll" else ["--data.test", test]
+    code = _run("--task", "ner", "--model", model, "--output", out, *_files(train, dev), *extra,
                 "--finetune.epochs=1", "--finetune.batch_size=10", "--finetune.max_seq_len=64")  # fmt: skip
     assert code == 0
     report = json.loads((out / "metrics.json").read_text())
@@ -355,8 +353,9 @@ def test_finetune_learns_a_keyword_task(tmp_path):
     train, dev = _keyword_task(tmp_path, 192, 48)
     model = tiny_model(tmp_path / "model", [train, dev])
     out = tmp_path / "out"
-    code = _run("--task", "classification", "--text-fields", "body", "--label-field", "tag", "--model", model,
-                "--train", train, "--dev", dev, "--output", out, "--finetune.epochs=6", "--finetune.batch_size=16",
+    code = _run("--task", "classification", "--data.text_fields", "body", "--data.label_field", "tag", "--model", model,
+                "--data.train", train, "--data.dev", dev, "--output", out,
+                "--finetune.epochs=6", "--finetune.batch_size=16",
                 "--finetune.max_seq_len=32", "--train.lr=2e-3", "--finetune.warmup_ratio=0.05")  # fmt: skip
     assert code == 0
     losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if r["split"] == "train"]
@@ -367,15 +366,15 @@ def test_finetune_learns_a_keyword_task(tmp_path):
     labels = {r["label"] for r in _read_jsonl(out / "dev_predictions.jsonl")}
     assert labels <= {"pos", "neg"}, labels
     saved = load_config(FinetuneConfig, out / "config.json")
-    assert saved.text_fields == ("body",) and saved.train.total_steps == 6 * 12, saved
+    assert saved.data.text_fields == ("body",) and saved.train.total_steps == 6 * 12, saved
     assert resolve(["--config", str(out / "config.json")]) == (saved, None)
 
 
 def test_finetune_resume_after_sigterm_is_exact(tmp_path):
     train, dev = _keyword_task(tmp_path, 48, 16, seed=5)
     model = tiny_model(tmp_path / "model", [train, dev])
-    args = ["--task", "classification", "--text-fields", "body", "--label-field", "tag", "--model", model,
-            "--train", train, "--dev", dev, "--finetune.epochs=2", "--finetune.batch_size=8",
+    args = ["--task", "classification", "--data.text_fields", "body", "--data.label_field", "tag", "--model", model,
+            "--data.train", train, "--data.dev", dev, "--finetune.epochs=2", "--finetune.batch_size=8",
             "--train.grad_accum_steps=2", "--finetune.max_seq_len=32", "--train.lr=1e-3"]  # fmt: skip
     assert _run(*args, "--output", tmp_path / "whole") == 0
     steps = []
@@ -387,7 +386,7 @@ def test_finetune_resume_after_sigterm_is_exact(tmp_path):
 
     handle = register_optimizer_step_post_hook(stop_after_step_7)
     try:
-        assert _run(*args, "--output", tmp_path / "parts") == EXIT_INTERRUPTED
+        assert _run(*args, "--output", tmp_path / "parts") == EXIT_PREEMPTED
     finally:
         handle.remove()
     assert not (tmp_path / "parts" / "metrics.json").exists()
@@ -405,8 +404,9 @@ def test_finetune_early_stopping_keeps_the_best(tmp_path):
     train, dev = _keyword_task(tmp_path, 32, 16, seed=6)
     model = tiny_model(tmp_path / "model", [train, dev])
     out = tmp_path / "out"
-    code = _run("--task", "classification", "--text-fields", "body", "--label-field", "tag", "--model", model,
-                "--train", train, "--dev", dev, "--output", out, "--finetune.epochs=30", "--finetune.batch_size=16",
+    code = _run("--task", "classification", "--data.text_fields", "body", "--data.label_field", "tag", "--model", model,
+                "--data.train", train, "--data.dev", dev, "--output", out,
+                "--finetune.epochs=30", "--finetune.batch_size=16",
                 "--finetune.max_seq_len=32", "--train.lr=0", "--finetune.patience=2",
                 "--finetune.eval_every=1")  # fmt: skip
     assert code == 0
@@ -423,49 +423,32 @@ def test_finetune_bad_input_names_file_and_line(tmp_path, capsys):
     lines[4] = "only one field"
     bad = _write(tmp_path / "bad.txt", lines)
     model = tiny_model(tmp_path / "model", [train, dev])
-    common = ["--task", "afqmc", "--model", model, "--dev", dev, "--finetune.epochs=1", "--finetune.batch_size=13"]
-    assert _run(*common, "--train", bad, "--output", tmp_path / "a") == EXIT_BAD_INPUT
+    common = ["--task", "afqmc", "--model", model, "--data.dev", dev, "--finetune.epochs=1", "--finetune.batch_size=13"]
+    assert _run(*common, "--data.train", bad, "--output", tmp_path / "a") == EXIT_USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"lub_fast.finetune: error: {bad}:5: expected 3 tab-separated fields"), err[-1]
     unknown = _write(tmp_path / "unknown.txt", _lines(dev, 0, 10) + ["一\t二\t7"])
-    assert _run(*common[:4], "--train", train, "--dev", unknown, "--output", tmp_path / "b") == EXIT_BAD_INPUT
+    assert _run(*common[:4], "--data.train", train, "--data.dev", unknown, "--output", tmp_path / "b") == EXIT_USAGE
     assert f"{unknown}:11: label outside the label set" in capsys.readouterr().err
-    assert _run(*common, "--train", bad, "--output", tmp_path / "c", "--skip-bad") == 0
+    assert _run(*common, "--data.train", bad, "--output", tmp_path / "c", "--data.skip_bad=true") == 0
     assert f"{bad}: skipped 1 line(s): expected 3 tab-separated fields" in capsys.readouterr().err
     assert json.loads((tmp_path / "c" / "metrics.json").read_text())["examples"]["train"] == 39
-    assert _run(*common, "--train", train, "--output", tmp_path / "d", "--train.total_steps=5") == EXIT_BAD_INPUT
+    assert _run(*common, "--data.train", train, "--output", tmp_path / "d", "--train.total_steps=5") == EXIT_USAGE
     assert "derived" in capsys.readouterr().err
-    assert _run(*common, "--train", train, "--output", tmp_path / "d", "--scheme", "bio") == EXIT_BAD_INPUT
-    assert "error: --scheme is for the 'ner' task" in capsys.readouterr().err
+    assert _run(*common, "--data.train", train, "--output", tmp_path / "d", "--data.scheme", "bio") == EXIT_USAGE
+    assert "error: --data.scheme is for the 'ner' task" in capsys.readouterr().err
 
 
-def test_finetune_truncates_longest_first():
-    assert truncate_pair([1, 2, 3, 4], [5, 6], 4) == ([1, 2], [5, 6])
-    assert truncate_pair([1, 2], [5, 6, 7], 3) == ([1, 2], [5])  # the longer first; b on ties
-    assert truncate_pair([1, 2, 3], None, 2) == ([1, 2], None)
-
-
-@pytest.mark.parametrize("family", ["bert", "albert"])
-def test_finetune_layerwise_lr_groups(family):
-    config = EncoderConfig(family=family, vocab_size=50, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-                           intermediate_size=32, num_hidden_groups=2 if family == "albert" else None)  # fmt: skip
-    model = SequenceClassification(config, num_labels=3)
-    groups = layerwise_param_groups(model, lr=1e-3, weight_decay=0.01, layer_decay=0.5)
-    seen = [id(p) for g in groups for p in g["params"]]
-    assert sorted(seen) == sorted(id(p) for p in model.parameters()), "every parameter in exactly one group"
-    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
-    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
-    named = dict(model.named_parameters())
-    assert lr_of[id(named["encoder.embeddings.word.weight"])] == pytest.approx(1e-3 * 0.5**5)
-    assert lr_of[id(named["classifier.out.weight"])] == pytest.approx(1e-3)
-    assert lr_of[id(named["encoder.pooler.weight"])] == pytest.approx(1e-3)
-    # bert: layer k at depth k + 1; albert with 2 groups over 4 layers: unique layer k runs last at 2k + 2
-    depth = [1, 2, 3, 4] if family == "bert" else [2, 4]
-    for k, d in enumerate(depth):
-        assert lr_of[id(named[f"encoder.layers.{k}.qkv.weight"])] == pytest.approx(1e-3 * 0.5 ** (5 - d)), k
-    assert decay_of[id(named["encoder.layers.0.qkv.bias"])] == 0.0
-    assert decay_of[id(named["encoder.layers.0.attn_norm.weight"])] == 0.0
-    assert decay_of[id(named["encoder.layers.0.qkv.weight"])] == 0.01
+def test_finetune_one_spelling_per_option(tmp_path, capsys):
+    base = ["--task", "afqmc", "--model", "m", "--output", str(tmp_path / "o")]
+    config, resume = resolve([*base, "--data.train", "a.txt", "--data.dev=b.txt", "--train.lr=1e-4", "--resume"])
+    assert (config.data.train, config.data.dev, config.train.lr, resume) == ("a.txt", "b.txt", 1e-4, "latest")
+    for old, new in (("--train", "data.train"), ("--dev", "data.dev"), ("--skip-bad", "data.skip_bad")):
+        assert main([*base, old, "x.txt"] if old != "--skip-bad" else [*base, old]) == EXIT_USAGE
+        assert f"lub_fast.finetune: error: {old} is now --{new}=VALUE" in capsys.readouterr().err
+    assert main([*base, "--data.train=a.txt"]) == EXIT_USAGE
+    assert "error: missing --data.dev" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_finetune_layer_decay_reaches_the_optimizer(tmp_path):
@@ -478,8 +461,9 @@ def test_finetune_layer_decay_reaches_the_optimizer(tmp_path):
 
     handle = register_optimizer_step_post_hook(record)
     try:
-        code = _run("--task", "classification", "--text-fields", "body", "--label-field", "tag", "--model", model,
-                    "--train", train, "--dev", dev, "--output", tmp_path / "out", "--finetune.epochs=1",
+        code = _run("--task", "classification", "--data.text_fields", "body", "--data.label_field", "tag",
+                    "--model", model,
+                    "--data.train", train, "--data.dev", dev, "--output", tmp_path / "out", "--finetune.epochs=1",
                     "--finetune.batch_size=8", "--finetune.warmup_ratio=0", "--train.schedule=constant",
                     "--train.lr=1e-3", "--finetune.layer_decay=0.5")  # fmt: skip
     finally:
@@ -497,8 +481,8 @@ def test_finetune_matches_a_plain_transformers_loop(tmp_path):
     train, dev = _keyword_task(tmp_path, 96, 32, seed=8)
     start = tiny_model(tmp_path / "model", [train, dev], dropout=0.0, head=("neg", "pos"))
     lr, batch_size, seed = 3e-3, 8, 3
-    code = _run("--task", "classification", "--text-fields", "body", "--label-field", "tag", "--model", start,
-                "--train", train, "--dev", dev, "--output", tmp_path / "ours", "--finetune.epochs=1",
+    code = _run("--task", "classification", "--data.text_fields", "body", "--data.label_field", "tag", "--model", start,
+                "--data.train", train, "--data.dev", dev, "--output", tmp_path / "ours", "--finetune.epochs=1",
                 f"--finetune.batch_size={batch_size}", "--finetune.warmup_ratio=0", f"--train.lr={lr}",
                 f"--train.seed={seed}")  # fmt: skip
     assert code == 0

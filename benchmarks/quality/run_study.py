@@ -283,8 +283,8 @@ def finetune_command(task: str, scale: Scale, model: Path, split_dir: Path, out:
     suffix = {"chnsenticorp": "tsv", "lcqmc": "txt", "cmrc2018": "json", "ner": "txt"}[task]
     return [
         sys.executable, "-m", "lub_fast.finetune", "--task", task, "--model", str(model),
-        "--train", str(split_dir / f"train.{suffix}"), "--dev", str(split_dir / f"select.{suffix}"),
-        "--test", str(split_dir / f"test.{suffix}"), "--output", str(out),
+        f"--data.train={split_dir / f'train.{suffix}'}", f"--data.dev={split_dir / f'select.{suffix}'}",
+        f"--data.test={split_dir / f'test.{suffix}'}", "--output", str(out),
         f"--train.seed={seed}", f"--train.lr={f.lr}", f"--finetune.epochs={t.epochs}",
         f"--finetune.batch_size={f.batch_size}", f"--finetune.max_seq_len={t.max_seq_len}",
         "--finetune.warmup_ratio=0.1", "--train.save_every=0", "--train.keep_last=1",

@@ -4,6 +4,11 @@
 checkpoint, and default hyperparameters (those of the CLUE baselines,
 https://github.com/CLUEbenchmark/CLUE, and of HFL's Chinese-BERT-wwm reports,
 https://github.com/ymcui/Chinese-BERT-wwm, for the same tasks). `load_task` reads any of them.
+
+Layout: `base` (the `Task` protocol that a fine-tuning run drives, `Split`, `Head`, the tokenizer
+loader); one module per kind of task with its reader and its `Task` (`classification`:
+classification and regression, `cmrc2018`: span extraction, `ner`); `io` (bad lines, submission
+files); `metrics`; `run` (a whole fine-tuning run: config, model, training, prediction).
 """
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""Readers for sentence and sentence-pair classification and regression tasks.
+"""Sentence and sentence-pair classification and regression: readers and the two ``Task``s.
 
 Formats follow the CLUE benchmark's json lines (https://github.com/CLUEbenchmark/CLUE: TNEWS,
 IFLYTEK, AFQMC, CMNLI, OCNLI, CSL, CLUEWSC2020) and the tab-separated copies in common use
@@ -16,13 +16,30 @@ CMNLI/OCNLI lines labelled `-` (no annotator consensus) are dropped and counted.
 A labelled TSV training file whose label column holds more distinct values than half its rows (at
 least 10 rows) holds text there, not labels (columns swapped, or another layout): an error naming
 the layout expected and what was found, never a model with a class per sentence.
+
+Features (``ClassificationTask``, ``RegressionTask``; Devlin et al. 2019): ``[CLS] a [SEP] b
+[SEP]`` with token types 0/1, pairs cut longest-first to ``max_seq_len`` (BERT's
+``_truncate_seq_pair``). Classification predicts the arg-max class and scores accuracy and macro
+F1; regression (STS-B) predicts the one output and scores Pearson, Spearman and MSE.
 """
 
 import math
 import os
 from dataclasses import dataclass
 
-from lub_fast.tasks.io import BadLines, TaskData, TaskDataError, first_content_line, read_json_lines, read_lines
+import numpy as np
+
+from lub_fast.tasks.base import Head, Split, special_id
+from lub_fast.tasks.io import (
+    BadLines,
+    TaskData,
+    TaskDataError,
+    first_content_line,
+    read_json_lines,
+    read_lines,
+    write_clue_predictions,
+)
+from lub_fast.tasks.metrics import accuracy, macro_f1, pearson, spearman
 
 
 @dataclass(frozen=True)
@@ -398,3 +415,99 @@ def load_classification(task, path, labels=None, text_fields=None, label_field=N
             raise TaskDataError(path, 0, "an unlabelled file needs a label set (labels=...)")
         label_names = sort_labels(builder.seen)
     return TaskData(task, path, builder.examples, label_names, labelled, dict(bad.skipped))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tasks
+
+
+def truncate_pair(a: list, b: list | None, max_tokens: int) -> tuple[list, list | None]:
+    """Cut ``a`` and ``b`` to ``max_tokens`` in total, one token at a time from the end of the
+    longer (``b`` on ties), as BERT's ``_truncate_seq_pair``."""
+    a = list(a)
+    b = None if b is None else list(b)
+    while len(a) + (len(b) if b is not None else 0) > max_tokens:
+        if b is not None and len(b) >= len(a):
+            b.pop()
+        else:
+            a.pop()
+    return a, b
+
+
+def encode_texts(tokenizer, examples, max_seq_len: int) -> list[dict]:
+    """``[CLS] a [SEP] (b [SEP])`` ids and token types of ``TextExample``s."""
+    cls, sep = special_id(tokenizer, "[CLS]"), special_id(tokenizer, "[SEP]")
+    first = tokenizer.encode_batch([e.text_a for e in examples], add_special_tokens=False)
+    pairs = [e for e in examples if e.text_b is not None]
+    second = iter(tokenizer.encode_batch([e.text_b for e in pairs], add_special_tokens=False))
+    rows = []
+    for example, enc_a in zip(examples, first):
+        ids_b = next(second).ids if example.text_b is not None else None
+        a, b = truncate_pair(enc_a.ids, ids_b, max_seq_len - (3 if ids_b is not None else 2))
+        ids = [cls] + a + [sep] + ([] if b is None else b + [sep])
+        rows.append({"input_ids": ids, "token_type_ids": [0] * (len(a) + 2) + [1] * (len(ids) - len(a) - 2)})
+    return rows
+
+
+@dataclass(frozen=True)
+class ClassificationTask:
+    """A ``Task`` (``lub_fast.tasks.base``) over the files of ``task`` (a key of ``FORMATS``,
+    ``csl``, ``cluewsc`` or the generic ``classification`` with ``text_fields``/``label_field``):
+    one class per example, predicted as its label name."""
+
+    task: str
+    max_seq_len: int
+    text_fields: tuple | None = None
+    label_field: str | None = None
+    skip_bad: bool = False
+    prediction_suffix = ".jsonl"
+
+    def read(self, path, labels, training=False) -> TaskData:
+        return load_classification(self.task, path, labels, self.text_fields, self.label_field, self.skip_bad)
+
+    def features(self, data, tokenizer) -> Split:
+        rows = encode_texts(tokenizer, data.examples, self.max_seq_len)
+        if data.has_labels:
+            for row, target in zip(rows, self._targets(data)):
+                row["labels"] = target
+        return Split(data, rows)
+
+    def _targets(self, data) -> list:
+        ids = {name: i for i, name in enumerate(data.labels)}
+        return [ids[e.label] for e in data.examples]
+
+    def head(self, labels) -> Head:
+        return Head("sequence_classification", len(labels), "single_label_classification", tuple(labels))
+
+    def row_outputs(self, output, lengths) -> list:
+        return list(output.logits.float().cpu().numpy())
+
+    def decode(self, split, outputs) -> list:
+        return [split.data.labels[int(np.argmax(o))] for o in outputs]
+
+    def score(self, split, predictions) -> dict:
+        golds = [e.label for e in split.data.examples]
+        return {"accuracy": accuracy(predictions, golds), "macro_f1": macro_f1(predictions, golds)}
+
+    def write_predictions(self, path, split, predictions, submission=False) -> None:
+        labels = [str(p) for p in predictions] if submission else predictions
+        write_clue_predictions(path, [e.id for e in split.data.examples], labels)
+
+
+class RegressionTask(ClassificationTask):
+    """A ``Task`` over a regression file (STS-B: a score per pair): the model's one output is the
+    prediction."""
+
+    def _targets(self, data) -> list:
+        return [float(e.label) for e in data.examples]
+
+    def head(self, labels) -> Head:
+        return Head("sequence_classification", 1, "regression")
+
+    def decode(self, split, outputs) -> list:
+        return [float(o[0]) for o in outputs]
+
+    def score(self, split, predictions) -> dict:
+        golds = [e.label for e in split.data.examples]
+        mse = float(np.mean((np.asarray(predictions) - np.asarray(golds)) ** 2))
+        return {"pearson": pearson(predictions, golds), "spearman": spearman(predictions, golds), "mse": mse}

@@ -1,4 +1,5 @@
-"""CMRC 2018 span-extraction reading comprehension: reader, sliding-window features, answers.
+"""CMRC 2018 span-extraction reading comprehension: reader, sliding-window features, answers,
+and its ``Task`` (``SpanTask``).
 
 Data: SQuAD v1.1 json (Cui et al. 2019, "A Span-Extraction Dataset for Chinese Machine Reading
 Comprehension", https://github.com/ymcui/cmrc2018). The files as published need two repairs,
@@ -25,8 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lub_fast.tasks.io import BadLines, TaskData, TaskDataError
-from lub_fast.tasks.metrics import py2_str
+from lub_fast.tasks.base import Head, Split, backend_tokenizer, special_id
+from lub_fast.tasks.io import BadLines, TaskData, TaskDataError, write_cmrc2018_predictions
+from lub_fast.tasks.metrics import cmrc2018_score, py2_str
 
 
 @dataclass(frozen=True)
@@ -159,19 +161,6 @@ def trainable_questions(data):
     return dataclasses.replace(data, examples=kept, skipped=skipped)
 
 
-def backend_tokenizer(tokenizer):
-    # a transformers PreTrainedTokenizerFast wraps a tokenizers.Tokenizer
-    return getattr(tokenizer, "backend_tokenizer", tokenizer)
-
-
-def special_id(tokenizer, token):
-    """Vocabulary id of a special token such as '[CLS]'; ValueError when the vocab lacks it."""
-    i = backend_tokenizer(tokenizer).token_to_id(token)
-    if i is None:
-        raise ValueError(f"tokenizer has no {token!r} token")
-    return i
-
-
 def _windows(n_tokens, max_tokens, doc_stride):
     windows, start = [], 0
     while True:
@@ -265,3 +254,52 @@ def postprocess(features, start_logits, end_logits, n_best=20, max_answer_len=30
                     text = feature.context[feature.offsets[i][0] : feature.offsets[j][1]]
                     best[feature.example_id] = (score, text)
     return {qid: text for qid, (_, text) in best.items()}
+
+
+@dataclass(frozen=True)
+class SpanTask:
+    """The CMRC 2018 ``Task`` (``lub_fast.tasks.base``): ``build_features`` windows, trained on
+    each question's first verbatim answer (``trainable_questions``), answers by ``postprocess``,
+    scored as the official scorer (``lub_fast.tasks.metrics.cmrc2018_score``)."""
+
+    max_seq_len: int
+    doc_stride: int
+    max_query_len: int
+    n_best: int
+    max_answer_len: int
+    skip_bad: bool = False
+    prediction_suffix = ".json"
+
+    def read(self, path, labels, training=False) -> TaskData:
+        data = load_cmrc2018(path, skip_bad=self.skip_bad)
+        return trainable_questions(data) if training else data
+
+    def features(self, data, tokenizer) -> Split:
+        windows = build_features(data.examples, tokenizer, self.max_seq_len, self.doc_stride, self.max_query_len)
+        rows = [
+            {
+                "input_ids": list(w.input_ids),
+                "token_type_ids": list(w.token_type_ids),
+                "start_positions": w.start_position,
+                "end_positions": w.end_position,
+            }
+            for w in windows
+        ]
+        return Split(data, rows, windows=windows)
+
+    def head(self, labels) -> Head:
+        return Head("question_answering")
+
+    def row_outputs(self, output, lengths) -> list:
+        starts, ends = output.start_logits.float().cpu().numpy(), output.end_logits.float().cpu().numpy()
+        return [(s[:n], e[:n]) for s, e, n in zip(starts, ends, lengths)]
+
+    def decode(self, split, outputs) -> dict:
+        starts, ends = [o[0] for o in outputs], [o[1] for o in outputs]
+        return postprocess(split.windows, starts, ends, n_best=self.n_best, max_answer_len=self.max_answer_len)
+
+    def score(self, split, predictions) -> dict:
+        return cmrc2018_score(split.data.examples, predictions)
+
+    def write_predictions(self, path, split, predictions, submission=False) -> None:
+        write_cmrc2018_predictions(path, predictions)

@@ -1,8 +1,6 @@
-"""Task metrics: accuracy, macro-F1, Pearson/Spearman, entity-level F1 and the CMRC 2018 scorer.
+"""Task metrics: accuracy, macro-F1, Pearson/Spearman and the CMRC 2018 scorer (NER's entity F1
+is `lub_fast.tasks.ner.entity_f1`, next to the chunker that finds the entities).
 
-- `entity_f1` is seqeval's default (CoNLL-eval) mode (https://github.com/chakki-works/seqeval):
-  entities are decoded by `lub_fast.tasks.ner.tags_to_spans`, an entity counts when its type,
-  start and end all match, precision/recall/F1 are micro-averaged over all entities.
 - `cmrc2018_score` is the official CMRC 2018 scorer (ymcui/cmrc2018,
   `squad-style-data/cmrc2018_evaluate.py`, v5, Python 2) rewritten for Python 3 with the same
   numbers: lower-case and strip; each character in U+4E00..U+9FA5 and each listed punctuation
@@ -96,34 +94,6 @@ def average_ranks(x):
 def spearman(x, y):
     """Spearman rank correlation: Pearson on average ranks (ties handled as scipy does)."""
     return pearson(average_ranks(x), average_ranks(y))
-
-
-# ---------------------------------------------------------------------------------------------
-# NER
-
-
-def entity_f1(gold_tags, pred_tags):
-    """Entity-level micro precision/recall/F1 with exact span match, as seqeval's default mode.
-
-    `gold_tags`, `pred_tags`: lists of tag sequences (one per sentence, equal lengths) in BIO,
-    BIOES or BMES. Returns `{"precision", "recall", "f1"}` as fractions (0 when undefined) and
-    the counts `gold`, `pred`, `correct`.
-    """
-    from lub_fast.tasks.ner import tags_to_spans
-
-    if len(gold_tags) != len(pred_tags):
-        raise ValueError(f"{len(gold_tags)} gold sentences but {len(pred_tags)} predicted")
-    gold, pred = set(), set()
-    for k, (g, p) in enumerate(zip(gold_tags, pred_tags)):
-        if len(g) != len(p):
-            raise ValueError(f"sentence {k}: {len(g)} gold tags but {len(p)} predicted")
-        gold.update((k,) + span for span in tags_to_spans(g))
-        pred.update((k,) + span for span in tags_to_spans(p))
-    correct = len(gold & pred)
-    precision = correct / len(pred) if pred else 0.0
-    recall = correct / len(gold) if gold else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"precision": precision, "recall": recall, "f1": f1, "gold": len(gold), "pred": len(pred), "correct": correct}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Chinese NER data: readers, tagging schemes, spans, and label alignment to WordPiece tokens.
+"""Chinese NER: readers, tagging schemes, spans, label alignment to WordPiece tokens, and its
+``Task`` (``NerTask``).
 
 Readers (chosen from the file's content):
 - CLUENER 2020 json lines (https://github.com/CLUEbenchmark/CLUENER2020): `{"text", "label":
@@ -12,14 +13,26 @@ Readers (chosen from the file's content):
 A file of tag lines only (a `tags.txt` without its `sentences.txt`, a tag set file) is an error.
 
 Schemes: BIO, BIOES and BMES (M = I) and BIOS all decode through `tags_to_spans`, which is
-seqeval's default-mode chunker (https://github.com/chakki-works/seqeval), so metrics match it.
+seqeval's default-mode chunker (https://github.com/chakki-works/seqeval), so `entity_f1` matches
+seqeval's default (CoNLL-eval) mode: an entity counts when its type, start and end all match,
+precision/recall/F1 are micro-averaged over all entities.
 """
 
 import os
 import re
 from dataclasses import dataclass
 
-from lub_fast.tasks.io import BadLines, TaskData, TaskDataError, first_content_line, read_json_lines, read_lines
+from lub_fast.tasks.base import Head, Split, backend_tokenizer, special_id
+from lub_fast.tasks.cmrc2018 import _max_context, _windows
+from lub_fast.tasks.io import (
+    BadLines,
+    TaskData,
+    TaskDataError,
+    first_content_line,
+    read_json_lines,
+    read_lines,
+    write_ner_predictions,
+)
 
 SCHEMES = ("bio", "bioes", "bmes")
 _TAG = re.compile(r"^(O|[BIMES]-.+)$")
@@ -59,6 +72,28 @@ def tags_to_spans(tags):
             begin = i
         prev_tag, prev_type = tag, kind
     return spans
+
+
+def entity_f1(gold_tags, pred_tags):
+    """Entity-level micro precision/recall/F1 with exact span match, as seqeval's default mode.
+
+    `gold_tags`, `pred_tags`: lists of tag sequences (one per sentence, equal lengths) in BIO,
+    BIOES or BMES. Returns `{"precision", "recall", "f1"}` as fractions (0 when undefined) and
+    the counts `gold`, `pred`, `correct`.
+    """
+    if len(gold_tags) != len(pred_tags):
+        raise ValueError(f"{len(gold_tags)} gold sentences but {len(pred_tags)} predicted")
+    gold, pred = set(), set()
+    for k, (g, p) in enumerate(zip(gold_tags, pred_tags)):
+        if len(g) != len(p):
+            raise ValueError(f"sentence {k}: {len(g)} gold tags but {len(p)} predicted")
+        gold.update((k,) + span for span in tags_to_spans(g))
+        pred.update((k,) + span for span in tags_to_spans(p))
+    correct = len(gold & pred)
+    precision = correct / len(pred) if pred else 0.0
+    recall = correct / len(gold) if gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1, "gold": len(gold), "pred": len(pred), "correct": correct}
 
 
 def _chunk_end(prev_tag, tag, prev_type, kind):
@@ -316,8 +351,6 @@ def load_ner(path, labels=None, scheme=None, skip_bad=False):
 
 def _pieces(tokens, tokenizer):
     """(WordPiece ids of the whole sentence, token index of each first piece or -1)."""
-    from lub_fast.tasks.cmrc2018 import backend_tokenizer, special_id
-
     backend = backend_tokenizer(tokenizer)
     unk = special_id(tokenizer, "[UNK]")
     encoding = backend.encode(list(tokens), is_pretokenized=True, add_special_tokens=False)
@@ -341,8 +374,6 @@ def encode_tokens(tokens, tokenizer, max_seq_len=512):
     piece is id k, or -1 for specials and continuation pieces. Tokens past `max_seq_len - 2`
     pieces are cut (`decode_tags` gives them "O"); `encode_windows` covers them all.
     """
-    from lub_fast.tasks.cmrc2018 import special_id
-
     pieces, firsts = _pieces(tokens, tokenizer)
     cut = len(pieces)
     if cut > max_seq_len - 2:
@@ -363,8 +394,6 @@ def encode_windows(tokens, tokenizer, max_seq_len=512, stride=128):
     where another window gives the token more context on both sides (the one window whose
     prediction counts, BERT's `_check_is_max_context`). One window when the sentence fits.
     """
-    from lub_fast.tasks.cmrc2018 import _max_context, _windows, special_id
-
     if max_seq_len < 3:
         raise ValueError(f"max_seq_len {max_seq_len} leaves no room for a token after [CLS] and [SEP]")
     if stride < 1:
@@ -393,3 +422,55 @@ def decode_tags(positions, predicted_ids, n_tokens, id_to_label, tags=None):
         if p >= 0:
             tags[p] = id_to_label[int(label)]
     return tags
+
+
+@dataclass(frozen=True)
+class NerTask:
+    """The NER ``Task`` (``lub_fast.tasks.base``): sentences as ``encode_windows`` windows (nothing
+    is cut), a character's tag on its first word piece, each character predicted by the window
+    that gives it the most context, scored by entity F1 (``entity_f1``).
+    ``scheme``: re-tag the data in this scheme (None: as the file)."""
+
+    max_seq_len: int
+    doc_stride: int
+    scheme: str | None = None
+    skip_bad: bool = False
+    prediction_suffix = ".jsonl"
+
+    def read(self, path, labels, training=False) -> TaskData:
+        return load_ner(path, labels=labels, scheme=self.scheme, skip_bad=self.skip_bad)
+
+    def features(self, data, tokenizer) -> Split:
+        label_to_id = {t: i for i, t in enumerate(data.labels)}
+        rows, windows = [], []
+        for index, example in enumerate(data.examples):
+            for ids, positions, owned in encode_windows(example.tokens, tokenizer, self.max_seq_len, self.doc_stride):
+                row = {"input_ids": ids, "token_type_ids": [0] * len(ids)}
+                if data.has_labels:
+                    row["labels"] = label_ids(positions, example.tags, label_to_id)
+                rows.append(row)
+                windows.append((index, owned))
+        return Split(data, rows, windows=windows)
+
+    def head(self, labels) -> Head:
+        return Head("token_classification", len(labels), labels=tuple(labels))
+
+    def row_outputs(self, output, lengths) -> list:
+        ids = output.logits.argmax(-1).cpu().numpy()
+        return [row[:n] for row, n in zip(ids, lengths)]
+
+    def decode(self, split, outputs) -> list:
+        tags = [["O"] * len(example.tokens) for example in split.data.examples]
+        for (index, owned), ids in zip(split.windows, outputs):
+            decode_tags(owned, ids, len(tags[index]), split.data.labels, tags[index])
+        return tags
+
+    def score(self, split, predictions) -> dict:
+        result = entity_f1([e.tags for e in split.data.examples], predictions)
+        return {"entity_f1": result["f1"], "entity_precision": result["precision"], "entity_recall": result["recall"]}
+
+    def write_predictions(self, path, split, predictions, submission=False) -> None:
+        examples = split.data.examples
+        spans = [tags_to_spans(t) for t in predictions]
+        ids, tokens = [e.id for e in examples], [e.tokens for e in examples]
+        write_ner_predictions(path, ids, tokens, spans, with_text=not submission)

@@ -153,7 +153,7 @@ def test_model_vocab_reads_tokenizer_json_and_refuses_what_is_not_wordpiece(tmp_
     from tokenizers import Tokenizer, models
 
     from lub_fast.data.tokenizer import VocabularyError, _bert_pipeline, model_vocab
-    from lub_fast.finetune import load_tokenizer
+    from lub_fast.tasks.base import load_tokenizer
 
     tokens = list(SPECIAL_TOKENS) + ["人", "中", "##国", "a"]
     assert model_vocab(tmp_path) is None

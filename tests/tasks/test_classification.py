@@ -1,13 +1,19 @@
 """Classification/regression readers on the real files in ../shared/data (skipped when absent)
-and on small synthetic files for every bad-input rule."""
+and on small synthetic files for every bad-input rule; the two ``Task``s from file to rows,
+predictions, metrics and prediction files."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
+from tokenizers import BertWordPieceTokenizer
 
 from lub_fast.tasks import TASKS, TaskDataError, load_task
-from lub_fast.tasks.classification import wsc_marked_text
+from lub_fast.tasks.base import Head
+from lub_fast.tasks.classification import ClassificationTask, RegressionTask, truncate_pair, wsc_marked_text
 from lub_fast.tasks.io import clue_submission_name, write_clue_predictions
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
@@ -224,3 +230,67 @@ def test_clue_submission_names(tmp_path):
     assert name is None and "numeric codes" in reason and "labels.json" in reason
     conll = _write(tmp_path, "test.txt", ["张 O"])
     assert clue_submission_name("ner", conll, ("O",)) == (None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# ClassificationTask, RegressionTask
+
+
+def _pair_tokenizer():
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("一二三四五六七八")
+    return BertWordPieceTokenizer({t: i for i, t in enumerate(vocab)}, lowercase=True)
+
+
+def _pair_file(tmp_path, rows):
+    path = tmp_path / "pairs.txt"
+    path.write_text("".join("\t".join(map(str, r)) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def test_classification_task_rows_decode_score_and_files(tmp_path):
+    task = ClassificationTask("afqmc", max_seq_len=8)
+    rows = [("一二三", "四五", 1), ("六", "七八", 0), ("一二三四", "五六七", 1)]
+    data = task.read(_pair_file(tmp_path, rows), None, training=True)
+    split = task.features(data, _pair_tokenizer())
+    # ids: [CLS]=2 [SEP]=3, 一=5 ... 八=12; the third pair is cut longest-first to 5 pieces
+    assert split.rows[0] == {"input_ids": [2, 5, 6, 7, 3, 8, 9, 3], "token_type_ids": [0] * 5 + [1] * 3, "labels": 1}
+    assert split.rows[2]["input_ids"] == [2, 5, 6, 7, 3, 9, 10, 3] and split.rows[1]["labels"] == 0
+    assert task.head(data.labels) == Head("sequence_classification", 2, "single_label_classification", ("0", "1"))
+    logits = torch.tensor([[0.0, 2.0, 9.0], [3.0, 1.0, 9.0], [4.0, 0.5, 9.0]])[:, :2]
+    outputs = task.row_outputs(SimpleNamespace(logits=logits), [8, 6, 7])
+    predictions = task.decode(split, outputs)
+    assert predictions == ["1", "0", "0"]
+    assert task.score(split, predictions) == pytest.approx({"accuracy": 2 / 3, "macro_f1": (2 / 3 + 2 / 3) / 2})
+    task.write_predictions(tmp_path / "p.jsonl", split, predictions)
+    lines = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert lines == [{"id": 0, "label": "1"}, {"id": 1, "label": "0"}, {"id": 2, "label": "0"}]
+
+
+def test_classification_task_unlabelled_file_has_no_labels_in_rows(tmp_path):
+    task = ClassificationTask("afqmc", max_seq_len=16)
+    train = task.read(_pair_file(tmp_path, [("一", "二", "b"), ("三", "四", "a")]), None, training=True)
+    (tmp_path / "test.txt").write_text("五\t六\n", encoding="utf-8")
+    split = task.features(task.read(str(tmp_path / "test.txt"), train.labels), _pair_tokenizer())
+    assert split.rows == [{"input_ids": [2, 9, 3, 10, 3], "token_type_ids": [0, 0, 0, 1, 1]}]
+    assert task.decode(split, [np.array([0.1, 0.9])]) == ["b"]  # the training set's order: a, b
+
+
+def test_regression_task_rows_decode_and_score(tmp_path):
+    task = RegressionTask("stsb", max_seq_len=16)
+    path = _pair_file(tmp_path, [("一", "二", 0), ("三", "四", 2.5), ("五", "六", 5)])
+    data = task.read(path, None, training=True)
+    split = task.features(data, _pair_tokenizer())
+    assert [r["labels"] for r in split.rows] == [0.0, 2.5, 5.0]
+    assert task.head(data.labels) == Head("sequence_classification", 1, "regression")
+    outputs = task.row_outputs(SimpleNamespace(logits=torch.tensor([[1.0], [2.0], [6.0]])), [5, 5, 5])
+    predictions = task.decode(split, outputs)
+    assert predictions == [1.0, 2.0, 6.0]
+    scores = task.score(split, predictions)
+    assert scores["mse"] == pytest.approx((1 + 0.25 + 1) / 3) and scores["spearman"] == pytest.approx(1.0)
+    assert scores["pearson"] == pytest.approx(np.corrcoef([1, 2, 6], [0, 2.5, 5])[0, 1])
+
+
+def test_classification_truncates_longest_first():
+    assert truncate_pair([1, 2, 3, 4], [5, 6], 4) == ([1, 2], [5, 6])
+    assert truncate_pair([1, 2], [5, 6, 7], 3) == ([1, 2], [5])  # the longer first; b on ties
+    assert truncate_pair([1, 2, 3], None, 2) == ([1, 2], None)

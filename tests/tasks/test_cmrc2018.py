@@ -1,19 +1,24 @@
 """CMRC 2018: reader (answer_start repair), sliding-window features and answer post-processing,
-on the real files in ../shared/data (skipped when absent) and on synthetic data."""
+on the real files in ../shared/data (skipped when absent) and on synthetic data; ``SpanTask``
+from file to rows, answers, scores and the predictions file."""
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import BertWordPieceTokenizer
 
 from lub_fast.tasks import TaskDataError, load_task
+from lub_fast.tasks.base import Head
 from lub_fast.tasks.cmrc2018 import (
     REPAIR_NO_VERBATIM,
     REPAIR_NOT_VERBATIM,
     REPAIR_START,
     QAExample,
+    SpanTask,
     build_features,
     locate_answer,
     postprocess,
@@ -255,3 +260,39 @@ def test_write_cmrc2018_predictions_scores_back(tmp_path):
         predictions = json.load(f)
     assert cmrc2018_score(gold, predictions)["em"] == 100.0
     assert cmrc2018_score(load_task("cmrc2018", gold).examples, predictions)["f1"] == 100.0
+
+
+def test_cmrc2018_span_task_trains_on_verbatim_answers_and_decodes_them_back(tmp_path):
+    context = "北京大学在北京，有学生三万人。上海交通大学在上海，也有学生三万人。"
+    answer = {"北京": context.index("在北京") + 1, "上海": context.index("在上海") + 1}
+    qas = [
+        {"id": "q1", "question": "北大在哪", "answers": [{"text": "北京", "answer_start": answer["北京"]}]},
+        {"id": "q2", "question": "交大在哪", "answers": [{"text": "上海", "answer_start": answer["上海"]}]},
+        {"id": "q3", "question": "多少人", "answers": [{"text": "3万人", "answer_start": 0}]},
+    ]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(_squad(qas, context), ensure_ascii=False), encoding="utf-8")
+    task = SpanTask(max_seq_len=20, doc_stride=6, max_query_len=6, n_best=5, max_answer_len=8)
+    assert [e.id for e in task.read(str(path), None).examples] == ["q1", "q2", "q3"]
+    data = task.read(str(path), None, training=True)
+    assert [e.id for e in data.examples] == ["q1", "q2"] and data.skipped == {REPAIR_NO_VERBATIM: 1}
+    split = task.features(data, _tokenizer([context] + [q["question"] for q in qas]))
+    assert len(split.rows) == len(split.windows) > 2 * 2, "each question's context needs several windows"
+    holding = [r for r in split.rows if r["start_positions"] > 0]
+    assert len(holding) >= 2 and all(len(r["input_ids"]) <= 20 for r in split.rows)
+    # oracle logits over a padded batch: +5 at the gold start/end of each row ([CLS] when absent)
+    lengths = [len(r["input_ids"]) for r in split.rows]
+    starts = torch.full((len(lengths), max(lengths)), -5.0)
+    ends = starts.clone()
+    for k, row in enumerate(split.rows):
+        starts[k, row["start_positions"]] = ends[k, row["end_positions"]] = 5.0
+    outputs = task.row_outputs(SimpleNamespace(start_logits=starts, end_logits=ends), lengths)
+    assert [len(s) for s, _ in outputs] == lengths
+    predictions = task.decode(split, outputs)
+    assert predictions == {"q1": "北京", "q2": "上海"}
+    scores = task.score(split, predictions)
+    assert (scores["total"], scores["em"], scores["f1"]) == (2, 100.0, 100.0), scores
+    assert task.score(split, {"q1": "北京", "q2": "北京"})["em"] == 50.0
+    assert task.head(None) == Head("question_answering") and task.prediction_suffix == ".json"
+    task.write_predictions(tmp_path / "p.json", split, predictions)
+    assert json.loads((tmp_path / "p.json").read_text(encoding="utf-8")) == predictions

@@ -58,37 +58,6 @@ def test_pearson_spearman_match_scipy():
         assert M.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], abs=1e-12)
 
 
-def test_entity_f1_hand_case():
-    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG", "I-ORG"]]
-    pred = [["B-PER", "I-PER", "O", "O"], ["O", "B-ORG", "O"]]
-    scores = M.entity_f1(gold, pred)
-    # gold 3 entities, predicted 2, 1 exact (PER); ORG predicted too short
-    assert (scores["gold"], scores["pred"], scores["correct"]) == (3, 2, 1)
-    assert scores["precision"] == pytest.approx(0.5)
-    assert scores["recall"] == pytest.approx(1 / 3)
-    assert scores["f1"] == pytest.approx(0.4)
-    empty = M.entity_f1([["O"]], [["O"]])
-    assert empty["f1"] == 0.0
-
-
-def _random_tags(rng, n, prefixes):
-    return [rng.choice(["O"] + [f"{p}-{t}" for p in prefixes for t in ("PER", "LOC")]) for _ in range(n)]
-
-
-@pytest.mark.parametrize("prefixes", ["BI", "BIES"])
-def test_entity_f1_matches_seqeval(prefixes):
-    seqeval = pytest.importorskip("seqeval.metrics")
-    rng = random.Random(1)
-    for _ in range(30):
-        lengths = [rng.randint(1, 12) for _ in range(8)]
-        gold = [_random_tags(rng, n, prefixes) for n in lengths]
-        pred = [_random_tags(rng, n, prefixes) for n in lengths]
-        ours = M.entity_f1(gold, pred)
-        assert ours["precision"] == pytest.approx(seqeval.precision_score(gold, pred, zero_division=0))
-        assert ours["recall"] == pytest.approx(seqeval.recall_score(gold, pred, zero_division=0))
-        assert ours["f1"] == pytest.approx(seqeval.f1_score(gold, pred, zero_division=0))
-
-
 # NLTK 3.4.5 outputs (the last NLTK for Python 2, which the official scorer ran on), recorded
 # from that release: word_tokenize(s, preserve_line=True) and untrained Punkt sentences.
 NLTK_345_WORDS = [

@@ -1,20 +1,26 @@
 """NER readers on the real files in ../shared/data (skipped when absent), scheme conversion,
-seqeval-equivalent span decoding and alignment to WordPiece tokens."""
+seqeval-equivalent span decoding, alignment to WordPiece tokens, and ``NerTask`` from file to
+windows, tags, entity F1 and the predictions file."""
 
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 from tokenizers import BertWordPieceTokenizer
 
 from lub_fast.tasks import TaskDataError, load_task
+from lub_fast.tasks.base import Head
 from lub_fast.tasks.io import write_ner_predictions
 from lub_fast.tasks.ner import (
+    NerTask,
     convert_tags,
     decode_tags,
     encode_tokens,
     encode_windows,
+    entity_f1,
     label_ids,
     spans_to_tags,
     tags_to_spans,
@@ -128,6 +134,37 @@ def test_ner_spans_tags_round_trip(scheme):
     assert spans_to_tags(3, [("X", 0, 0), ("X", 1, 2)], "bmes") == ["S-X", "B-X", "E-X"]
     assert spans_to_tags(4, [("X", 0, 3)], "bmes") == ["B-X", "M-X", "M-X", "E-X"]
     assert convert_tags(["S-X", "B-Y", "E-Y"], "bio") == ["B-X", "B-Y", "I-Y"]
+
+
+def test_entity_f1_hand_case():
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "B-ORG", "I-ORG"]]
+    pred = [["B-PER", "I-PER", "O", "O"], ["O", "B-ORG", "O"]]
+    scores = entity_f1(gold, pred)
+    # gold 3 entities, predicted 2, 1 exact (PER); ORG predicted too short
+    assert (scores["gold"], scores["pred"], scores["correct"]) == (3, 2, 1)
+    assert scores["precision"] == pytest.approx(0.5)
+    assert scores["recall"] == pytest.approx(1 / 3)
+    assert scores["f1"] == pytest.approx(0.4)
+    empty = entity_f1([["O"]], [["O"]])
+    assert empty["f1"] == 0.0
+
+
+def _random_tags(rng, n, prefixes):
+    return [rng.choice(["O"] + [f"{p}-{t}" for p in prefixes for t in ("PER", "LOC")]) for _ in range(n)]
+
+
+@pytest.mark.parametrize("prefixes", ["BI", "BIES"])
+def test_entity_f1_matches_seqeval(prefixes):
+    seqeval = pytest.importorskip("seqeval.metrics")
+    rng = random.Random(1)
+    for _ in range(30):
+        lengths = [rng.randint(1, 12) for _ in range(8)]
+        gold = [_random_tags(rng, n, prefixes) for n in lengths]
+        pred = [_random_tags(rng, n, prefixes) for n in lengths]
+        ours = entity_f1(gold, pred)
+        assert ours["precision"] == pytest.approx(seqeval.precision_score(gold, pred, zero_division=0))
+        assert ours["recall"] == pytest.approx(seqeval.recall_score(gold, pred, zero_division=0))
+        assert ours["f1"] == pytest.approx(seqeval.f1_score(gold, pred, zero_division=0))
 
 
 def test_ner_tags_to_spans_matches_seqeval_on_ill_formed_tags():
@@ -255,17 +292,56 @@ def test_ner_split_windows_lose_nothing_on_real_long_sentences(tmp_path):
     """People's Daily NER has sentences of up to 568 characters: with 64-piece windows, perfect
     per-window predictions decode to every gold tag (nothing past max_seq_len is cut to "O")."""
     from lub_fast.data.tokenizer import hf_tokenizer
-    from lub_fast.finetune import FinetuneOptions, Split, build_split, decode
+    from lub_fast.tasks.ner import NerTask
 
     data = load_task("ner", DATA / "peoples_daily_ner" / "example.dev")
     chars = sorted({c for e in data.examples for c in e.tokens})
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars) + "\n", encoding="utf-8")
-    options = FinetuneOptions(max_seq_len=64, doc_stride=24)
-    split = build_split(data, "ner", hf_tokenizer(vocab), options)
+    task = NerTask(max_seq_len=64, doc_stride=24)
+    split = task.features(data, hf_tokenizer(vocab))
     longest = max(len(e.tokens) for e in data.examples)
     assert longest > 500 and len(split.rows) > len(data.examples)
     assert max(len(r["input_ids"]) for r in split.rows) <= 64
     perfect = [[max(label, 0) for label in row["labels"]] for row in split.rows]
-    predicted = decode(Split(data, split.rows, positions=split.positions, row_example=split.row_example), "ner", perfect, options)
+    predicted = task.decode(split, perfect)
     assert predicted == [list(e.tags) for e in data.examples]
+
+
+def test_ner_task_windows_decode_to_the_gold_tags_and_score(tmp_path):
+    sentences = [
+        ("张三在北京大学读书他说", "B-PER I-PER O B-ORG I-ORG I-ORG I-ORG O O O O"),
+        ("李四去上海", "B-PER I-PER O B-LOC I-LOC"),
+    ]
+    path = tmp_path / "train.txt"
+    path.write_text(
+        "\n\n".join("\n".join(f"{c} {t}" for c, t in zip(text, tags.split())) for text, tags in sentences) + "\n",
+        encoding="utf-8",
+    )
+    task = NerTask(max_seq_len=6, doc_stride=2, scheme="bioes")
+    data = task.read(str(path), None, training=True)
+    assert data.examples[1].tags == ("B-PER", "E-PER", "O", "B-LOC", "E-LOC")  # re-tagged
+    split = task.features(data, _tokenizer("".join(text for text, _ in sentences)))
+    assert all(len(r["input_ids"]) <= 6 for r in split.rows) and len(split.rows) > 2, "long sentences run as windows"
+    assert task.head(data.labels) == Head("token_classification", len(data.labels), labels=data.labels)
+    # logits that pick each row's gold label (label 0 where the row has none: specials)
+    lengths = [len(r["input_ids"]) for r in split.rows]
+    logits = torch.zeros(len(lengths), max(lengths), len(data.labels))
+    for k, row in enumerate(split.rows):
+        for j, label in enumerate(row["labels"]):
+            logits[k, j, max(label, 0)] = 1.0
+    outputs = task.row_outputs(SimpleNamespace(logits=logits), lengths)
+    assert [len(o) for o in outputs] == lengths
+    predictions = task.decode(split, outputs)
+    assert predictions == [list(e.tags) for e in data.examples]
+    assert task.score(split, predictions) == {"entity_f1": 1.0, "entity_precision": 1.0, "entity_recall": 1.0}
+    wrong = [predictions[0], ["O"] * 5]  # 2 of the 4 gold entities found, nothing wrongly predicted
+    expected = {"entity_f1": 2 / 3, "entity_precision": 1.0, "entity_recall": 0.5}
+    assert task.score(split, wrong) == pytest.approx(expected)
+    task.write_predictions(tmp_path / "p.jsonl", split, predictions)
+    task.write_predictions(tmp_path / "s.json", split, predictions, submission=True)
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text(encoding="utf-8").splitlines()]
+    entities = {"PER": {"李四": [[0, 1]]}, "LOC": {"上海": [[3, 4]]}}
+    assert rows[1] == {"id": 1, "text": "李四去上海", "label": entities}
+    submission = [json.loads(line) for line in (tmp_path / "s.json").read_text(encoding="utf-8").splitlines()]
+    assert submission == [{"id": r["id"], "label": r["label"]} for r in rows]

@@ -1,4 +1,5 @@
-"""Weight-decay groups, fused AdamW, LAMB against a hand computation, and the LR schedules."""
+"""Weight-decay groups, layer-wise learning-rate groups, fused AdamW, LAMB against a hand computation,
+and the LR schedules."""
 
 import math
 
@@ -6,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from lub_fast.optim import Lamb, build_optimizer, build_scheduler, lr_factor, param_groups
+from lub_fast.models import EncoderConfig, SequenceClassification
+from lub_fast.optim import Lamb, build_optimizer, build_scheduler, layerwise_param_groups, lr_factor, param_groups
 
 
 class Tied(nn.Module):
@@ -25,7 +27,7 @@ def test_optim_param_groups_no_decay_on_bias_and_layernorm():
     model = Tied()
     decay, no_decay = param_groups(model, 0.01)
     assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
-    ids = lambda ps: {id(p) for p in ps}  # noqa: E731
+    ids = lambda ps: {id(p) for p in ps}
     assert ids(decay["params"]) == ids([model.embed.weight, model.proj.weight]), len(decay["params"])
     expected = [model.norm.weight, model.norm.bias, model.proj.bias, model.decoder.bias]
     assert ids(no_decay["params"]) == ids(expected), len(no_decay["params"])
@@ -113,3 +115,26 @@ def test_optim_scheduler_drives_optimizer_lr():
     assert seen == pytest.approx(expected, abs=1e-12), (seen, expected)
     with pytest.raises(ValueError, match="schedule must be"):
         build_scheduler(optimizer, 2, 6, "step")
+
+
+@pytest.mark.parametrize("family", ["bert", "albert"])
+def test_optim_layerwise_lr_groups(family):
+    config = EncoderConfig(family=family, vocab_size=50, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                           intermediate_size=32, num_hidden_groups=2 if family == "albert" else None)  # fmt: skip
+    model = SequenceClassification(config, num_labels=3)
+    groups = layerwise_param_groups(model, lr=1e-3, weight_decay=0.01, layer_decay=0.5)
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters()), "every parameter in exactly one group"
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["encoder.embeddings.word.weight"])] == pytest.approx(1e-3 * 0.5**5)
+    assert lr_of[id(named["classifier.out.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["encoder.pooler.weight"])] == pytest.approx(1e-3)
+    # bert: layer k at depth k + 1; albert with 2 groups over 4 layers: unique layer k runs last at 2k + 2
+    depth = [1, 2, 3, 4] if family == "bert" else [2, 4]
+    for k, d in enumerate(depth):
+        assert lr_of[id(named[f"encoder.layers.{k}.qkv.weight"])] == pytest.approx(1e-3 * 0.5 ** (5 - d)), k
+    assert decay_of[id(named["encoder.layers.0.qkv.bias"])] == 0.0
+    assert decay_of[id(named["encoder.layers.0.attn_norm.weight"])] == 0.0
+    assert decay_of[id(named["encoder.layers.0.qkv.weight"])] == 0.01
