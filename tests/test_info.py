@@ -1,9 +1,13 @@
 """``python -m lub_fast.info`` and the extension fallback: without the compiled extension every op
-runs its PyTorch reference after one warning, never an ImportError."""
+runs its PyTorch reference after one warning, never an ImportError; an extension that was built but
+does not load makes ``info`` exit 2 naming it."""
 
+import importlib.machinery
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -32,9 +36,9 @@ print("WWM", int((labels != -100).sum()))
 """
 
 
-def _run(env_extra, *args):
+def _run(env_extra, *args, cwd=None):
     env = {**os.environ, **env_extra}
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
 
 
 def test_info_reports_versions_and_implementations():
@@ -76,7 +80,47 @@ def test_info_without_extension_falls_back_with_one_warning():
     assert implementations and all(impl == ["reference", "reference"] for impl in implementations), info.stdout
 
 
-@pytest.mark.skipif(ops.EXTENSION_ERRORS["lub_fast._C"] is not None, reason="lub_fast._C is not built")
-def test_info_extension_registers_cpu_kernels():
-    for op in ("wwm_mask", "varlen_attention_fwd", "varlen_attention_bwd", "bias_gelu_fwd", "bias_gelu_bwd"):
-        assert ops.has_kernel(op, "cpu"), op
+CPU_KERNELS = ("wwm_mask", "varlen_attention_fwd", "varlen_attention_bwd", "bias_gelu_fwd", "bias_gelu_bwd")
+
+
+def test_info_extension_registers_cpu_kernels(require_kernels):
+    require_kernels("cpu", *CPU_KERNELS)
+    result = _run({}, "-m", "lub_fast.info")
+    assert result.returncode == 0, result.stderr
+    cpu = {l.split()[0]: l.split()[1] for l in result.stdout.splitlines() if l.startswith("lub_fast::")}
+    assert all(cpu[f"lub_fast::{op}"] == "kernel" for op in CPU_KERNELS), result.stdout
+
+
+def _package_copy(tmp_path, broken):
+    """A copy of the lub_fast package under ``tmp_path`` in which each extension named in ``broken``
+    is a compiled file that cannot load (bytes that are no shared library)."""
+    source = Path(ops.__file__).parents[1]
+    shutil.copytree(source, tmp_path / "lub_fast", ignore=shutil.ignore_patterns("__pycache__", "_C*.so", "_C*.pyd"))
+    suffix = importlib.machinery.EXTENSION_SUFFIXES[0]
+    for name in broken:
+        (tmp_path / "lub_fast" / f"{name}{suffix}").write_bytes(b"not a shared library\n")
+    return {"PYTHONPATH": str(tmp_path), "LUB_FAST_NO_EXT": "0"}
+
+
+@pytest.mark.parametrize("broken", [("_C",), ("_C", "_C_cuda")])
+def test_info_fails_naming_a_built_extension_that_does_not_load(tmp_path, broken):
+    env = _package_copy(tmp_path, broken)
+    result = _run(env, "-m", "lub_fast.info", cwd=tmp_path)
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("lub_fast.info")]
+    assert len(errors) == 1 and errors[0].startswith("lub_fast.info: error: "), result.stderr
+    for name in broken:
+        assert f"lub_fast.{name} (lub_fast/{name}" in errors[0] and "does not load" in errors[0], errors[0]
+    if "_C_cuda" not in broken:
+        assert "_C_cuda" not in errors[0], errors[0]
+    assert "pip install --no-build-isolation -e ." in errors[0], errors[0]
+    assert "lub_fast::wwm_mask" in result.stdout, result.stdout  # the report still comes first
+
+
+def test_info_passes_without_a_built_extension_or_with_it_disabled(tmp_path):
+    env = _package_copy(tmp_path, ())
+    assert _run(env, "-m", "lub_fast.info", cwd=tmp_path).returncode == 0
+    _package_copy(tmp_path / "disabled", ("_C",))
+    disabled = _run({"PYTHONPATH": str(tmp_path / "disabled"), "LUB_FAST_NO_EXT": "1"}, "-m", "lub_fast.info",
+                    cwd=tmp_path / "disabled")
+    assert disabled.returncode == 0, disabled.stderr
