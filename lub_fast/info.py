@@ -102,7 +102,7 @@ def check_extensions_load():
         return
     # find_spec locates the file without loading it: None means the extension was not built.
     broken = [
-        f"{name} ({os.path.relpath(spec.origin)}) does not load: {error}"
+        f"{name} ({spec.origin}) does not load: {error}"
         for name, error in ops.EXTENSION_ERRORS.items()
         if error is not None and (spec := find_spec(name)) is not None
     ]
