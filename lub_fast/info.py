@@ -1,10 +1,19 @@
-"""``python -m lub_fast.info``: versions, extensions, and which implementation each op runs."""
+"""``python -m lub_fast.info``: versions, extensions, and which implementation each op runs.
+
+It exits 2 when an extension was built (its compiled file is in the package) but cannot be
+imported, so that a setup or CI run stops there instead of running every op on its reference."""
 
 import argparse
+import os
 import platform
 import sys
 
-from lub_fast.errors import EXIT_CODES_HELP, run_command
+from lub_fast.errors import EXIT_CODES_HELP, UsageError, run_command
+
+
+class ExtensionLoadError(UsageError):
+    """A compiled extension is present but does not import (built against another torch, a missing
+    symbol or library)."""
 
 
 def _version(module):
@@ -82,10 +91,37 @@ def attention_routes(head_dims=(64, 128, 96)):
     return lines
 
 
+def check_extensions_load():
+    """Raise ``ExtensionLoadError`` naming every extension whose compiled file exists but whose
+    import failed; an extension that was never built (or is off by ``LUB_FAST_NO_EXT=1``) is fine."""
+    from importlib.util import find_spec
+
+    from lub_fast import ops
+
+    if os.environ.get("LUB_FAST_NO_EXT", "0") == "1":
+        return
+    # find_spec locates the file without loading it: None means the extension was not built.
+    broken = [
+        f"{name} ({spec.origin}) does not load: {error}"
+        for name, error in ops.EXTENSION_ERRORS.items()
+        if error is not None and (spec := find_spec(name)) is not None
+    ]
+    if broken:
+        raise ExtensionLoadError(
+            "; ".join(broken) + "; rebuild it against the installed torch with `pip install --no-build-isolation -e .` "
+            "(or delete the file to run the PyTorch references)"
+        )
+
+
 def main(argv=None) -> int:
     """Entry point; returns the exit status."""
     argparse.ArgumentParser(prog="python -m lub_fast.info", description=__doc__, epilog=EXIT_CODES_HELP).parse_args(argv)
-    return run_command("info", lambda: print(report()))
+
+    def body():
+        print(report())
+        check_extensions_load()
+
+    return run_command("info", body)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,8 @@ def test_quality_study_report_from_synthetic_metrics(study, tmp_path):
     assert "ChnSentiCorp acc: +9.0" in text and "better" in text, text
     assert "(c) whole-word MLM." in text, "wwm has the best mean of the teacher candidates"
     assert "Budget check: 4 pretrained variants ran with identical budget flags." in text, text
+    revision = study.describe_revision(study.git_revision(study.REPO))  # clean or naming what is uncommitted
+    assert f"transformers {study.environment('cpu')['transformers']}; {revision};" in text, text
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert len(results["finetune"]) == 5 * 4 * 3, len(results["finetune"])
     assert results["teacher"] == "wwm" and results["pretrain"]["wwm"]["tokens"] == 4_400_000, results["pretrain"]["wwm"]

@@ -64,6 +64,8 @@ from lub_fast.pretrain import (  # noqa: E402
 from lub_fast.train import TrainConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))  # timing.py: the git revision every benchmark records
+from timing import describe_revision, git_revision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,13 +262,6 @@ def verdict(runs: dict) -> tuple[str, dict]:
     return text, out
 
 
-def _git_revision() -> str:
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                           capture_output=True, text=True).stdout.strip()
-    return rev + (" (with uncommitted changes)" if dirty else "")
-
-
 def _cpu() -> str:
     try:
         lines = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
@@ -336,7 +331,7 @@ def report(result: dict) -> str:
         "",
         f"- CPU: {result['cpu']}; torch {result['torch']}, transformers {result['transformers']}, "
         f"Python {result['python']}",
-        f"- Git revision: {result['git']}",
+        f"- Revision: {result['git']}",
         f"- Command: `{result['command']}`",
         f"- Total wall time: {result['total_wall_s']:.0f} s",
     ]
@@ -357,7 +352,7 @@ def main(argv=None) -> int:
         setup = dataclasses.replace(setup, seeds=tuple(range(args.seeds)))
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    begin, revision = time.perf_counter(), _git_revision()  # the code that runs, not what HEAD is at the end
+    begin, revision = time.perf_counter(), describe_revision(git_revision())  # the code that runs, not what HEAD is at the end
 
     demo = _prepare_demo_data(demo_config())
     train_dir, held_dir = Path(demo.data.data[0]), Path(demo.data.eval_data[0])

@@ -55,6 +55,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))  # timing.py: the git revision every benchmark records
+from timing import describe_revision, git_revision
+
 SHARED = REPO.parent / "shared" / "data"
 STAGES = ("pretrain", "finetune", "report")
 BASE_VARIANTS = ("random", "char_mlm", "wwm", "ngram_sop", "electra")
@@ -721,7 +724,6 @@ def environment(device: str) -> dict:
     """Hardware, versions and git revision for the report."""
     from importlib.metadata import version
 
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     machine = f"{platform.machine()}, {os.cpu_count()} CPU cores"
     if device == "cuda":
         import torch
@@ -729,7 +731,7 @@ def environment(device: str) -> dict:
         available = torch.cuda.is_available()
         machine += f", {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}" if available else ", no GPU"
     return {"machine": machine, "python": platform.python_version(), "torch": version("torch"),
-            "transformers": version("transformers"), "git": rev.stdout.strip() or "unknown",
+            "transformers": version("transformers"), "git": describe_revision(git_revision(REPO)),
             "date": time.strftime("%Y-%m-%d")}
 
 
@@ -780,7 +782,7 @@ def report(study: Study, command: str) -> Path:
         "",
         "## Environment", "",
         f"- {env['machine']}; Python {env['python']}, torch {env['torch']}, transformers {env['transformers']}; "
-        f"git {env['git']}; {env['date']}.",
+        f"{env['git']}; {env['date']}.",
         f"- Command: `{command}`",
     ]
     if study.failures:

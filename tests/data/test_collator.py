@@ -132,7 +132,8 @@ def test_collator_specials_never_masked_unk_maskable():
     assert torch.equal(chosen, ~special), "rate 1 in token mode predicts exactly the non-special tokens"
     assert (original[chosen] == UNK).sum() > 100
     replaced = batch["input_ids"][chosen & (batch["input_ids"] != MASK) & (batch["input_ids"] != original)]
-    assert len(replaced) > 0 and (replaced >= 5).all() and (replaced < VOCAB).all()
+    # 10% of the targets get a random id (n ~ 900: 90 +- 9)
+    assert len(replaced) > 0.05 * chosen.sum() and (replaced >= 5).all() and (replaced < VOCAB).all(), len(replaced)
 
 
 def test_collator_max_predictions_and_padding_multiple():

@@ -85,8 +85,11 @@ def test_bias_gelu_low_precision_matches_fp32(dtype, approximate):
     y.backward(dy)
     y_ref.backward(dy.float())
     torch.testing.assert_close(x.grad, ref_x.grad.to(dtype), rtol=0, atol=0)
-    # the bias gradient sums 6 rounded rows: a few ulps
-    torch.testing.assert_close(bias.grad.float(), ref_bias.grad, rtol=2e-2, atol=2e-2)
+    # the bias gradient sums 6 rounded rows: within twice the error of torch's own gelu run in `dtype`
+    torch_x, torch_bias = (t.detach().requires_grad_() for t in (x, bias))
+    F.gelu(torch_x + torch_bias, approximate=approximate).backward(dy)
+    err, torch_err = ((g.double() - ref_bias.grad.double()).abs().max().item() for g in (bias.grad, torch_bias.grad))
+    assert err <= 2 * torch_err, f"bias grad error {err:.3g} > 2 x torch's {dtype} error {torch_err:.3g}"
 
 
 def test_bias_gelu_rejects_bad_inputs():
