@@ -35,3 +35,17 @@ def require_kernels():
     """``require_kernels(device_type, *op_names)``: skip (or fail under LUB_FAST_REQUIRE_KERNELS=1)
     unless every ``lub_fast::<op>`` has a compiled kernel for ``device_type`` ("cpu" or "cuda")."""
     return _require
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _plan_cache(tmp_path_factory):
+    """Datasets cache their example plans under ``$LUB_FAST_CACHE`` (default ``~/.cache/lub_fast``):
+    the suite keeps them in a temporary directory of its own, so that it writes nothing into the
+    user's home and no plan from an earlier run is reused."""
+    saved = os.environ.get("LUB_FAST_CACHE")
+    os.environ["LUB_FAST_CACHE"] = str(tmp_path_factory.mktemp("lub_fast_cache"))
+    yield
+    if saved is None:
+        os.environ.pop("LUB_FAST_CACHE", None)
+    else:
+        os.environ["LUB_FAST_CACHE"] = saved
