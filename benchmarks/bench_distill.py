@@ -27,10 +27,12 @@ import pytest
 import torch
 
 from lub_fast import distill
-from lub_fast.distill_cache import CacheReader
+from lub_fast.distill_cache import CacheReader, CacheSection
+from lub_fast.distillation import load_masked_lm
 from lub_fast.models import EncoderConfig, MaskedLM
-from lub_fast.objectives.distill import DistillObjective
-from lub_fast.train import TrainConfig
+from lub_fast.objectives.distill import DistillObjective, LossSection
+from lub_fast.sections import DataSection
+from lub_fast.train import TrainConfig, init_distributed
 
 N_BATCHES = 24
 BATCH, SEQ, TOP_K = 16, 128, 64
@@ -67,20 +69,20 @@ def setup(tmp_path_factory):
     cfg = distill.DistillConfig(
         teacher=str(root / "teacher"),
         cache_teacher=str(root / "cache"),
-        data=distill.DataSection(data=(str(root / "shards"),), max_seq_len=SEQ, batch_size=BATCH),
-        loss=distill.LossSection(alpha_cos=0.0),
-        cache=distill.CacheSection(top_k=TOP_K),
+        data=DataSection(data=(str(root / "shards"),), max_seq_len=SEQ, batch_size=BATCH),
+        loss=LossSection(alpha_cos=0.0),
+        cache=CacheSection(top_k=TOP_K),
         train=TrainConfig(total_steps=N_BATCHES, device="cpu"),
     )
     distill.run(cfg)
     reader = CacheReader(root / "cache", 0, 1)
-    env = distill.init_distributed("cpu")
+    env = init_distributed("cpu")
     _, batches, _ = distill._pipeline(cfg, env)
     items = []
     for m, batch in zip(range(N_BATCHES), batches(0, 0, 1)):
         reader.check(m, batch)
         items.append(batch)
-    return cfg, distill.load_masked_lm(cfg.teacher, "teacher"), reader, items
+    return cfg, load_masked_lm(cfg.teacher, "teacher"), reader, items
 
 
 def test_cache_size_and_read(benchmark, setup):

@@ -88,7 +88,7 @@ def _child(args) -> None:
 
     import torch
 
-    from lub_fast import pretrain, train
+    from lub_fast import pretrain, recipes, train
     from lub_fast.models import encoder
 
     torch.set_num_threads(THREADS)
@@ -120,7 +120,7 @@ def _child(args) -> None:
         return values
 
     train._Loop._optimizer_step = step
-    cfg = pretrain.demo_config(args.steps)
+    cfg = recipes.demo_config(args.steps)
     cfg = dataclasses.replace(
         cfg,
         output=args.output,
@@ -136,9 +136,9 @@ def run_variants(variants: dict, steps: int, chunk: int, workdir: Path) -> dict:
     """Run ``variants`` (name -> {"trim_every", "env", optional "token_multiple"}) in lockstep;
     returns per variant the RssAnon of every step (MiB), and the seconds, real tokens and dummy
     rows of every chunk."""
-    from lub_fast import pretrain
+    from lub_fast import demo, recipes
 
-    pretrain._prepare_demo_data(pretrain.demo_config())  # once, before the variants race for it
+    demo.prepare_demo_data(recipes.demo_config())  # once, before the variants race for it
     procs = {}
     for name, variant in variants.items():
         command = [sys.executable, __file__, "--child", "--steps", str(steps), "--chunk", str(chunk),

@@ -384,3 +384,58 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def resume_path(run_dir: Path, resume, rank: int, world_size: int) -> Path | None:
+    """The checkpoint ``lub_fast.train.train``'s ``resume`` names (None: start fresh, refused when
+    ``run_dir`` holds checkpoints; ``"latest"``: the newest valid one; else that path, verified).
+    Rank 0 picks and verifies it and tells the other ranks (collective under DDP)."""
+    chosen, error = None, None
+    if rank == 0:
+        try:
+            if resume is None:
+                existing = list_checkpoints(run_dir)
+                if existing:
+                    raise CheckpointError(
+                        f"{run_dir} already holds checkpoints ({existing[-1].name}): resume with "
+                        f"resume='latest' (--resume) or choose another output directory"
+                    )
+            elif str(resume) == "latest":
+                chosen = latest_valid_checkpoint(run_dir)
+            else:
+                chosen = Path(resume)
+                verify_checkpoint(chosen)
+        except CheckpointError as caught:
+            error = caught
+    if world_size > 1:
+        message = [str(chosen) if chosen else None, str(error) if error else None]
+        torch.distributed.broadcast_object_list(message, src=0)
+        chosen = Path(message[0]) if message[0] else None
+        if message[1] and error is None:
+            error = CheckpointError(message[1])
+    if error is not None:
+        raise error
+    return chosen
+
+
+def check_resumable(saved: dict, config: dict, world_size: int, path: Path) -> None:
+    """Refuse resuming the training state ``saved`` (of checkpoint ``path``) mid-window with another
+    accumulation or world size; warn when the training ``config`` (``to_dict`` of a ``TrainConfig``)
+    or the world size changed."""
+    old, new = saved["config"], config
+    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+    if saved["window_pos"] and (old.get("grad_accum_steps") != new["grad_accum_steps"] or saved["world_size"] != world_size):
+        raise CheckpointError(
+            f"checkpoint {path} was taken mid-window ({saved['window_pos']} of "
+            f"{old.get('grad_accum_steps')} micro-batches, {saved['world_size']} process(es)): it resumes "
+            f"only with the same grad_accum_steps and world size (now {new['grad_accum_steps']}, "
+            f"{world_size})"
+        )
+    if changed:
+        warnings.warn(f"resuming {path} with a changed training config: {'; '.join(changed)}", stacklevel=3)
+    if saved["world_size"] != world_size:
+        warnings.warn(
+            f"resuming {path} (saved by {saved['world_size']} processes) with {world_size}: the data "
+            "order and the global batch change, the run is no longer an exact continuation",
+            stacklevel=3,
+        )

@@ -8,6 +8,8 @@ dataclasses. This module gives them one command-line grammar (the torchtitan/tyr
     config, rest = resolve_config(PretrainConfig(), sys.argv[1:])
     # --config run/config.json        start from a saved config instead of the default
     # --train.lr=3e-4 --model.hidden_size 256 --train.betas=0.9,0.98   typed overrides
+    # --output runs/x                 a field of the config itself: --field=value
+    # --data shards/a,shards/b        an alias of ALIASES: exactly --data.data=shards/a,shards/b
 
 Values are converted with the field's annotation and checked: a wrong type, an unknown field (with
 the closest names suggested) or a value outside a ``Literal`` raises ``ConfigError`` naming the
@@ -36,6 +38,16 @@ from typing import Any, Literal, TypeVar
 from lub_fast.errors import UsageError
 
 T = TypeVar("T")
+
+# The short spellings the README documents, shared by every command whose config has the field;
+# each is exactly the field it names (same value syntax, same checks).
+ALIASES = {
+    "--data": "data.data",
+    "--init-from": "init_from",
+    "--cache-teacher": "cache_teacher",
+    "--from-cache": "from_cache",
+}
+_ALIAS_OF = {path: alias for alias, path in ALIASES.items()}
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
@@ -80,8 +92,8 @@ def option(
     """A dataclass field with a default, the help text that ``describe`` prints and its allowed
     values: ``ge``/``gt``/``le``/``lt`` bounds (each item of a tuple; ``None`` always allowed for an
     ``X | None`` field) and ``check(value)``, a function that raises ``ValueError`` for a bad
-    value. ``flag``: the command-line option that sets the field when it is not ``--FIELD``
-    (messages name it). ``check_fields`` enforces them."""
+    value. ``flag``: the command-line option that sets the field when it is neither ``--FIELD``
+    nor in ``ALIASES`` (messages name it). ``check_fields`` enforces them."""
     metadata = {"help": help}
     for name, bound in zip(_BOUNDS, (ge, gt, le, lt)):
         if bound is not None:
@@ -163,7 +175,7 @@ def check_fields(config: Any, *, command: bool = False) -> None:
         if problem is not None:
             if "flag" in f.metadata:
                 raise ConfigError(problem, field=f.metadata["flag"].removeprefix("--"))
-            raise ConfigError(problem, field=f.name, owner=owner)
+            raise ConfigError(problem, field=_option_name(f.name) if command else f.name, owner=owner)
 
 
 def field_error(config: Any, name: str, rule: str, *, command: bool = False) -> ConfigError:
@@ -177,7 +189,15 @@ def field_error(config: Any, name: str, rule: str, *, command: bool = False) -> 
     flag = next((f.metadata.get("flag") for f in dataclasses.fields(config) if f.name == name), None)
     if flag is not None:
         return ConfigError(message, field=flag.removeprefix("--"))
-    return ConfigError(message, field=name, owner=None if command else type(config).__name__)
+    if command:
+        return ConfigError(message, field=_option_name(name))
+    return ConfigError(message, field=name, owner=type(config).__name__)
+
+
+def _option_name(path: str) -> str:
+    """The option that sets the top-level field or dotted field ``path``, without its ``--``: the
+    alias of a top-level field, else the path."""
+    return _ALIAS_OF[path].removeprefix("--") if path in _ALIAS_OF and "." not in path else path
 
 
 def output_dir(path: str) -> None:
@@ -329,51 +349,78 @@ def parse_value(text: str, annotation: Any, name: str) -> Any:
 
 
 def apply_overrides(config: T, overrides: Sequence[str]) -> T:
-    """Return ``config`` with each ``"section.field=value"`` (a leading ``--`` is allowed) applied."""
+    """Return ``config`` with each ``"section.field=value"`` (a leading ``--`` is allowed) applied;
+    a later value of a field wins. All fields of a section change in one ``dataclasses.replace``,
+    so cross-field rules (``warmup_steps <= total_steps``) see the new values together, whatever
+    their order on the command line."""
+    tree: dict = {}
     for item in overrides:
         key, sep, text = item.removeprefix("--").partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must look like section.field=value")
-        config = _replace_path(config, key.split("."), text, key)
-    return config
+        node = tree
+        *sections, name = key.split(".")
+        for part in sections:
+            node = node[part] if isinstance(node.get(part), dict) else node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {part} is set as a value and as a section")
+        node[name] = (key, text)
+    return _apply(config, tree, "")
 
 
-def _replace_path(config: Any, path: list[str], text: str, full: str) -> Any:
+def _apply(config: Any, tree: dict, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(config) if f.init}
-    head = path[0]
-    if head not in fields:
-        raise ConfigError(_unknown(full, head, list(fields)))
-    annotation = typing.get_type_hints(type(config))[head]
-    if len(path) == 1:
-        value = parse_value(text, annotation, full)
-    else:
+    hints = typing.get_type_hints(type(config))
+    changes, given = {}, []
+    for head, item in tree.items():
+        if head not in fields:
+            full = item[0] if isinstance(item, tuple) else f"{prefix}{head}"
+            raise ConfigError(_unknown(full, head, list(fields)))
+        if isinstance(item, tuple):
+            key, text = item
+            changes[head] = parse_value(text, hints[head], key)
+            given.append(f"--{key}={text}")
+            continue
         child = getattr(config, head)
         if not dataclasses.is_dataclass(child):
-            raise ConfigError(f"{full}: {head} is a {_type_name(annotation)} field, not a section")
-        value = _replace_path(child, path[1:], text, full)
+            key = next(iter(_leaves(item)))
+            raise ConfigError(f"{key}: {head} is a {_type_name(hints[head])} field, not a section")
+        changes[head] = _apply(child, item, f"{prefix}{head}.")
+        given.extend(f"--{key}={text}" for key, text in _leaves(item).items())
     try:
-        return dataclasses.replace(config, **{head: value})
+        return dataclasses.replace(config, **changes)
     except ConfigError as error:
-        raise error.placed(full[: len(full) - len(".".join(path))]) from None
+        raise error.placed(prefix) from None
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"--{full}={text}: {error}") from error
+        raise ConfigError(f"{' '.join(given)}: {error}") from error
 
 
-def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Separate dotted overrides from the other arguments.
+def _leaves(tree: dict) -> dict[str, str]:
+    """``{dotted key: text}`` of the overrides below a section of ``apply_overrides``' tree."""
+    found = {}
+    for item in tree.values():
+        found.update({item[0]: item[1]} if isinstance(item, tuple) else _leaves(item))
+    return found
 
-    ``--a.b=value`` and ``--a.b value`` become ``"a.b=value"``; every other argument is returned
+
+def split_overrides(argv: Sequence[str], names: Mapping[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """Separate overrides from the other arguments.
+
+    ``--a.b=value`` and ``--a.b value`` become ``"a.b=value"``, and so does ``--x value`` for each
+    option ``--x`` that ``names`` maps to the field path ``a.b``; every other argument is returned
     untouched, in order, for the command's own ``argparse`` parser.
     """
+    names = names or {}
     overrides, rest = [], []
     argv = list(argv)
     i = 0
     while i < len(argv):
         arg = argv[i]
-        key = arg[2:].partition("=")[0]
-        if arg.startswith("--") and "." in key:
-            if "=" in arg:
-                overrides.append(arg[2:])
+        option, sep, text = arg.partition("=")
+        key = names.get(option, option[2:])
+        if arg.startswith("--") and ("." in key or option in names):
+            if sep:
+                overrides.append(f"{key}={text}")
             elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
                 overrides.append(f"{key}={argv[i + 1]}")
                 i += 1
@@ -412,8 +459,13 @@ def load_config(cls: type[T], path: str | os.PathLike) -> T:
 
 def resolve_config(default: T, argv: Sequence[str]) -> tuple[T, list[str]]:
     """The command-line config: ``default`` (or the file named by ``--config PATH``) with the
-    dotted overrides applied. Returns the config and the arguments left for the command."""
-    overrides, rest = split_overrides(argv)
+    overrides applied in order: ``--section.field=value``, ``--field=value`` for a field of the
+    config itself, and the ``ALIASES`` of fields the config has (``--a.b value`` and ``--a value``
+    take the next argument). Returns the config and the arguments left for the command."""
+    top = {f.name for f in dataclasses.fields(default) if f.init and not dataclasses.is_dataclass(getattr(default, f.name))}
+    aliases = {alias: path for alias, path in ALIASES.items() if _has_field(default, path)}
+    fields = [f"--{name}" for name in top]
+    overrides, rest = split_overrides(argv, {**dict(zip(fields, (f[2:] for f in fields))), **aliases})
     config, remaining = default, []
     i = 0
     while i < len(rest):
@@ -433,6 +485,14 @@ def resolve_config(default: T, argv: Sequence[str]) -> tuple[T, list[str]]:
     return apply_overrides(config, overrides), remaining
 
 
+def _has_field(config: Any, path: str) -> bool:
+    for part in path.split("."):
+        if not dataclasses.is_dataclass(config) or part not in {f.name for f in dataclasses.fields(config)}:
+            return False
+        config = getattr(config, part)
+    return True
+
+
 def describe(config: Any, prefix: str = "") -> list[str]:
     """One line per overridable field: ``--section.field=TYPE (default: value) help``."""
     lines = []
@@ -447,10 +507,14 @@ def describe(config: Any, prefix: str = "") -> list[str]:
         shown = ",".join(str(v) for v in value) if isinstance(value, tuple) else value
         help_text = f.metadata.get("help", "")
         allowed = range_text(f.metadata)
+        path = f"{prefix}{f.name}"
+        alias = _ALIAS_OF.get(path)
+        name = alias if alias and not prefix else f"--{path}"
         lines.append(
-            f"--{prefix}{f.name}={_type_name(hints[f.name])} (default: {shown})"
+            f"{name}={_type_name(hints[f.name])} (default: {shown})"
             + (f" {allowed}" if allowed else "")
             + (f"  {help_text}" if help_text else "")
+            + (f" (short: {alias})" if alias and prefix else "")
         )
     return lines
 

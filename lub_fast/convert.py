@@ -24,85 +24,20 @@ from pathlib import Path
 
 from lub_fast.errors import EXIT_CODES_HELP, UsageError, run_command
 from lub_fast.lock import output_lock
-from lub_fast.models.hf import from_pretrained, from_pretrained_electra_pair, lub_to_hf, tf1_family
-
-
-def is_run_dir(path) -> bool:
-    """A lub_fast run directory (or one of its checkpoints)."""
-    path = Path(path)
-    if (path / "manifest.json").exists() and path.parent.name == "checkpoints":
-        return True
-    config = path / "config.json"
-    if not (config.exists() and (path / "checkpoints").is_dir()):
-        return False
-    try:
-        return "recipe" in json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def load_run(path):
-    """The objective of a lub_fast pretraining run with the weights of its newest valid checkpoint
-    (or of the checkpoint directory ``path``), and the run's vocab.txt."""
-    from lub_fast import checkpoint as ckpt
-    from lub_fast.config_cli import load_config
-    from lub_fast.data.tokenizer import read_vocab
-    from lub_fast.pretrain import PretrainConfig, build_objective
-
-    path = Path(path)
-    single = (path / "manifest.json").exists()
-    run_dir = path.parent.parent if single else path
-    cfg = load_config(PretrainConfig, run_dir / "config.json")
-    vocab = next((p for p in (run_dir / "data" / "train" / "vocab.txt", *map(Path, _shard_vocabs(cfg))) if p.exists()), None)
-    if vocab is None:
-        raise ValueError(f"{run_dir}: cannot find the run's vocab.txt (its training shards are gone)")
-    tokens = read_vocab(vocab)
-    objective, _ = build_objective(cfg, len(tokens), {"pad": tokens.index("[PAD]")})
-    if single:
-        ckpt.load_checkpoint(path, objective)
-    elif ckpt.load_latest_checkpoint(path, objective) is None:
-        raise ValueError(f"{path}: the run has no valid checkpoint")
-    return objective, str(vocab)
-
-
-def _shard_vocabs(cfg) -> list[str]:
-    return [str(Path(d) / "vocab.txt") for d in cfg.data.data]
-
-
-def load_model(path, task: str | None = None):
-    """A lub_fast model from an HF directory, a TF-1 checkpoint or a lub_fast run (its MLM model;
-    for ELECTRA runs the discriminator). ``task`` as ``lub_fast.from_pretrained``."""
-    if is_run_dir(path):
-        from lub_fast.pretrain import _tokenizer_files
-
-        objective, vocab = load_run(path)
-        model = objective.pair.discriminator if hasattr(objective, "pair") else objective.model
-        model.tokenizer_files.clear()
-        model.tokenizer_files.update(_tokenizer_files(vocab, model.config))
-        if task not in (None, model.task):
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                model.save_pretrained(tmp)
-                return from_pretrained(tmp, task=task)
-        return model
-    return from_pretrained(path, task=task)
+from lub_fast.models.hf import (
+    from_pretrained,
+    from_pretrained_electra_pair,
+    lub_to_hf,
+    tf1_family,
+)
+from lub_fast.runs import is_run_dir, run_models
 
 
 def _models(src):
-    """[(name, model)] to convert: one, or the ELECTRA generator and discriminator of a run."""
+    """[(name, model)] to convert: one, or the ELECTRA generator and discriminator of a run or of a
+    TF-1 checkpoint that holds both."""
     if is_run_dir(src):
-        from lub_fast.pretrain import _tokenizer_files
-
-        objective, vocab = load_run(src)
-        if hasattr(objective, "pair"):
-            models = [("generator", objective.pair.generator), ("discriminator", objective.pair.discriminator)]
-        else:
-            models = [("", objective.model)]
-        for _, model in models:
-            model.tokenizer_files.clear()  # an init model's tokenizer.json: the run's vocab.txt is what it trained on
-            model.tokenizer_files.update(_tokenizer_files(vocab, model.config))
-        return models
+        return run_models(src)
     if tf1_family(src) == ("electra", True):
         pair = from_pretrained_electra_pair(src)
         return [("generator", pair.generator), ("discriminator", pair.discriminator)]

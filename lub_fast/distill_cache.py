@@ -31,11 +31,14 @@ Sizes per masked position: ``k * (2 + 2) + 4`` bytes with float16 values and uin
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
+from lub_fast.config_cli import check_fields, option
 from lub_fast.data.shards import write_json_atomic
 from lub_fast.errors import UsageError
 
@@ -44,6 +47,18 @@ VERSION = 1
 HEADER_FILE = "cache.json"
 _BATCH_DTYPE = np.dtype([("rows", "<i8"), ("hidden_rows", "<i8"), ("fingerprint", "<u8")])
 _FILES = ("values", "indices", "lognorm", "hidden", "batches")
+
+
+@dataclass(frozen=True)
+class CacheSection:
+    """How step 1 writes the cache (``distill --cache.*``)."""
+
+    top_k: int = option(64, "teacher logits kept per masked position (the vocabulary size: all)", ge=1)
+    values_dtype: Literal["float16", "float32"] = option("float16", "dtype of the cached logits and hidden states")
+    flush_every: int = option(64, "micro-batches between durable progress marks (resume points)", ge=1)
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 class CacheError(UsageError, ValueError):

@@ -1,5 +1,9 @@
 """The one training loop: pretraining, distillation and fine-tuning all run through ``train``.
 
+(Over 500 lines because ``_Loop`` is one control flow over one state: its step, save, restore and
+logging read and write the same position, window and optimizer; the file system and resume
+checks it calls live in ``lub_fast.checkpoint``.)
+
 What it is given:
 
 - ``objective``: an ``nn.Module`` that owns its models; ``objective(batch) -> (loss, metrics)``
@@ -74,7 +78,6 @@ import os
 import signal
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,7 +161,6 @@ class DistEnv:
 
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
 
@@ -203,7 +205,7 @@ def init_distributed(device: Literal["auto", "cpu", "cuda"] = "auto") -> DistEnv
         target = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=target if use_cuda else None)
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=target)
+    return DistEnv(rank=rank, world_size=world_size, device=target)
 
 
 def shutdown_distributed() -> None:
@@ -212,8 +214,15 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-class _StopOnSigterm:
-    """SIGTERM -> ``self.requested = True`` (the loop stops at the next boundary)."""
+def barrier() -> None:
+    """Wait for every rank of the process group; nothing without one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class StopOnSigterm:
+    """While entered (in the main thread), SIGTERM sets ``requested``: a loop stops at its next
+    boundary, after saving, instead of dying."""
 
     def __init__(self):
         self.requested = False
@@ -290,7 +299,7 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_tmp(run_dir)
     loop = _Loop(objective, config, env, run_dir, eval_fn, param_groups)
-    resume_from = _resume_path(run_dir, resume, env)
+    resume_from = ckpt.resume_path(run_dir, resume, env.rank, env.world_size)
     if resume_from is not None:
         loop.restore(resume_from)
     else:
@@ -363,7 +372,7 @@ class _Loop:
                 f"checkpoint {path}: {path / 'state.pt'} lacks {', '.join(missing)}: it is not a state that "
                 "lub_fast.train saved; resume from another checkpoint"
             )
-        _check_compatible(saved, config, env, path)
+        ckpt.check_resumable(saved, to_dict(config), env.world_size, path)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
@@ -394,7 +403,7 @@ class _Loop:
             total=cfg.total_steps, initial=pos.step, unit="step", disable=env.rank != 0, dynamic_ncols=True
         )
         self.rate_time = time.perf_counter()
-        with _StopOnSigterm() as stop, bar:
+        with StopOnSigterm() as stop, bar:
             while pos.step < cfg.total_steps:
                 try:
                     batch = next(iterator)
@@ -593,57 +602,6 @@ class _Loop:
             dist.barrier()
         self.saved_at = (pos.step, pos.window_pos)
         self.last_checkpoint = path
-
-
-def _resume_path(run_dir: Path, resume, env: DistEnv) -> Path | None:
-    """Rank 0 picks the checkpoint to resume from (verifying it) and tells the other ranks."""
-    chosen, error = None, None
-    if env.rank == 0:
-        try:
-            if resume is None:
-                existing = ckpt.list_checkpoints(run_dir)
-                if existing:
-                    raise ckpt.CheckpointError(
-                        f"{run_dir} already holds checkpoints ({existing[-1].name}): resume with "
-                        f"resume='latest' (--resume) or choose another output directory"
-                    )
-            elif str(resume) == "latest":
-                chosen = ckpt.latest_valid_checkpoint(run_dir)
-            else:
-                chosen = Path(resume)
-                ckpt.verify_checkpoint(chosen)
-        except ckpt.CheckpointError as caught:
-            error = caught
-    if env.world_size > 1:
-        message = [str(chosen) if chosen else None, str(error) if error else None]
-        dist.broadcast_object_list(message, src=0)
-        chosen = Path(message[0]) if message[0] else None
-        if message[1] and error is None:
-            error = ckpt.CheckpointError(message[1])
-    if error is not None:
-        raise error
-    return chosen
-
-
-def _check_compatible(saved: dict, config: TrainConfig, env: DistEnv, path: Path) -> None:
-    old, new = saved["config"], to_dict(config)
-    changed = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
-    if saved["window_pos"]:
-        if old.get("grad_accum_steps") != config.grad_accum_steps or saved["world_size"] != env.world_size:
-            raise ckpt.CheckpointError(
-                f"checkpoint {path} was taken mid-window ({saved['window_pos']} of "
-                f"{old.get('grad_accum_steps')} micro-batches, {saved['world_size']} process(es)): it resumes "
-                f"only with the same grad_accum_steps and world size (now {config.grad_accum_steps}, "
-                f"{env.world_size})"
-            )
-    if changed:
-        warnings.warn(f"resuming {path} with a changed training config: {'; '.join(changed)}", stacklevel=3)
-    if saved["world_size"] != env.world_size:
-        warnings.warn(
-            f"resuming {path} (saved by {saved['world_size']} processes) with {env.world_size}: the data "
-            "order and the global batch change, the run is no longer an exact continuation",
-            stacklevel=3,
-        )
 
 
 def _seed_all(seed: int) -> None:

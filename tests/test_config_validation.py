@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lub_fast import distill, finetune, prepare, pretrain
+from lub_fast import distill, finetune, prepare, pretrain, recipes
 from lub_fast.config_cli import ConfigError, describe, range_text, to_dict
 from lub_fast.data.collator import MaskingConfig
 from lub_fast.errors import UsageError
@@ -27,7 +27,7 @@ _BOUNDS = ("ge", "gt", "le", "lt")
 def _configs():
     """One valid instance of every config dataclass of every command, nested sections included."""
     roots = [
-        pretrain.PretrainConfig(),
+        recipes.PretrainConfig(),
         distill.DistillConfig(),
         finetune.FinetuneConfig(),
         prepare.PrepareConfig(),
@@ -110,7 +110,7 @@ def test_config_validation_every_declared_range_is_enforced(cls, f, annotation):
 
 def test_config_validation_error_contract_and_help():
     assert issubclass(ConfigError, UsageError) and issubclass(ConfigError, ValueError)
-    lines = describe(pretrain.PretrainConfig())
+    lines = describe(recipes.PretrainConfig())
     for shown in ("--data.batch_size=INT (default: 32) >= 1  ", "--masking.rate=FLOAT (default: 0.15) in (0, 1]  ",
                   "--train.betas=FLOAT,FLOAT (default: 0.9,0.999) in [0, 1)  "):
         assert any(line.startswith(shown) for line in lines), (shown, [x for x in lines if x.startswith(shown[:12])])
@@ -130,7 +130,7 @@ def files(tmp_path_factory):
     (d / "vocab.json").write_text(json.dumps(tokenizer["model"]["vocab"]), encoding="utf-8")
     (d / "words.txt").write_text("今\n天\n气\n", encoding="utf-8")
     (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"今天气很好"]) + "\n", encoding="utf-8")
-    bad = to_dict(pretrain.PretrainConfig())
+    bad = to_dict(recipes.PretrainConfig())
     bad["data"]["batch_size"] = 0
     (d / "config.json").write_text(json.dumps(bad), encoding="utf-8")
     return d
@@ -151,8 +151,8 @@ PRETRAIN = [
      ["--electra.generator_divisor: 0 ", "(must be >= 1)"]),
     ("generator_divisor too big", ["--recipe", "electra", "--model.size=tiny", "--electra.generator_divisor=256"],
      ["--electra.generator_divisor: 256 ", "<= hidden_size = 128"]),
-    ("steps 0", ["--steps", "0"], ["--train.total_steps: 0 ", "(must be >= 1)"]),
-    ("steps -5", ["--steps", "-5"], ["--train.total_steps: -5 ", "(must be >= 1)"]),
+    ("steps 0", ["--train.total_steps", "0"], ["--train.total_steps: 0 ", "(must be >= 1)"]),
+    ("steps -5", ["--train.total_steps", "-5"], ["--train.total_steps: -5 ", "(must be >= 1)"]),
     ("rate 0", ["--masking.rate", "0"], ["--masking.rate: 0.0 ", "(must be in (0, 1])"]),
     ("rate 1.5", ["--masking.rate=1.5"], ["--masking.rate: 1.5 ", "(must be in (0, 1])"]),
     ("max_predictions 0", ["--masking.max_predictions", "0"], ["--masking.max_predictions: 0 ", "(must be >= 1)"]),
@@ -160,7 +160,7 @@ PRETRAIN = [
      ["--masking.max_predictions: 80 ", "<= data.max_seq_len = 64"]),
     ("short_seq_prob 2", ["--data.short_seq_prob", "2"], ["--data.short_seq_prob: 2.0 ", "(must be in [0, 1])"]),
     ("betas", ["--train.betas=1.5,0.9"], ["--train.betas: 1.5 ", "(must be in [0, 1))"]),
-    ("warmup above steps", ["--steps", "10", "--train.warmup_steps", "20"], ["--train.warmup_steps: 20 ", "<= total_steps = 10"]),
+    ("warmup above steps", ["--train.total_steps", "10", "--train.warmup_steps", "20"], ["--train.warmup_steps: 20 ", "<= total_steps = 10"]),
     ("num_workers -1", ["--data.num_workers", "-1"], ["--data.num_workers: -1 ", "(must be >= 0)"]),
     ("lr nan", ["--train.lr=nan"], ["--train.lr: nan ", "(must be finite and >= 0)"]),
     ("heads", ["--model.size=tiny", "--model.num_attention_heads=3"],
@@ -173,8 +173,8 @@ PRETRAIN = [
 ]
 DISTILL = [
     ("batch_size 0", ["--data.batch_size=0"], ["--data.batch_size: 0 ", "(must be >= 1)"]),
-    ("steps 0", ["--steps", "0"], ["--train.total_steps: 0 ", "(must be >= 1)"]),
-    ("warmup above steps", ["--steps", "50"], ["--train.warmup_steps: 100 ", "<= total_steps = 50"]),
+    ("steps 0", ["--train.total_steps", "0"], ["--train.total_steps: 0 ", "(must be >= 1)"]),
+    ("warmup above steps", ["--train.total_steps", "50"], ["--train.warmup_steps: 100 ", "<= total_steps = 50"]),
     ("top_k 0", ["--cache.top_k=0"], ["--cache.top_k: 0 ", "(must be >= 1)"]),
     ("temperature 0", ["--loss.temperature=0"], ["--loss.temperature: 0.0 ", "(must be > 0)"]),
     ("no loss", ["--loss.alpha_ce=0", "--loss.alpha_mlm=0", "--loss.alpha_cos=0"], ["--loss.alpha_ce: 0.0 ", "the loss would be 0"]),

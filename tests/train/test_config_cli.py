@@ -137,3 +137,31 @@ def test_config_cli_describe_lists_every_field():
     assert any(line.startswith("--model.dropout=FLOAT (default: 0.1)  dropout probability") for line in lines), lines
     assert any(line.startswith("--train.precision={auto,fp32,bf16,fp16}") for line in lines), lines
     assert any(line.startswith("--model.embedding_size=INT|none") for line in lines), lines
+
+
+@dataclasses.dataclass(frozen=True)
+class _Data:
+    data: tuple[str, ...] = ()
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class _Command:
+    init_from: str | None = None
+    output: str = "out"
+    data: _Data = _Data()
+
+
+def test_config_cli_top_level_fields_and_aliases_are_the_fields_they_name():
+    short, rest = resolve_config(_Command(), ["--data", "a,b", "--init-from=x", "--output", "y", "--resume"])
+    assert short == _Command(init_from="x", output="y", data=_Data(data=("a", "b"))), short
+    assert rest == ["--resume"], rest
+    long, rest = resolve_config(_Command(), ["--data.data=a,b", "--init_from", "x", "--output=y"])
+    assert long == short and rest == [], (long, rest)
+    # an alias of a field the config does not have is left to the command (RunConfig has no data.data)
+    _, rest = resolve_config(RunConfig(), ["--data", "a", "--name", "n"])
+    assert rest == ["--data", "a"], rest
+    with pytest.raises(ConfigError, match="--data needs a value"):
+        resolve_config(_Command(), ["--data", "--output", "y"])
+    assert any(line.startswith("--init-from=STR|none") for line in describe(_Command())), describe(_Command())
+    assert any(line.endswith("(short: --data)") for line in describe(_Command())), describe(_Command())
