@@ -24,7 +24,14 @@ from pathlib import Path
 
 from lub_fast.errors import EXIT_CODES_HELP, UsageError, run_command
 from lub_fast.lock import output_lock
-from lub_fast.models.hf import from_pretrained, from_pretrained_electra_pair, lub_to_hf, tf1_family
+from lub_fast.models.hf import lub_to_hf
+from lub_fast.models.load import (
+    from_pretrained,
+    from_pretrained_electra_pair,
+    read_labels,
+    read_tokenizer_files,
+    tf1_family,
+)
 
 
 def is_run_dir(path) -> bool:
@@ -73,12 +80,8 @@ def load_model(path, task: str | None = None):
     """A lub_fast model from an HF directory, a TF-1 checkpoint or a lub_fast run (its MLM model;
     for ELECTRA runs the discriminator). ``task`` as ``lub_fast.from_pretrained``."""
     if is_run_dir(path):
-        from lub_fast.pretrain import _tokenizer_files
-
-        objective, vocab = load_run(path)
+        objective, _ = load_run(path)
         model = objective.pair.discriminator if hasattr(objective, "pair") else objective.model
-        model.tokenizer_files.clear()
-        model.tokenizer_files.update(_tokenizer_files(vocab, model.config))
         if task not in (None, model.task):
             import tempfile
 
@@ -90,23 +93,20 @@ def load_model(path, task: str | None = None):
 
 
 def _models(src):
-    """[(name, model)] to convert: one, or the ELECTRA generator and discriminator of a run."""
+    """([(name, model)] to convert: one, or the ELECTRA generator and discriminator of a run, the
+    tokenizer files and the class names that go with them)."""
     if is_run_dir(src):
-        from lub_fast.pretrain import _tokenizer_files
-
         objective, vocab = load_run(src)
         if hasattr(objective, "pair"):
             models = [("generator", objective.pair.generator), ("discriminator", objective.pair.discriminator)]
         else:
             models = [("", objective.model)]
-        for _, model in models:
-            model.tokenizer_files.clear()  # an init model's tokenizer.json: the run's vocab.txt is what it trained on
-            model.tokenizer_files.update(_tokenizer_files(vocab, model.config))
-        return models
+        # not an init model's tokenizer.json: the run's vocab.txt is what it trained on
+        return models, {"vocab.txt": Path(vocab).read_bytes()}, None
     if tf1_family(src) == ("electra", True):
         pair = from_pretrained_electra_pair(src)
-        return [("generator", pair.generator), ("discriminator", pair.discriminator)]
-    return [("", from_pretrained(src))]
+        return [("generator", pair.generator), ("discriminator", pair.discriminator)], read_tokenizer_files(src), None
+    return [("", from_pretrained(src))], read_tokenizer_files(src), read_labels(src)
 
 
 def convert(src, dst, to: str = "hf") -> list[Path]:
@@ -114,11 +114,11 @@ def convert(src, dst, to: str = "hf") -> list[Path]:
     from lub_fast.tf1 import save_tf1_checkpoint
 
     dst = Path(dst)
-    models = _models(src)
+    models, tokenizer, labels = _models(src)
     if to == "hf":
         written = []
         for name, model in models:
-            model.save_pretrained(dst / name if name else dst)
+            model.save_pretrained(dst / name if name else dst, tokenizer=tokenizer, labels=labels)
             written.append(dst / name if name else dst)
         return written
     if to != "tf1":
@@ -134,10 +134,10 @@ def convert(src, dst, to: str = "hf") -> list[Path]:
         raise ValueError("HF RoBERTa (model_type roberta) has no TF-1 layout; Chinese RoBERTa-wwm models are BERT")
     generator = hf_parts(by_name["generator"]) if "generator" in by_name else None
     vocab = None
-    if "vocab.txt" in main.tokenizer_files:  # from_pretrained makes one of a tokenizer.json's WordPiece
+    if "vocab.txt" in tokenizer:  # read_tokenizer_files makes one of a tokenizer.json's WordPiece
         dst.mkdir(parents=True, exist_ok=True)
         vocab = dst / "vocab.txt"
-        vocab.write_bytes(main.tokenizer_files["vocab.txt"])
+        vocab.write_bytes(tokenizer["vocab.txt"])
     else:
         warnings.warn(f"lub_fast.convert: {src} has no vocab.txt or tokenizer.json; {dst} is written without a vocab.txt", stacklevel=2)
     config, state = hf_parts(main)

@@ -234,10 +234,12 @@ def weights_sha256(model) -> str:
     return h.hexdigest()
 
 
-def vocab_sha256(model) -> str | None:
-    """sha256 of the model's vocab.txt (``from_pretrained`` makes one of a tokenizer.json's WordPiece
-    vocabulary); None for a model without tokenizer files."""
-    data = model.tokenizer_files.get("vocab.txt")
+def vocab_sha256(path: str, role: str) -> str | None:
+    """sha256 of the vocab.txt of the model at ``path`` (see ``model_dir``; ``read_tokenizer_files``
+    makes one of a tokenizer.json's WordPiece vocabulary); None for a model without tokenizer files."""
+    from lub_fast.models import read_tokenizer_files
+
+    data = read_tokenizer_files(model_dir(path, role)).get("vocab.txt")
     return hashlib.sha256(data).hexdigest() if data is not None else None
 
 
@@ -296,13 +298,13 @@ def build_student(cfg: DistillConfig, teacher_config, teacher):
     return student, f"initialised from teacher layers {chosen}, embeddings and MLM head"
 
 
-def check_vocabularies(teacher_vocab: dict, student, data_vocab_size: int, data_vocab_sha: str) -> None:
-    """Teacher, student (``None`` in step 1) and data must index one vocabulary. ``teacher_vocab``:
-    ``vocab_size`` and ``vocab_sha256`` (of its vocab.txt, or None)."""
-    student_sha = vocab_sha256(student) if student is not None else None
+def check_vocabularies(teacher_vocab: dict, student_vocab: dict | None, data_vocab_size: int, data_vocab_sha: str) -> None:
+    """Teacher, student (``None`` in step 1) and data must index one vocabulary. ``teacher_vocab``,
+    ``student_vocab``: ``vocab_size`` and ``vocab_sha256`` (of its vocab.txt, or None)."""
+    student_sha = student_vocab["vocab_sha256"] if student_vocab is not None else None
     checks = [("teacher", teacher_vocab["vocab_size"], teacher_vocab["vocab_sha256"])]
-    if student is not None:
-        checks.append(("student", student.config.vocab_size, student_sha))
+    if student_vocab is not None:
+        checks.append(("student", student_vocab["vocab_size"], student_sha))
     for who, size, sha in checks:
         if size != data_vocab_size or (sha is not None and sha != data_vocab_sha):
             detail = f"{size} entries" + (f", vocab.txt sha256 {sha[:12]}" if sha else "")
@@ -515,7 +517,7 @@ def run(cfg: DistillConfig, resume: str | None = None) -> dict:
     micro_batches = cfg.train.total_steps * cfg.train.grad_accum_steps
 
     if mode == "cache-teacher":
-        tvocab = {"vocab_size": teacher.config.vocab_size, "vocab_sha256": vocab_sha256(teacher)}
+        tvocab = {"vocab_size": teacher.config.vocab_size, "vocab_sha256": vocab_sha256(cfg.teacher, "teacher")}
         check_vocabularies(tvocab, None, dataset.vocab_size, data_sha)
         if not 1 <= cfg.cache.top_k <= teacher.config.vocab_size:
             raise DistillError(f"--cache.top_k {cfg.cache.top_k} must be in [1, vocab size {teacher.config.vocab_size}]")
@@ -551,9 +553,10 @@ def run(cfg: DistillConfig, resume: str | None = None) -> dict:
         tvocab = {"vocab_size": cached_teacher["vocab_size"], "vocab_sha256": cached_teacher["vocab_sha256"]}
     else:
         teacher_config = teacher.config
-        tvocab = {"vocab_size": teacher.config.vocab_size, "vocab_sha256": vocab_sha256(teacher)}
+        tvocab = {"vocab_size": teacher.config.vocab_size, "vocab_sha256": vocab_sha256(cfg.teacher, "teacher")}
     student, how = build_student(cfg, teacher_config, teacher)
-    check_vocabularies(tvocab, student, dataset.vocab_size, data_sha)
+    student_sha = vocab_sha256(cfg.student.model, "student") if cfg.student.model not in SIZES else None
+    check_vocabularies(tvocab, {"vocab_size": student.config.vocab_size, "vocab_sha256": student_sha}, dataset.vocab_size, data_sha)
     if cfg.data.max_seq_len > student.config.max_position_embeddings - student.config.position_offset:
         raise DistillError(f"--data.max_seq_len {cfg.data.max_seq_len} exceeds the student's positions")
     if cfg.loss.alpha_cos > 0 and student.config.hidden_size != teacher_config.hidden_size:

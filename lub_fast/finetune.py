@@ -73,7 +73,7 @@ from lub_fast.config_cli import (
 )
 from lub_fast.errors import EXIT_CODES_HELP, EXIT_PREEMPTED, EXIT_USAGE, Preempted, run_command
 from lub_fast.lock import output_lock
-from lub_fast.models.hf import from_pretrained
+from lub_fast.models.load import from_pretrained, read_tokenizer_files
 from lub_fast.objectives.finetune import objective_for
 from lub_fast.optim import param_groups
 from lub_fast.tasks import TASKS, TaskDataError, load_task
@@ -506,11 +506,11 @@ class _Run(nn.Module):
         return self.objective(batch)
 
 
-def _export(model: nn.Module, path: Path) -> None:
-    """``save_pretrained`` into a temporary directory, then swap it in."""
+def _export(model: nn.Module, path: Path, tokenizer: dict[str, bytes] | None = None, labels: tuple | None = None) -> None:
+    """``save_pretrained(tokenizer=, labels=)`` into a temporary directory, then swap it in."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, tokenizer=tokenizer, labels=labels)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         os.rename(path, old)
@@ -612,32 +612,32 @@ def _load(config: FinetuneConfig, path: str, labels, training: bool = False) -> 
     return data
 
 
-def build_model(config: FinetuneConfig, labels: tuple | None) -> nn.Module:
+def build_model(config: FinetuneConfig, labels: tuple | None) -> tuple[nn.Module, dict[str, bytes]]:
     """The task model on ``config.model``'s encoder (a new head seeded by ``train.seed`` where the
-    checkpoint has none), with the label names and loss type that its HF export records."""
+    checkpoint has none) with the loss type that its HF export records, and the tokenizer files
+    that its export carries."""
     kind = TASKS[config.task].kind
     kwargs = {} if kind == "span" else {"num_labels": 1 if kind == "regression" else len(labels)}
+    if kind in ("classification", "regression"):
+        kwargs["problem_type"] = "regression" if kind == "regression" else "single_label_classification"
     torch.manual_seed(config.train.seed)
     try:
         model = from_pretrained(config.model, task=_HEAD[kind], **kwargs)
+        tokenizer_files = read_tokenizer_files(config.model)
     except ValueError as error:
         raise ConfigError(f"--model {config.model}: {error}") from None
     room = model.config.max_position_embeddings - model.config.position_offset
     if config.finetune.max_seq_len > room:
         raise ConfigError(f"--finetune.max_seq_len={config.finetune.max_seq_len} exceeds the model's {room} positions")
-    if kind in ("classification", "regression"):
-        model.problem_type = "regression" if kind == "regression" else "single_label_classification"
-    if kind in ("classification", "ner"):
-        model.id2label = dict(enumerate(labels))
-    if not any(name in model.tokenizer_files for name in ("tokenizer_config.json", "tokenizer.json")):
+    if not any(name in tokenizer_files for name in ("tokenizer_config.json", "tokenizer.json")):
         settings = {
             "tokenizer_class": "BertTokenizer",
             "do_lower_case": True,
             "tokenize_chinese_chars": True,
             "model_max_length": model.config.max_position_embeddings,
         }
-        model.tokenizer_files["tokenizer_config.json"] = (json.dumps(settings, indent=2) + "\n").encode()
-    return model
+        tokenizer_files["tokenizer_config.json"] = (json.dumps(settings, indent=2) + "\n").encode()
+    return model, tokenizer_files
 
 
 def run(config: FinetuneConfig, resume: str | None = None) -> None:
@@ -667,7 +667,8 @@ def run(config: FinetuneConfig, resume: str | None = None) -> None:
     config = dataclasses.replace(
         config, train=dataclasses.replace(config.train, total_steps=total, warmup_steps=warmup, eval_every=eval_every)
     )
-    model = build_model(config, train_data.labels)
+    model, tokenizer_files = build_model(config, train_data.labels)
+    export_labels = train_data.labels if kind in ("classification", "ner") else None
     run_module = _Run(objective_for(model))
     best_dir = output / "best_model"
 
@@ -683,7 +684,7 @@ def run(config: FinetuneConfig, resume: str | None = None) -> None:
             module.best_step.fill_(step)
             module.since_best.zero_()
             if main:
-                _export(model, best_dir)
+                _export(model, best_dir, tokenizer_files, export_labels)
         else:
             module.since_best += 1
         stop = bool(options.patience and int(module.since_best) >= options.patience and step < total)

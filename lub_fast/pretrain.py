@@ -512,7 +512,7 @@ def build_objective(cfg: PretrainConfig, vocab_size: int, special_ids: dict):
     from lub_fast.objectives import ElectraObjective, MaskedLMObjective
 
     if cfg.init_from and cfg.recipe == "electra":
-        from lub_fast.models.hf import from_pretrained_electra_pair, tf1_family
+        from lub_fast.models.load import from_pretrained_electra_pair, tf1_family
 
         disc_dir, _, gen_dir = cfg.init_from.partition(",")
         tf1 = None if gen_dir else tf1_family(disc_dir)
@@ -598,35 +598,16 @@ def check_before_training(cfg: PretrainConfig, config, vocab_size: int) -> None:
 # -------------------------------------------------------------------------------------- export
 
 
-def _tokenizer_files(vocab_path: str, config) -> dict[str, bytes]:
-    """The tokenizer files of a model trained on ``vocab_path``'s ids: that vocab.txt and a
-    tokenizer_config.json for ``transformers``' BertTokenizer (lower case, the Chinese characters
-    split as bert-base-chinese does, ``model_max_length`` the positions of ``config``, an
-    ``EncoderConfig``), and nothing else: no tokenizer.json of an init model to disagree with it."""
-    from lub_fast.data.tokenizer import bert_tokenizer_config
-
-    settings = bert_tokenizer_config(config.max_position_embeddings - config.position_offset)
-    return {"vocab.txt": Path(vocab_path).read_bytes(), "tokenizer_config.json": json.dumps(settings, indent=2).encode()}
-
-
-def _set_tokenizer_files(model, vocab_path: str) -> None:
-    model.tokenizer_files.clear()
-    model.tokenizer_files.update(_tokenizer_files(vocab_path, model.config))
-
-
 def export_hf(objective, vocab_path: str, directory: Path) -> list[Path]:
-    """Write the trained model(s) as HF directories with the vocabulary they trained on; returns
-    their paths."""
+    """Write the trained model(s) as HF directories with the vocabulary they trained on (that
+    vocab.txt and BertTokenizer's tokenizer_config.json, nothing else: no tokenizer.json of an init
+    model to disagree with it); returns their paths."""
     from lub_fast.objectives import ElectraObjective
 
     if isinstance(objective, ElectraObjective):
-        pair = objective.pair
-        for model in (pair.generator, pair.discriminator):
-            _set_tokenizer_files(model, vocab_path)
-        pair.save_pretrained(directory)
+        objective.pair.save_pretrained(directory, tokenizer=vocab_path)
         return [directory / "discriminator", directory / "generator"]
-    _set_tokenizer_files(objective.model, vocab_path)
-    objective.model.save_pretrained(directory)
+    objective.model.save_pretrained(directory, tokenizer=vocab_path)
     return [directory]
 
 

@@ -112,6 +112,12 @@ def resolve_prefix(path: str) -> str:
     raise TF1CheckpointError(f"{path}: no TF checkpoint ({path}.index not found)")
 
 
+def vocab_file(path: str) -> str | None:
+    """The ``vocab.txt`` next to the checkpoint at ``path`` (as ``resolve_prefix`` takes it), or None."""
+    vocab = os.path.join(os.path.dirname(os.path.abspath(resolve_prefix(path))), "vocab.txt")
+    return vocab if os.path.exists(vocab) else None
+
+
 def _is_tf_config(path: str) -> bool:
     """A ``config.json`` next to a TF checkpoint is Google's format unless it has HF's model_type."""
     try:
@@ -402,9 +408,7 @@ def load_tf1_checkpoint(path: str, *, config_file: str | None = None, generator:
     hf_config["architectures"] = _architecture(family, state_dict, generator)
     if "classifier.weight" in state_dict:
         hf_config["num_labels"] = state_dict["classifier.weight"].shape[0]
-    vocab = os.path.join(directory, "vocab.txt")
-    info = TF1LoadInfo(prefix, family, layout, config_file,
-                       vocab if os.path.exists(vocab) else None, training_state,
+    info = TF1LoadInfo(prefix, family, layout, config_file, vocab_file(prefix), training_state,
                        tuple(other_network), tuple(unmapped), tuple(notes))
     return hf_config, state_dict, info
 

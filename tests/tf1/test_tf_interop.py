@@ -28,7 +28,7 @@ from transformers import (
 
 import lub_fast
 from lub_fast.convert import main as convert_main
-from lub_fast.models.hf import from_pretrained_electra_pair
+from lub_fast.models.load import from_pretrained_electra_pair
 from lub_fast.tf1.bundle import BFLOAT16, BundleReader, TF1CheckpointError, write_bundle
 from lub_fast.tf1.convert import load_tf1_checkpoint, save_tf1_checkpoint
 
