@@ -130,7 +130,7 @@ def read_tokenizer_files(path) -> dict[str, bytes]:
     ``lub_fast.data.tokenizer.vocab_from_files`` does."""
     path = Path(path)
     if _is_tf1(path):
-        from lub_fast.tf1.convert import vocab_file
+        from lub_fast.tf1.load import vocab_file
 
         found = vocab_file(str(path))
         files = {VOCAB_FILE: Path(found).read_bytes()} if found else {}
@@ -193,7 +193,7 @@ def from_pretrained_electra_pair(discriminator_path, generator_path=None) -> Ele
 def tf1_family(path) -> tuple[str, bool] | None:
     """For what ``from_pretrained`` reads as a TF-1 checkpoint: ``(family, holds an ELECTRA
     generator)`` from its index alone; None for anything else (an HF directory, a missing path)."""
-    from lub_fast.tf1.convert import checkpoint_family
+    from lub_fast.tf1.load import checkpoint_family
 
     return checkpoint_family(str(path)) if _is_tf1(Path(path)) else None
 
@@ -316,7 +316,7 @@ def _is_tf1(path: Path) -> bool:
 
 def _from_tf1(path: Path, task: str | None, num_labels: int | None, problem_type: str | None):
     from lub_fast.tf1 import TF1CheckpointError, load_tf1_checkpoint
-    from lub_fast.tf1.convert import resolve_prefix
+    from lub_fast.tf1.load import resolve_prefix
 
     try:
         resolve_prefix(str(path))
