@@ -33,19 +33,23 @@ def save_pretrained(model, directory, tokenizer: Mapping[str, bytes] | str | os.
     ``i``; ``config.json``'s ``id2label``/``label2id``); None gives HF's ``LABEL_i``.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     labelled = model.task in LABELLED_TASKS
     problem_type = model.problem_type if model.task == "sequence_classification" else None
     hf_config = config_to_hf(cfg, model.task, model.num_labels if labelled else None, labels, problem_type)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        if not Path(tokenizer).is_file():
+            raise ValueError(f"save_pretrained: tokenizer={tokenizer} is not a vocab.txt file; pass its path, or the "
+                             "files of a model directory as read_tokenizer_files(directory) reads them")
+        tokenizer = {VOCAB_FILE: Path(tokenizer).read_bytes()}
+    tokenizer_files = _tokenizer_files(dict(tokenizer or {}), cfg, directory)  # checked before anything is written
     tensors = lub_to_hf(model.state_dict(), cfg, model.task)
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
     os.chmod(directory / "model.safetensors", _new_file_mode(directory))  # safetensors leaves its 0600 temporary's mode
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = {VOCAB_FILE: Path(tokenizer).read_bytes()}
-    for name, data in _tokenizer_files(dict(tokenizer or {}), cfg, directory).items():
+    for name, data in tokenizer_files.items():
         (directory / name).write_bytes(data)
 
 

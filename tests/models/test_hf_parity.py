@@ -468,7 +468,7 @@ def test_hf_models_hold_no_io_state(tmp_path):
     assert read_tokenizer_files(tmp_path / "again") == {}
 
 
-def test_hf_save_labels_must_fit_the_head(tmp_path):
+def test_hf_save_refuses_wrong_labels_or_tokenizer_before_writing(tmp_path):
     hf_model("bert", "sequence_classification").save_pretrained(tmp_path / "hf")
     ours = lub_fast.from_pretrained(tmp_path / "hf")
     with pytest.raises(ValueError, match=r"2 label names for a sequence_classification model of 3 classes"):
@@ -477,3 +477,6 @@ def test_hf_save_labels_must_fit_the_head(tmp_path):
     with pytest.raises(ValueError, match=r"labels are for"):
         lub_fast.from_pretrained(tmp_path / "mlm").save_pretrained(tmp_path / "out", labels=("a",))
     assert read_labels(tmp_path / "mlm") is None
+    with pytest.raises(ValueError, match=r"tokenizer=.* is not a vocab.txt file"):
+        ours.save_pretrained(tmp_path / "out", tokenizer=tmp_path / "hf")
+    assert not (tmp_path / "out").exists(), "a refused save wrote files"
