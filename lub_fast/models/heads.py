@@ -236,7 +236,9 @@ class PreTraining(_Model):
             input_ids, attention_mask, token_type_ids, position_ids, labels, masked_positions, sparse_last_layer
         )
         sop = self.config.pretraining_head == "sop"
-        pooled = F.dropout(out.pooler_output, self.config.classifier_dropout, self.training) if sop else out.pooler_output
+        pooled = out.pooler_output
+        if sop:  # ALBERT's SOP head drops out the pooler output first
+            pooled = F.dropout(pooled, self.config.classifier_dropout, self.training)
         pair_logits = self.pair(pooled)
         pair_loss = None if pair_labels is None else F.cross_entropy(pair_logits.float(), pair_labels.view(-1))
         parts = [x for x in (mlm_loss, pair_loss) if x is not None]
