@@ -64,8 +64,7 @@ def setup(tmp_path_factory):
     vocab_size = len(Path(vocab).read_text(encoding="utf-8").splitlines())
     torch.manual_seed(0)
     teacher = MaskedLM(EncoderConfig.preset("bert", "small", vocab_size=vocab_size, max_position_embeddings=SEQ))
-    teacher.tokenizer_files["vocab.txt"] = Path(vocab).read_bytes()
-    teacher.save_pretrained(root / "teacher")
+    teacher.save_pretrained(root / "teacher", tokenizer=vocab)
     cfg = distill.DistillConfig(
         teacher=str(root / "teacher"),
         cache_teacher=str(root / "cache"),

@@ -16,7 +16,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def from_pretrained(path, **kwargs):
-    """Load an HF directory (bert, roberta, albert, electra) into the lub_fast model of that family."""
-    from lub_fast.models.hf import from_pretrained as _from_pretrained
+    """Load an HF directory (bert, roberta, albert, electra) or a TF-1 checkpoint into the lub_fast
+    model of that family (``lub_fast.models.load.from_pretrained``); ``model.save_pretrained(dir)``
+    writes it back as an HF directory."""
+    from lub_fast.models.load import from_pretrained as _from_pretrained
 
     return _from_pretrained(path, **kwargs)

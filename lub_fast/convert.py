@@ -24,24 +24,28 @@ from pathlib import Path
 
 from lub_fast.errors import EXIT_CODES_HELP, UsageError, run_command
 from lub_fast.lock import output_lock
-from lub_fast.models.hf import (
+from lub_fast.models.hf import lub_to_hf
+from lub_fast.models.load import (
     from_pretrained,
     from_pretrained_electra_pair,
-    lub_to_hf,
+    read_labels,
+    read_tokenizer_files,
     tf1_family,
 )
 from lub_fast.runs import is_run_dir, run_models
 
 
 def _models(src):
-    """[(name, model)] to convert: one, or the ELECTRA generator and discriminator of a run or of a
-    TF-1 checkpoint that holds both."""
+    """``([(name, model)], tokenizer files, label names)`` to convert: one model, or the ELECTRA
+    generator and discriminator of a run or of a TF-1 checkpoint that holds both; the tokenizer
+    files that lay beside them (a run's: the vocab.txt it trained on) and an HF classifier's labels."""
     if is_run_dir(src):
-        return run_models(src)
+        models, vocab = run_models(src)
+        return models, {"vocab.txt": Path(vocab).read_bytes()}, None
     if tf1_family(src) == ("electra", True):
         pair = from_pretrained_electra_pair(src)
-        return [("generator", pair.generator), ("discriminator", pair.discriminator)]
-    return [("", from_pretrained(src))]
+        return [("generator", pair.generator), ("discriminator", pair.discriminator)], read_tokenizer_files(src), None
+    return [("", from_pretrained(src))], read_tokenizer_files(src), read_labels(src)
 
 
 def convert(src, dst, to: str = "hf") -> list[Path]:
@@ -49,11 +53,11 @@ def convert(src, dst, to: str = "hf") -> list[Path]:
     from lub_fast.tf1 import save_tf1_checkpoint
 
     dst = Path(dst)
-    models = _models(src)
+    models, tokenizer, labels = _models(src)
     if to == "hf":
         written = []
         for name, model in models:
-            model.save_pretrained(dst / name if name else dst)
+            model.save_pretrained(dst / name if name else dst, tokenizer=tokenizer, labels=labels)
             written.append(dst / name if name else dst)
         return written
     if to != "tf1":
@@ -69,10 +73,10 @@ def convert(src, dst, to: str = "hf") -> list[Path]:
         raise ValueError("HF RoBERTa (model_type roberta) has no TF-1 layout; Chinese RoBERTa-wwm models are BERT")
     generator = hf_parts(by_name["generator"]) if "generator" in by_name else None
     vocab = None
-    if "vocab.txt" in main.tokenizer_files:  # from_pretrained makes one of a tokenizer.json's WordPiece
+    if "vocab.txt" in tokenizer:  # read_tokenizer_files makes one of a tokenizer.json's WordPiece
         dst.mkdir(parents=True, exist_ok=True)
         vocab = dst / "vocab.txt"
-        vocab.write_bytes(main.tokenizer_files["vocab.txt"])
+        vocab.write_bytes(tokenizer["vocab.txt"])
     else:
         warnings.warn(f"lub_fast.convert: {src} has no vocab.txt or tokenizer.json; {dst} is written without a vocab.txt", stacklevel=2)
     config, state = hf_parts(main)

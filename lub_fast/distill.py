@@ -145,7 +145,7 @@ def run(cfg: DistillConfig, resume: str | None = None) -> dict:
     micro_batches = cfg.train.total_steps * cfg.train.grad_accum_steps
 
     if mode == "cache-teacher":
-        dl.check_vocabularies(dl.teacher_vocab(teacher), None, dataset.vocab_size, data_sha)
+        dl.check_vocabularies(dl.model_vocab_info(teacher, cfg.teacher, "teacher"), None, dataset.vocab_size, data_sha)
         header = dl.cache_header(cfg, teacher, identity, micro_batches)
         if main:
             per_row = cfg.cache.top_k * (int(header["values_dtype"][-1]) + int(header["indices_dtype"][-1])) + 4
@@ -167,9 +167,10 @@ def run(cfg: DistillConfig, resume: str | None = None) -> dict:
         teacher_config = EncoderConfig.from_hf(cached_teacher["config"])
         tvocab = {"vocab_size": cached_teacher["vocab_size"], "vocab_sha256": cached_teacher["vocab_sha256"]}
     else:
-        teacher_config, tvocab = teacher.config, dl.teacher_vocab(teacher)
+        teacher_config, tvocab = teacher.config, dl.model_vocab_info(teacher, cfg.teacher, "teacher")
     student, how = dl.build_student(cfg, teacher_config, teacher)
-    dl.check_vocabularies(tvocab, student, dataset.vocab_size, data_sha)
+    student_path = cfg.student.model if cfg.student.model not in dl.SIZES else None
+    dl.check_vocabularies(tvocab, dl.model_vocab_info(student, student_path, "student"), dataset.vocab_size, data_sha)
     if cfg.data.max_seq_len > student.config.max_position_embeddings - student.config.position_offset:
         raise dl.DistillError(f"--data.max_seq_len {cfg.data.max_seq_len} exceeds the student's positions")
     if cfg.loss.alpha_cos > 0 and student.config.hidden_size != teacher_config.hidden_size:

@@ -94,10 +94,12 @@ def weights_sha256(model) -> str:
     return h.hexdigest()
 
 
-def vocab_sha256(model) -> str | None:
-    """sha256 of the model's vocab.txt (``from_pretrained`` makes one of a tokenizer.json's WordPiece
-    vocabulary); None for a model without tokenizer files."""
-    data = model.tokenizer_files.get("vocab.txt")
+def vocab_sha256(path: str, role: str) -> str | None:
+    """sha256 of the vocab.txt of the model at ``path`` (see ``model_dir``; ``read_tokenizer_files``
+    makes one of a tokenizer.json's WordPiece vocabulary); None for a model without tokenizer files."""
+    from lub_fast.models import read_tokenizer_files
+
+    data = read_tokenizer_files(model_dir(path, role)).get("vocab.txt")
     return hashlib.sha256(data).hexdigest() if data is not None else None
 
 
@@ -152,13 +154,14 @@ def build_student(cfg, teacher_config, teacher):
     return student, f"initialised from teacher layers {chosen}, embeddings and MLM head"
 
 
-def check_vocabularies(teacher_vocab: dict, student, data_vocab_size: int, data_vocab_sha: str) -> None:
-    """Teacher, student (``None`` in step 1) and data must index one vocabulary. ``teacher_vocab``:
-    ``vocab_size`` and ``vocab_sha256`` (of its vocab.txt, or None)."""
-    student_sha = vocab_sha256(student) if student is not None else None
+def check_vocabularies(teacher_vocab: dict, student_vocab: dict | None, data_vocab_size: int, data_vocab_sha: str) -> None:
+    """Teacher, student (``None`` in step 1) and data must index one vocabulary. ``teacher_vocab``,
+    ``student_vocab``: ``vocab_size`` and ``vocab_sha256`` (of its vocab.txt, or None), as
+    ``model_vocab_info`` gives them."""
+    student_sha = student_vocab["vocab_sha256"] if student_vocab is not None else None
     checks = [("teacher", teacher_vocab["vocab_size"], teacher_vocab["vocab_sha256"])]
-    if student is not None:
-        checks.append(("student", student.config.vocab_size, student_sha))
+    if student_vocab is not None:
+        checks.append(("student", student_vocab["vocab_size"], student_sha))
     for who, size, sha in checks:
         if size != data_vocab_size or (sha is not None and sha != data_vocab_sha):
             detail = f"{size} entries" + (f", vocab.txt sha256 {sha[:12]}" if sha else "")
@@ -312,11 +315,12 @@ def cache_header(cfg, teacher, identity: dict, micro_batches: int) -> dict:
         "hidden": hidden_mode(cfg),
         "hidden_size": teacher.config.hidden_size,
         "teacher": {"weights_sha256": weights_sha256(teacher), "config": teacher.config.to_hf(),
-                    **teacher_vocab(teacher)},
+                    **model_vocab_info(teacher, cfg.teacher, "teacher")},
         "source": {"teacher": str(model_dir(cfg.teacher, "teacher")), "data": list(cfg.data.data)},
     }
 
 
-def teacher_vocab(teacher) -> dict:
-    """``vocab_size`` and ``vocab_sha256`` of a teacher model, as ``check_vocabularies`` takes them."""
-    return {"vocab_size": teacher.config.vocab_size, "vocab_sha256": vocab_sha256(teacher)}
+def model_vocab_info(model, path: str | None, role: str) -> dict:
+    """``vocab_size`` of ``model`` and ``vocab_sha256`` of the vocab.txt beside it at ``path`` (None:
+    a student built from a size preset has no vocabulary file), as ``check_vocabularies`` takes them."""
+    return {"vocab_size": model.config.vocab_size, "vocab_sha256": vocab_sha256(path, role) if path else None}

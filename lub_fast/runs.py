@@ -12,7 +12,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from lub_fast.models.hf import from_pretrained, from_pretrained_electra_pair, tf1_family
+from lub_fast.models.load import from_pretrained, from_pretrained_electra_pair, tf1_family
 from lub_fast.recipes import PretrainConfig, PretrainError, build_objective
 
 
@@ -55,17 +55,13 @@ def load_run(path):
     return objective, str(vocab)
 
 
-def run_models(path) -> list[tuple[str, object]]:
-    """``[(name, model)]`` of a run, each carrying the run's vocabulary: ``[("", model)]``, or the
-    ELECTRA ``generator`` and ``discriminator``."""
+def run_models(path) -> tuple[list[tuple[str, object]], str]:
+    """``([(name, model)], vocab.txt path)`` of a run: ``[("", model)]``, or the ELECTRA
+    ``generator`` and ``discriminator``, and the vocabulary they trained on."""
     objective, vocab = load_run(path)
     if hasattr(objective, "pair"):
-        models = [("generator", objective.pair.generator), ("discriminator", objective.pair.discriminator)]
-    else:
-        models = [("", objective.model)]
-    for _, model in models:
-        attach_vocab(model, vocab)
-    return models
+        return [("generator", objective.pair.generator), ("discriminator", objective.pair.discriminator)], vocab
+    return [("", objective.model)], vocab
 
 
 def load_model(path, task: str | None = None):
@@ -73,7 +69,7 @@ def load_model(path, task: str | None = None):
     for ELECTRA runs the discriminator). ``task`` as ``lub_fast.from_pretrained``."""
     if not is_run_dir(path):
         return from_pretrained(path, task=task)
-    models = dict(run_models(path))
+    models = dict(run_models(path)[0])
     model = models.get("discriminator") or models[""]
     if task not in (None, model.task):
         with tempfile.TemporaryDirectory() as tmp:
@@ -119,24 +115,6 @@ def _load_init_model(cfg: PretrainConfig):
     return model
 
 
-def tokenizer_files(vocab_path: str, config) -> dict[str, bytes]:
-    """The tokenizer files of a model trained on ``vocab_path``'s ids: that vocab.txt and a
-    tokenizer_config.json for ``transformers``' BertTokenizer (lower case, the Chinese characters
-    split as bert-base-chinese does, ``model_max_length`` the positions of ``config``, an
-    ``EncoderConfig``), and nothing else: no tokenizer.json of an init model to disagree with it."""
-    from lub_fast.data.tokenizer import bert_tokenizer_config
-
-    settings = bert_tokenizer_config(config.max_position_embeddings - config.position_offset)
-    return {"vocab.txt": Path(vocab_path).read_bytes(), "tokenizer_config.json": json.dumps(settings, indent=2).encode()}
-
-
-def attach_vocab(model, vocab_path: str) -> None:
-    """Make ``vocab_path`` the vocabulary that ``model.save_pretrained`` writes (replacing an init
-    model's tokenizer files): the one place a run's vocabulary is handed to the HF writer."""
-    model.tokenizer_files.clear()
-    model.tokenizer_files.update(tokenizer_files(vocab_path, model.config))
-
-
 def export_hf(objective, vocab_path: str, directory: Path) -> list[Path]:
     """Write the trained model(s) of ``objective`` as HF directories with the vocabulary they
     trained on; returns their paths (ELECTRA: ``discriminator`` and ``generator`` below
@@ -144,11 +122,7 @@ def export_hf(objective, vocab_path: str, directory: Path) -> list[Path]:
     from lub_fast.objectives import ElectraObjective
 
     if isinstance(objective, ElectraObjective):
-        pair = objective.pair
-        for model in (pair.generator, pair.discriminator):
-            attach_vocab(model, vocab_path)
-        pair.save_pretrained(directory)
+        objective.pair.save_pretrained(directory, tokenizer=vocab_path)
         return [directory / "discriminator", directory / "generator"]
-    attach_vocab(objective.model, vocab_path)
-    objective.model.save_pretrained(directory)
+    objective.model.save_pretrained(directory, tokenizer=vocab_path)
     return [directory]

@@ -11,7 +11,7 @@ from transformers import AlbertConfig, AlbertForPreTraining, BertConfig, BertFor
 
 import lub_fast
 from lub_fast.convert import main as convert_main
-from lub_fast.models.hf import from_pretrained_electra_pair
+from lub_fast.models.load import from_pretrained_electra_pair, read_tokenizer_files
 from lub_fast.tf1 import load_tf1_checkpoint, save_tf1_checkpoint
 
 V = 99
@@ -71,7 +71,7 @@ def _real_rows(tensor, mask):
 def test_convert_tf1_checkpoint_loads_with_hf_outputs(tmp_path, family):
     hf, directory, key = _tf1_checkpoint(tmp_path, family)
     ours = lub_fast.from_pretrained(directory).eval()
-    assert ours.config.family == family and "vocab.txt" in ours.tokenizer_files
+    assert ours.config.family == family and "vocab.txt" in read_tokenizer_files(directory)
     ids, mask, types = _batch()
     with torch.no_grad():
         expected = getattr(hf(input_ids=ids, attention_mask=mask, token_type_ids=types), key)

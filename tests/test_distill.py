@@ -78,8 +78,7 @@ def _vocab_size(shard_dir):
 
 
 def _save_model(model, directory, vocab_file):
-    model.tokenizer_files["vocab.txt"] = Path(vocab_file).read_bytes()
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, tokenizer={"vocab.txt": Path(vocab_file).read_bytes()})
     return str(directory)
 
 

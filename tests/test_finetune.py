@@ -67,8 +67,7 @@ def tiny_model(directory, data_files, family="bert", layers=2, dropout=0.1, head
         EncoderModel(config).save_pretrained(directory)
     else:
         model = SequenceClassification(config, num_labels=len(head), problem_type="single_label_classification")
-        model.id2label = dict(enumerate(head))
-        model.save_pretrained(directory)
+        model.save_pretrained(directory, labels=head)
     _write(Path(directory) / "vocab.txt", vocab)
     return str(directory)
 

@@ -95,7 +95,7 @@ def vocab_from_files(files, origin):
     """The WordPiece tokens (id order) of a model's tokenizer files, or None when it has neither a
     ``vocab.txt`` nor a ``tokenizer.json``.
 
-    ``files``: file name -> bytes (``model.tokenizer_files``); ``origin``: the directory, for
+    ``files``: file name -> bytes (``lub_fast.models.read_tokenizer_files``); ``origin``: the directory, for
     messages. Raises ``VocabularyError`` for a ``tokenizer.json`` that is not WordPiece, has ids
     that are not ``0..n-1``, or disagrees with ``vocab.txt``, and for missing special tokens.
     """

@@ -13,6 +13,8 @@ differences are fields:
   and count only tokens that are not ``pad_token_id``.
 - ``type_vocab_size``, ``hidden_act`` (``"gelu"`` exact erf; ``"gelu_new"`` and
   ``"gelu_pytorch_tanh"`` the tanh approximation), ``layer_norm_eps``, dropouts.
+- Heads (HF ``transformers`` 5's definitions), properties that follow from the family:
+  ``has_pooler``, ``mlm_gelu_approximate``, ``classifier_activation``, ``pretraining_head``.
 
 ``from_hf``/``to_hf`` convert to and from the ``config.json`` dictionaries of HF ``transformers``
 (``BertConfig``, ``RobertaConfig``, ``AlbertConfig``, ``ElectraConfig``).
@@ -117,6 +119,31 @@ class EncoderConfig:
     def has_embedding_projection(self) -> bool:
         """ALBERT always maps embeddings to the hidden size; ELECTRA only when the sizes differ."""
         return self.family == "albert" or self.embedding_size != self.hidden_size
+
+    @property
+    def has_pooler(self) -> bool:
+        """Whether the bare model has BERT's pooler (``dense -> tanh`` on the first token); ELECTRA has none."""
+        return self.family != "electra"
+
+    @property
+    def mlm_gelu_approximate(self) -> str:
+        """The MLM head's GELU: ``hidden_act``'s in BERT/ALBERT, exact in RoBERTa's LM head and the
+        ELECTRA generator."""
+        return "none" if self.family in ("roberta", "electra") else self.gelu_approximate
+
+    @property
+    def classifier_activation(self) -> str | None:
+        """Sequence classifier: None for BERT/ALBERT's ``dropout -> linear`` on the pooler output;
+        RoBERTa's ``"tanh"`` and ELECTRA's ``"gelu"`` (exact) name the activation of their
+        ``dropout -> dense -> act -> dropout -> linear`` on the first token's state."""
+        return {"roberta": "tanh", "electra": "gelu"}.get(self.family)
+
+    @property
+    def pretraining_head(self) -> str | None:
+        """The family's pretraining head besides MLM: ``"nsp"`` (BERT's next sentence prediction),
+        ``"sop"`` (ALBERT's sentence order prediction, with classifier dropout before it), ``"rtd"``
+        (ELECTRA's replaced-token detection); None for RoBERTa (MLM only)."""
+        return {"bert": "nsp", "albert": "sop", "electra": "rtd"}.get(self.family)
 
     @property
     def num_unique_layers(self) -> int:

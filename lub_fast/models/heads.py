@@ -21,12 +21,16 @@ label is not -100; collators label padding -100, where the two agree). Per-token
 back to ``[B, S, ...]`` with zeros at padding, except QA logits, which are ``finfo.min`` there so that
 no answer can start or end on padding.
 
-Every model here has ``config`` (``EncoderConfig``), ``encoder`` (``Encoder``), ``task`` (the key of
-``hf.ARCHITECTURES``), ``tokenizer_files`` (file name -> bytes, written by ``save_pretrained``) and
-``save_pretrained(dir)``.
+Family differences come from ``EncoderConfig`` properties (``mlm_gelu_approximate``,
+``classifier_activation``, ``pretraining_head``, ``has_pooler``). Every model here has ``config``
+(``EncoderConfig``), ``encoder`` (``Encoder``), ``task`` (the key of ``hf.ARCHITECTURES``) and
+``save_pretrained(dir, tokenizer=None, labels=None)`` (``lub_fast.models.save``); models hold
+weights only: the vocabulary and label names travel as arguments of ``save_pretrained`` and are
+read back with ``lub_fast.models.load.read_tokenizer_files``/``read_labels``.
 """
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +39,7 @@ from torch import Tensor, nn
 
 from lub_fast.models.config import EncoderConfig
 from lub_fast.models.encoder import Encoder, EncoderOutput, init_weights
+from lub_fast.models.save import save_pretrained as _save_pretrained
 from lub_fast.ops.bias_gelu import bias_gelu
 
 _IGNORE = -100
@@ -49,8 +54,8 @@ class ModelOutput:
     ``[B, C]``; token ``[B, S, C]``. ``PreTraining`` names its outputs as transformers'
     ``BertForPreTraining``/``AlbertForPreTraining`` do: ``prediction_logits`` (the MLM logits, also
     in ``logits``) and ``seq_relationship_logits`` ``[B, 2]`` (BERT's NSP) or ``sop_logits``
-    ``[B, 2]`` (ALBERT's SOP). ``start_logits``/``end_logits`` ``[B, S]`` (QA). ``loss`` is the
-    total; ``mlm_loss`` and ``pair_loss`` are its parts for ``PreTraining``.
+    ``[B, 2]`` (ALBERT's SOP). ``start_logits``/``end_logits`` ``[B, S]`` (QA). ``loss``: the sum
+    of the losses whose labels were given.
     """
 
     encoder: EncoderOutput
@@ -61,8 +66,6 @@ class ModelOutput:
     sop_logits: Tensor | None = None
     start_logits: Tensor | None = None
     end_logits: Tensor | None = None
-    mlm_loss: Tensor | None = None
-    pair_loss: Tensor | None = None
 
     @property
     def last_hidden_state(self) -> Tensor:
@@ -78,7 +81,7 @@ class MLMHead(nn.Module):
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
-        self.approximate = "none" if config.family in ("roberta", "electra") else config.gelu_approximate
+        self.approximate = config.mlm_gelu_approximate
         self.dense = nn.Linear(config.hidden_size, config.embedding_size)
         self.norm = nn.LayerNorm(config.embedding_size, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
@@ -103,34 +106,27 @@ class RTDHead(nn.Module):
 
 
 class ClassificationHead(nn.Module):
-    """``[B, hidden] -> [B, num_labels]``. BERT/ALBERT: ``dropout -> out`` on the pooler output;
-    RoBERTa/ELECTRA: ``dropout -> dense -> tanh (RoBERTa) | gelu (ELECTRA) -> dropout -> out`` on the
+    """``[B, hidden] -> [B, num_labels]``: ``dropout -> out`` on the pooler output, or with
+    ``config.classifier_activation`` ``dropout -> dense -> tanh | gelu -> dropout -> out`` on the
     first token's state."""
 
     def __init__(self, config: EncoderConfig, num_labels: int):
         super().__init__()
         self.config = config
-        with_dense = config.family in ("roberta", "electra")
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size) if with_dense else None
+        self.activation = {None: None, "tanh": torch.tanh, "gelu": F.gelu}[config.classifier_activation]
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size) if self.activation else None
         self.out = nn.Linear(config.hidden_size, num_labels)
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.config.classifier_dropout
         x = F.dropout(x, p, self.training)
         if self.dense is not None:
-            x = self.dense(x)
-            x = torch.tanh(x) if self.config.family == "roberta" else F.gelu(x)
-            x = F.dropout(x, p, self.training)
+            x = F.dropout(self.activation(self.dense(x)), p, self.training)
         return self.out(x)
 
 
-def _sparse(masked_positions: Tensor | None, sparse_last_layer: bool) -> Tensor | None:
-    """The encoder's ``output_positions``: the masked ones when the last layer may run there only."""
-    return masked_positions if sparse_last_layer else None
-
-
 class _Model(nn.Module):
-    """Shared plumbing: the encoder, HF export and the tokenizer files a checkpoint came with."""
+    """Shared plumbing: the encoder, head initialisation, the MLM head's forward and HF export."""
 
     task = ""
 
@@ -138,17 +134,21 @@ class _Model(nn.Module):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config, add_pooler=add_pooler)
-        self.tokenizer_files: dict[str, bytes] = {}
 
     def _init_heads(self, *heads: nn.Module) -> None:
         for head in heads:
             head.apply(functools.partial(init_weights, std=self.config.initializer_range))
 
-    def save_pretrained(self, path) -> None:
-        """Write an HF directory (``config.json``, ``model.safetensors``, tokenizer files)."""
-        from lub_fast.models.hf import save_pretrained
+    def save_pretrained(self, path, tokenizer=None, labels=None) -> None:
+        """Write an HF directory; see ``lub_fast.models.save.save_pretrained``."""
+        _save_pretrained(self, path, tokenizer=tokenizer, labels=labels)
 
-        save_pretrained(self, path)
+    def _encode_mlm(self, input_ids, attention_mask, token_type_ids, position_ids, labels, masked_positions,
+                    sparse_last_layer):  # fmt: skip
+        """(encoder output, MLM logits, MLM loss) as ``MaskedLM.forward`` documents them."""
+        sparse = masked_positions if sparse_last_layer else None  # the last layer at the masked positions only
+        out = self.encoder(input_ids, attention_mask, token_type_ids, position_ids, sparse)
+        return (out, *self._mlm(out, labels, masked_positions))
 
     def _mlm(self, out: EncoderOutput, labels: Tensor | None, masked_positions: Tensor | None):
         """(logits, loss): ``[M, V]`` at ``masked_positions`` with ``labels [M]``, else ``[B, S, V]``
@@ -171,12 +171,12 @@ class _Model(nn.Module):
 
 
 class EncoderModel(_Model):
-    """The bare encoder (HF ``BertModel`` etc.); a pooler for BERT/RoBERTa/ALBERT unless disabled."""
+    """The bare encoder (HF ``BertModel`` etc.); a pooler where ``config.has_pooler`` unless disabled."""
 
     task = "base"
 
     def __init__(self, config: EncoderConfig, add_pooler: bool | None = None):
-        super().__init__(config, config.family != "electra" if add_pooler is None else add_pooler)
+        super().__init__(config, config.has_pooler if add_pooler is None else add_pooler)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> ModelOutput:
         return ModelOutput(self.encoder(input_ids, attention_mask, token_type_ids, position_ids))
@@ -202,19 +202,11 @@ class MaskedLM(_Model):
         self.mlm = MLMHead(config)
         self._init_heads(self.mlm)
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        labels=None,
-        masked_positions=None,
-        sparse_last_layer=False,
-    ) -> ModelOutput:
-        sparse = _sparse(masked_positions, sparse_last_layer)
-        out = self.encoder(input_ids, attention_mask, token_type_ids, position_ids, sparse)
-        logits, loss = self._mlm(out, labels, masked_positions)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                masked_positions=None, sparse_last_layer=False) -> ModelOutput:  # fmt: skip
+        out, logits, loss = self._encode_mlm(
+            input_ids, attention_mask, token_type_ids, position_ids, labels, masked_positions, sparse_last_layer
+        )
         return ModelOutput(out, loss=loss, logits=logits)
 
 
@@ -231,42 +223,28 @@ class PreTraining(_Model):
     task = "pretraining"
 
     def __init__(self, config: EncoderConfig):
-        if config.family not in ("bert", "albert"):
+        if config.pretraining_head not in ("nsp", "sop"):
             raise ValueError(f"PreTraining (MLM + NSP/SOP) is for bert and albert, not {config.family}")
         super().__init__(config, add_pooler=True)
         self.mlm = MLMHead(config)
         self.pair = nn.Linear(config.hidden_size, 2)
         self._init_heads(self.mlm, self.pair)
 
-    def forward(
-        self,
-        input_ids,
-        attention_mask=None,
-        token_type_ids=None,
-        position_ids=None,
-        labels=None,
-        masked_positions=None,
-        pair_labels=None,
-        sparse_last_layer=False,
-    ) -> ModelOutput:
-        sparse = _sparse(masked_positions, sparse_last_layer)
-        out = self.encoder(input_ids, attention_mask, token_type_ids, position_ids, sparse)
-        logits, mlm_loss = self._mlm(out, labels, masked_positions)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                masked_positions=None, pair_labels=None, sparse_last_layer=False) -> ModelOutput:  # fmt: skip
+        out, logits, mlm_loss = self._encode_mlm(
+            input_ids, attention_mask, token_type_ids, position_ids, labels, masked_positions, sparse_last_layer
+        )
+        sop = self.config.pretraining_head == "sop"
         pooled = out.pooler_output
-        if self.config.family == "albert":
+        if sop:  # ALBERT's SOP head drops out the pooler output first
             pooled = F.dropout(pooled, self.config.classifier_dropout, self.training)
         pair_logits = self.pair(pooled)
         pair_loss = None if pair_labels is None else F.cross_entropy(pair_logits.float(), pair_labels.view(-1))
         parts = [x for x in (mlm_loss, pair_loss) if x is not None]
-        pair_name = "sop_logits" if self.config.family == "albert" else "seq_relationship_logits"
+        pair_name = "sop_logits" if sop else "seq_relationship_logits"
         return ModelOutput(
-            out,
-            loss=sum(parts) if parts else None,
-            logits=logits,
-            prediction_logits=logits,
-            mlm_loss=mlm_loss,
-            pair_loss=pair_loss,
-            **{pair_name: pair_logits},
+            out, loss=sum(parts) if parts else None, logits=logits, prediction_logits=logits, **{pair_name: pair_logits}
         )
 
 
@@ -280,7 +258,7 @@ class ElectraDiscriminator(_Model):
     task = "discriminator"
 
     def __init__(self, config: EncoderConfig):
-        if config.family != "electra":
+        if config.pretraining_head != "rtd":
             raise ValueError(f"ElectraDiscriminator needs an electra config, got {config.family}")
         super().__init__(config, add_pooler=False)
         self.rtd = RTDHead(config)
@@ -309,7 +287,7 @@ class SequenceClassification(_Model):
     task = "sequence_classification"
 
     def __init__(self, config: EncoderConfig, num_labels: int = 2, problem_type: str | None = None):
-        super().__init__(config, add_pooler=config.family in ("bert", "albert"))
+        super().__init__(config, add_pooler=config.classifier_activation is None)
         self.num_labels = num_labels
         self.problem_type = problem_type
         self.classifier = ClassificationHead(config, num_labels)
@@ -426,9 +404,8 @@ class ElectraPair(nn.Module):
         self.generator = generator
         self.discriminator = discriminator
 
-    def save_pretrained(self, path) -> None:
-        """Write ``path/generator`` and ``path/discriminator`` HF directories."""
-        from pathlib import Path
-
-        self.generator.save_pretrained(Path(path) / "generator")
-        self.discriminator.save_pretrained(Path(path) / "discriminator")
+    def save_pretrained(self, path, tokenizer=None) -> None:
+        """Write ``path/generator`` and ``path/discriminator`` HF directories, each with the
+        ``tokenizer`` files (see ``lub_fast.models.save.save_pretrained``)."""
+        for name, model in (("generator", self.generator), ("discriminator", self.discriminator)):
+            model.save_pretrained(os.path.join(path, name), tokenizer=tokenizer)

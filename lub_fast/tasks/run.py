@@ -43,7 +43,7 @@ from torch import nn
 
 from lub_fast.config_cli import ConfigError, check_fields, option, output_dir
 from lub_fast.errors import Preempted
-from lub_fast.models.hf import from_pretrained
+from lub_fast.models.load import from_pretrained, read_tokenizer_files
 from lub_fast.objectives.finetune import objective_for
 from lub_fast.optim import layerwise_param_groups
 from lub_fast.tasks import TASKS, TaskDataError
@@ -240,6 +240,8 @@ def build_model(config: FinetuneConfig, head: Head) -> nn.Module:
     checkpoint has none), with ``head``'s loss."""
     torch.manual_seed(config.train.seed)
     kwargs = {} if head.num_labels is None else {"num_labels": head.num_labels}
+    if head.problem_type is not None:
+        kwargs["problem_type"] = head.problem_type
     try:
         model = from_pretrained(config.model, task=head.task, **kwargs)
     except ValueError as error:
@@ -247,28 +249,30 @@ def build_model(config: FinetuneConfig, head: Head) -> nn.Module:
     room = model.config.max_position_embeddings - model.config.position_offset
     if config.finetune.max_seq_len > room:
         raise ConfigError(f"--finetune.max_seq_len={config.finetune.max_seq_len} exceeds the model's {room} positions")
-    if head.problem_type is not None:
-        model.problem_type = head.problem_type
     return model
 
 
-def export_model(model: nn.Module, path: Path, labels: tuple | None = None) -> None:
-    """``model`` as an HF directory at ``path`` (``labels``: its ``id2label`` names; a BERT
-    ``tokenizer_config.json`` when the source had none): written into a temporary directory,
-    then swapped in."""
-    if labels is not None:
-        model.id2label = dict(enumerate(labels))
-    if not any(name in model.tokenizer_files for name in ("tokenizer_config.json", "tokenizer.json")):
+def export_tokenizer(model_dir: str, config) -> dict[str, bytes]:
+    """The tokenizer files that a fine-tuned export of ``model_dir`` carries: those beside it, and a
+    BERT ``tokenizer_config.json`` when it had none (``config``: its ``EncoderConfig``)."""
+    files = read_tokenizer_files(model_dir)
+    if not any(name in files for name in ("tokenizer_config.json", "tokenizer.json")):
         settings = {
             "tokenizer_class": "BertTokenizer",
             "do_lower_case": True,
             "tokenize_chinese_chars": True,
-            "model_max_length": model.config.max_position_embeddings,
+            "model_max_length": config.max_position_embeddings,
         }
-        model.tokenizer_files["tokenizer_config.json"] = (json.dumps(settings, indent=2) + "\n").encode()
+        files["tokenizer_config.json"] = (json.dumps(settings, indent=2) + "\n").encode()
+    return files
+
+
+def export_model(model: nn.Module, path: Path, labels: tuple | None = None, tokenizer: dict[str, bytes] | None = None) -> None:
+    """``model`` as an HF directory at ``path`` (``labels``: its ``id2label`` names; ``tokenizer``:
+    its tokenizer files, ``export_tokenizer``'s): written into a temporary directory, then swapped in."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, tokenizer=tokenizer, labels=labels)
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         os.rename(path, old)
@@ -344,6 +348,7 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict | None:
     )
     head = task.head(train_data.labels)
     model = build_model(config, head)
+    tokenizer_files = export_tokenizer(config.model, model.config)
     run_module = _Run(objective_for(model))
     best_dir = output / "best_model"
 
@@ -359,7 +364,7 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict | None:
             module.best_step.fill_(step)
             module.since_best.zero_()
             if main:
-                export_model(model, best_dir, head.labels)
+                export_model(model, best_dir, head.labels, tokenizer_files)
         else:
             module.since_best += 1
         stop = bool(options.patience and int(module.since_best) >= options.patience and step < total)

@@ -25,6 +25,11 @@ import re
 from dataclasses import dataclass
 
 FAMILIES = ("bert", "albert", "electra")
+# The files of Google's checkpoint directories.
+CONFIG_FILES = {"bert": "bert_config.json", "albert": "albert_config.json",
+                "electra": "discriminator_config.json"}
+GENERATOR_CONFIG_FILE = "generator_config.json"
+CHECKPOINT_NAME = "model.ckpt"
 
 # Path components or whole names that are optimizer or training state, never model weights:
 # Google's AdamWeightDecayOptimizer (adam_m/adam_v), ALBERT's LAMB (lamb_m/lamb_v), tf.train

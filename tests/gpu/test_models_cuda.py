@@ -149,8 +149,7 @@ def test_distill_cuda_low_precision_matches_cpu_fp32(data, tmp_path, precision):
                                   attention_probs_dropout_prob=0.0)  # fmt: skip
     torch.manual_seed(1)
     teacher = MaskedLM(config)
-    teacher.tokenizer_files["vocab.txt"] = vocab.read_bytes()
-    teacher.save_pretrained(tmp_path / "teacher")
+    teacher.save_pretrained(tmp_path / "teacher", tokenizer=vocab)
     base = distill.DistillConfig(
         teacher=str(tmp_path / "teacher"),
         output="",

@@ -15,7 +15,14 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import lub_fast
-from lub_fast.models import EncoderConfig, from_pretrained_electra_pair, hf_to_lub, lub_to_hf
+from lub_fast.models import (
+    EncoderConfig,
+    from_pretrained_electra_pair,
+    hf_to_lub,
+    lub_to_hf,
+    read_labels,
+    read_tokenizer_files,
+)
 from lub_fast.models.hf import ARCHITECTURES
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -309,7 +316,7 @@ def test_hf_tokenizer_files_travel(tmp_path):
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "中", "国", "人"] + [f"x{i}" for i in range(91)]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     ours = lub_fast.from_pretrained(tmp_path)
-    ours.save_pretrained(tmp_path / "out")
+    ours.save_pretrained(tmp_path / "out", tokenizer=read_tokenizer_files(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
@@ -380,8 +387,9 @@ def test_hf_tokenizer_json_only_gives_vocab_txt(tmp_path):
     hf_model("bert", "masked_lm").save_pretrained(tmp_path / "hf")
     _save_bert_tokenizer(SHUFFLED, tmp_path / "hf", tmp_path)
     ours = lub_fast.from_pretrained(tmp_path / "hf")
-    assert ours.tokenizer_files["vocab.txt"].decode().split("\n")[:-1] == SHUFFLED
-    ours.save_pretrained(tmp_path / "out")
+    files = read_tokenizer_files(tmp_path / "hf")
+    assert files["vocab.txt"].decode().split("\n")[:-1] == SHUFFLED
+    ours.save_pretrained(tmp_path / "out", tokenizer=files)
     assert (tmp_path / "out" / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1] == SHUFFLED
     by_json = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     (tmp_path / "out" / "tokenizer.json").unlink()
@@ -418,3 +426,57 @@ def test_hf_electra_pair_with_two_vocabularies_is_an_error(tmp_path):
         (tmp_path / name / "vocab.txt").write_text("\n".join(tokens) + "\n", encoding="utf-8")
     with pytest.raises(VocabularyError, match=r"have different vocabularies \(id 5 is 'x0' in the discriminator, 'y50' in the generator\)"):
         from_pretrained_electra_pair(tmp_path / "disc", tmp_path / "gen")
+
+
+def _held_values(model):
+    """(where, value) of every attribute value of every submodule, containers opened."""
+    stack = [(f"{type(m).__name__}.{name}", value) for m in model.modules() for name, value in vars(m).items()]
+    while stack:
+        where, value = stack.pop()
+        yield where, value
+        if isinstance(value, dict):
+            stack += [(f"{where}[{k!r}]", v) for k, v in value.items()] + [(f"{where} key", k) for k in value]
+        elif isinstance(value, (list, tuple, set)):
+            stack += [(f"{where}[{i}]", v) for i, v in enumerate(value)]
+
+
+def test_hf_models_hold_no_io_state(tmp_path):
+    """The vocabulary and class names travel as ``save_pretrained``'s arguments and come back from
+    ``read_tokenizer_files``/``read_labels``; the loaded model holds neither, so saving it again
+    without them writes HF's default names and no tokenizer."""
+    names = ("B-PER", "I-PER", "O")
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(94)]
+    hf_model("bert", "token_classification").save_pretrained(tmp_path / "hf")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    lub_fast.from_pretrained(tmp_path / "hf").save_pretrained(tmp_path / "lub", tokenizer=vocab, labels=names)
+
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "lub")
+    assert config.id2label == dict(enumerate(names)) and config.label2id == {n: i for i, n in enumerate(names)}, config.id2label
+    assert read_labels(tmp_path / "lub") == names
+    assert read_tokenizer_files(tmp_path / "lub")["vocab.txt"] == vocab.read_bytes()
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "lub")("w7")["input_ids"] == [2, 12, 3]
+
+    loaded = lub_fast.from_pretrained(tmp_path / "lub")
+    held = [where for where, value in _held_values(loaded)
+            if isinstance(value, bytes) or (isinstance(value, str) and value in (*names, *tokens[5:]))]  # fmt: skip
+    assert not held, f"modules hold IO state: {held}"
+    assert not any(hasattr(m, a) for m in loaded.modules() for a in ("tokenizer_files", "id2label", "labels"))
+    loaded.save_pretrained(tmp_path / "again")
+    again = transformers.AutoConfig.from_pretrained(tmp_path / "again")
+    assert again.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"}, again.id2label
+    assert read_tokenizer_files(tmp_path / "again") == {}
+
+
+def test_hf_save_refuses_wrong_labels_or_tokenizer_before_writing(tmp_path):
+    hf_model("bert", "sequence_classification").save_pretrained(tmp_path / "hf")
+    ours = lub_fast.from_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"2 label names for a sequence_classification model of 3 classes"):
+        ours.save_pretrained(tmp_path / "out", labels=("a", "b"))
+    hf_model("bert", "masked_lm").save_pretrained(tmp_path / "mlm")
+    with pytest.raises(ValueError, match=r"labels are for"):
+        lub_fast.from_pretrained(tmp_path / "mlm").save_pretrained(tmp_path / "out", labels=("a",))
+    assert read_labels(tmp_path / "mlm") is None
+    with pytest.raises(ValueError, match=r"tokenizer=.* is not a vocab.txt file"):
+        ours.save_pretrained(tmp_path / "out", tokenizer=tmp_path / "hf")
+    assert not (tmp_path / "out").exists(), "a refused save wrote files"

@@ -20,8 +20,9 @@ from transformers import (
 )
 
 from lub_fast.tf1.bundle import BundleReader, TF1CheckpointError, write_bundle
-from lub_fast.tf1.convert import load_tf1_checkpoint, resolve_prefix, save_tf1_checkpoint
+from lub_fast.tf1.load import load_tf1_checkpoint, resolve_prefix
 from lub_fast.tf1.names import name_map
+from lub_fast.tf1.save import save_tf1_checkpoint
 
 V, T, P = 97, 2, 24
 SMALL = dict(vocab_size=V, type_vocab_size=T, max_position_embeddings=P)

@@ -28,9 +28,10 @@ from transformers import (
 
 import lub_fast
 from lub_fast.convert import main as convert_main
-from lub_fast.models.hf import from_pretrained_electra_pair
+from lub_fast.models.load import from_pretrained_electra_pair
 from lub_fast.tf1.bundle import BFLOAT16, BundleReader, TF1CheckpointError, write_bundle
-from lub_fast.tf1.convert import load_tf1_checkpoint, save_tf1_checkpoint
+from lub_fast.tf1.load import load_tf1_checkpoint
+from lub_fast.tf1.save import save_tf1_checkpoint
 
 TF_PYTHON = os.environ.get("LUB_FAST_TF_PYTHON")
 TF_SIDE = Path(__file__).with_name("tf_side.py")
