@@ -1,0 +1,577 @@
+"""The ``prepare`` pipeline: raw text -> cleaned sentences -> words -> WordPiece ids -> shards.
+
+Streaming and parallel. The input is cut into chunks of about ``chunk_kb`` KB at document
+boundaries (a function of the input alone, ``lub_fast.data.inputs.Reader``); ``workers`` processes
+handle chunks and the results are written in input order, at most ``2 x workers`` chunks in flight,
+straight to the shard files. Memory is therefore bounded by the chunk size, not the corpus, and the
+output is byte-identical for any worker count. A shard closes after the chunk that brings it to
+``shard_size_mb`` MB of token ids. Its header, written last and atomically, marks it complete: a
+re-run with the same settings skips complete shards (reading, not processing, their chunks) and
+goes on from there.
+
+Every kept line is split into sentences at Chinese sentence punctuation (``lub_fast.data.clean``),
+segmented into words (``lub_fast.data.segment``) and tokenized (``lub_fast.data.tokenizer``); the
+counts of what was kept, dropped and fixed go to ``summary.json`` (``lub_fast.data.summary``).
+"""
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import pickle
+import tempfile
+import time
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+import numpy as np
+
+from lub_fast.config_cli import ConfigError, check_fields, check_value, field_error, option
+from lub_fast.config_cli import output_dir as output_dir_check
+from lub_fast.data.clean import clean_line, split_sentences, to_simplified
+from lub_fast.data.inputs import PrepareError, Reader, find_inputs, input_kind
+from lub_fast.data.segment import SEGMENTERS, Segmenter, segmenter_settings
+from lub_fast.data.shards import (
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    SHARD_FILES,
+    VOCAB_FILE,
+    ShardWriter,
+    expected_sizes,
+    open_shards,
+    shard_name,
+    token_dtype,
+    write_json_atomic,
+)
+from lub_fast.data.summary import PrepareSummary, report
+from lub_fast.data.tokenizer import WordPieceTokenizer, check_vocab_file, file_sha256, tokenizer_settings
+from lub_fast.data.tokenizer import build_vocab as build_vocab_fn
+
+PREPARE_FILE = "prepare.json"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+    """What ``prepare`` does with the text; all fields but ``strict`` determine the output."""
+
+    segmenter: str = "jieba"
+    user_dict: str | None = None
+    t2s: bool = False
+    strict: bool = False
+    min_chars: int = option(2, flag="--min-chars", ge=1)
+    max_sentence_chars: int = option(256, flag="--max-sentence-chars", ge=1)
+    shard_size_mb: float = option(256.0, flag="--shard-size", gt=0)
+    chunk_kb: int = option(1024, flag="--chunk-size", ge=1)
+
+    def __post_init__(self):
+        if self.segmenter not in SEGMENTERS:
+            raise PrepareError(f"--segmenter must be one of {', '.join(SEGMENTERS)}, got {self.segmenter!r}")
+        try:
+            check_fields(self)
+            if self.max_sentence_chars < self.min_chars:
+                raise field_error(self, "max_sentence_chars", f">= --min-chars = {self.min_chars}")
+        except ConfigError as error:
+            raise PrepareError(str(error)) from None
+
+
+
+# ----------------------------------------------------------------------------- workers
+
+_STATE = {}
+
+
+def _init_worker(config, files, tokenizer):
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: --workers is the parallelism
+    _STATE.update(
+        config=config,
+        files=files,
+        tokenizer=tokenizer,
+        segmenter=Segmenter(config.segmenter, config.user_dict) if tokenizer is not None else None,
+    )
+
+
+def _init_worker_from_file(path):
+    with open(path, "rb") as f:
+        _init_worker(*pickle.load(f))
+
+
+def _document_lines(path, jsonl, first, lines, counts, strict):
+    """The text lines of a document; None (the reason counted) for a JSON line that holds none."""
+    if not jsonl:
+        return lines
+    try:
+        obj = json.loads(lines[0])
+    except json.JSONDecodeError as e:
+        if strict:
+            raise PrepareError(f"{path}:{first}: malformed JSON ({e.msg} at column {e.colno}) (--strict)") from None
+        counts["malformed_json"] += 1
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        if strict:
+            raise PrepareError(f"{path}:{first}: no string field 'text' (--strict)")
+        counts["no_text_field"] += 1
+        return None
+    return obj["text"].splitlines()
+
+
+# Why an input line with no sentence kept is dropped, by how far it got: nothing left after cleaning,
+# sentences all too short, sentences that got no token.
+_LINE_LEVELS = ("empty_after_cleaning", "short_lines", "no_token_lines")
+
+
+def _clean_chunk(docs):
+    """Clean and split a chunk: ``(sentences, owner, source, levels, not_documents, counts)``.
+
+    ``owner``: the document of each sentence; ``source``: the input line (a .txt line or a JSON
+    line) of each sentence, an index into ``levels`` (-1 for a piece of a line that began in an
+    earlier chunk, which counts it); ``levels``: per input line, how far it got (``_LINE_LEVELS``)
+    should none of its sentences get a token; ``not_documents``: JSON lines without a document.
+    """
+    config, files = _STATE["config"], _STATE["files"]
+    counts = Counter()
+    sentences, owner, source, levels = [], [], [], []
+    not_documents, line = 0, -1
+    for d, (file_index, first, lines, continued) in enumerate(docs):
+        path = files[file_index]
+        jsonl = input_kind(path) == "jsonl"
+        text_lines = _document_lines(path, jsonl, first, lines, counts, config.strict)
+        if text_lines is None:
+            not_documents += 1
+            continue
+        if jsonl:
+            levels.append(0)
+            line = len(levels) - 1
+        continued = set(continued)
+        for i, text in enumerate(text_lines):
+            if not jsonl and i not in continued:
+                levels.append(0)
+                line = len(levels) - 1
+            if config.t2s:
+                converted = to_simplified(text)
+                counts["t2s"] += converted != text
+                text = converted
+            text, removed = clean_line(text)
+            counts["control_chars"] += removed > 0
+            if not text:
+                continue
+            pieces, long_sentences, hard_cuts = split_sentences(text, config.max_sentence_chars)
+            kept = [p for p in pieces if len(p) >= config.min_chars]
+            counts["long_lines"] += long_sentences
+            counts["hard_cuts"] += hard_cuts
+            counts["too_short"] += len(pieces) - len(kept)
+            if line >= 0:
+                levels[line] = max(levels[line], 2 if kept else 1)
+            sentences.extend(kept)
+            owner.extend([d] * len(kept))
+            source.extend([line] * len(kept))
+    return sentences, owner, source, levels, not_documents, counts
+
+
+def _vocab_chunk(docs):
+    return _clean_chunk(docs)[0]
+
+
+def _process_chunk(docs):
+    """Token ids, word starts, tokens per sentence, sentences per document, counts of one chunk."""
+    tokenizer, segmenter = _STATE["tokenizer"], _STATE["segmenter"]
+    sentences, owner, source, levels, not_documents, counts = _clean_chunk(docs)
+    text = "\n".join(sentences)
+    ids, starts, word_start, mismatches = tokenizer.encode_words(text, segmenter.boundaries(text))
+    lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
+    sentence_starts = np.concatenate(([0], np.cumsum(lengths + 1)[:-1])) if len(sentences) else lengths
+    tokens_per_sentence = np.bincount(
+        np.searchsorted(sentence_starts, starts, side="right") - 1, minlength=len(sentences)
+    )
+    keep = tokens_per_sentence > 0
+    sentences_per_doc = np.bincount(np.asarray(owner, dtype=np.int64)[keep], minlength=len(docs))
+    kept_lines = np.zeros(len(levels), dtype=bool)
+    kept_source = np.asarray(source, dtype=np.int64)[keep]
+    kept_lines[kept_source[kept_source >= 0]] = True
+    levels = np.asarray(levels, dtype=np.int64)
+    counts["lines_kept"] += int(np.count_nonzero(kept_lines))
+    for level, reason in enumerate(_LINE_LEVELS):
+        counts[reason] += int(np.count_nonzero(~kept_lines & (levels == level)))
+    counts["no_tokens"] += int(np.count_nonzero(~keep))
+    counts["empty_documents"] += int(np.count_nonzero(sentences_per_doc == 0)) - not_documents
+    counts["word_mismatches"] += mismatches
+    counts["unk_tokens"] += int(np.count_nonzero(ids == tokenizer.unk_id))
+    dtype = token_dtype(tokenizer.vocab_size)
+    return (
+        ids.astype(dtype),
+        word_start,
+        tokens_per_sentence[keep],
+        sentences_per_doc[sentences_per_doc > 0],
+        counts,
+    )
+
+
+class _CorpusSentences:
+    """The cleaned sentences of the corpus, read afresh on every iteration (vocabulary training)."""
+
+    def __init__(self, files, config, workers):
+        self.files, self.config, self.workers = files, config, workers
+
+    def __iter__(self):
+        chunks = Reader(self.files, self.config).chunks()
+        for _, sentences in _run(chunks, _vocab_chunk, self.workers, (self.config, self.files, None)):
+            yield from sentences
+
+
+def _run(chunks, worker_fn, workers, init_args):
+    """(chunk, worker_fn(chunk.docs)) in input order; at most 2 x workers chunks in flight."""
+    if workers <= 1:
+        _init_worker(*init_args)
+        for chunk in chunks:
+            yield chunk, worker_fn(chunk.docs)
+        return
+    # A dead worker (killed, out of memory, or a __main__ that spawn cannot re-import, as a script
+    # read from stdin) breaks the pool and is reported, where multiprocessing.Pool would hang. The
+    # initializer's arguments (the vocabulary, the file list) travel through a file: spawn writes
+    # the pickled process object into a pipe whose read end the parent keeps open until the write
+    # ends, so a child that dies before reading more than the pipe's 64 KiB blocks the parent for
+    # good (CPython's popen_spawn_posix).
+    context = multiprocessing.get_context("spawn")
+    with tempfile.NamedTemporaryFile(prefix="lub_fast-prepare-", suffix=".pkl") as init_file:
+        pickle.dump(init_args, init_file, protocol=pickle.HIGHEST_PROTOCOL)
+        init_file.flush()
+        try:
+            with ProcessPoolExecutor(
+                workers, mp_context=context, initializer=_init_worker_from_file, initargs=(init_file.name,)
+            ) as pool:
+                pending = deque()
+                for chunk in chunks:
+                    pending.append((chunk, pool.submit(worker_fn, chunk.docs)))
+                    if len(pending) >= 2 * workers:
+                        chunk, result = pending.popleft()
+                        yield chunk, result.result()
+                while pending:
+                    chunk, result = pending.popleft()
+                    yield chunk, result.result()
+        except BrokenProcessPool as error:
+            raise PrepareError(
+                f"a worker process died ({error}); with --workers > 1 the main module must be importable "
+                "(not a script read from stdin), or use --workers 1"
+            ) from None
+
+
+# ----------------------------------------------------------------------------- output directory
+
+
+def _settings(config, files, build_vocab):
+    """Everything that determines the shards except the vocabulary's hash."""
+    out_config = dataclasses.asdict(config)
+    del out_config["strict"]
+    if config.user_dict is not None:
+        out_config["user_dict"] = file_sha256(config.user_dict)
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "config": out_config,
+        "build_vocab": build_vocab,
+        "inputs": [[path, os.path.getsize(path)] for path in files],
+        "tokenizer": tokenizer_settings(),
+        "segmenter": segmenter_settings(config.segmenter, config.user_dict),
+    }
+
+
+def _sha256_json(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(old, new):
+    keys = sorted(set(old) | set(new))
+    return [k for k in keys if old.get(k) != new.get(k)]
+
+
+def _remove_shards(output_dir, first):
+    """Delete shard files numbered ``first`` and up (complete or not), meta.json and summary.json."""
+    for name in os.listdir(output_dir):
+        if name.startswith("shard-") and name[6:11].isdigit() and int(name[6:11]) >= first or name in (
+            META_FILE,
+            SUMMARY_FILE,
+        ):
+            os.remove(os.path.join(output_dir, name))
+
+
+def _remove_all(output_dir):
+    """Delete everything prepare wrote in ``output_dir`` (other files stay)."""
+    _remove_shards(output_dir, 0)
+    for name in (PREPARE_FILE, VOCAB_FILE):
+        if os.path.exists(os.path.join(output_dir, name)):
+            os.remove(os.path.join(output_dir, name))
+
+
+def _complete_shards(output_dir, settings_sha256):
+    """Headers of the complete shards 0, 1, ... written with these settings."""
+    headers = []
+    while True:
+        path = os.path.join(output_dir, f"{shard_name(len(headers))}.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                header = json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            return headers
+        if header.get("settings_sha256") != settings_sha256:
+            return headers
+        sizes = expected_sizes(header)
+        for kind in SHARD_FILES:
+            file_path = os.path.join(output_dir, header["files"][kind]["name"])
+            if not os.path.isfile(file_path) or os.path.getsize(file_path) != sizes[kind]:
+                return headers
+        headers.append(header)
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def _vocab_data(vocab):
+    """The vocab.txt bytes of ``--vocab``: a vocab.txt file as it is, or a model directory's (or a
+    tokenizer.json file's) vocabulary as ``lub_fast.data.tokenizer.model_vocab`` reads it."""
+    from lub_fast.data.tokenizer import TOKENIZER_JSON, VocabularyError, model_vocab, vocab_bytes, vocab_from_files
+
+    try:
+        if os.path.isdir(vocab):
+            found = model_vocab(vocab)
+            if found is None:
+                raise PrepareError(f"{vocab}: a directory without vocab.txt or tokenizer.json")
+            tokens, source = found
+            vocab = source
+            if source.endswith(TOKENIZER_JSON):
+                return vocab_bytes(tokens)
+        if not os.path.isfile(vocab):
+            raise PrepareError(f"{vocab}: no such vocabulary file")
+        with open(vocab, "rb") as f:
+            data = f.read()
+        if os.path.basename(vocab) == TOKENIZER_JSON:
+            return vocab_bytes(vocab_from_files({TOKENIZER_JSON: data}, os.path.dirname(vocab)))
+        return data
+    except VocabularyError as error:
+        raise PrepareError(str(error)) from None
+
+
+def prepare_corpus(
+    inputs,
+    output_dir,
+    *,
+    vocab=None,
+    build_vocab=None,
+    segmenter="jieba",
+    user_dict=None,
+    workers=1,
+    shard_size_mb=256.0,
+    chunk_kb=1024,
+    t2s=False,
+    strict=False,
+    min_chars=2,
+    max_sentence_chars=256,
+    overwrite=False,
+    progress=False,
+):
+    """Prepare ``inputs`` (paths, directories, globs) into the shard directory ``output_dir``.
+
+    Exactly one of ``vocab`` (a bert-base-chinese-format vocab.txt, or a model directory: see
+    ``_vocab_data``) and ``build_vocab`` (train a
+    WordPiece vocabulary of about that many entries on the cleaned corpus) is needed. A re-run with
+    the same arguments skips complete shards; other settings in a used directory raise
+    ``PrepareError`` unless ``overwrite``. Returns a ``PrepareSummary``.
+    """
+    started = time.perf_counter()
+    config = PrepareConfig(
+        segmenter=segmenter,
+        user_dict=os.fspath(user_dict) if user_dict is not None else None,
+        t2s=t2s,
+        strict=strict,
+        min_chars=min_chars,
+        max_sentence_chars=max_sentence_chars,
+        shard_size_mb=shard_size_mb,
+        chunk_kb=chunk_kb,
+    )
+    if (vocab is None) == (build_vocab is None):
+        raise PrepareError("give exactly one of --vocab FILE and --build-vocab N")
+    try:
+        # the command-line options that are not PrepareConfig fields, before anything is written
+        check_value("output", os.fspath(output_dir), check=output_dir_check)
+        check_value("vocab", vocab, check=check_vocab_file)
+        check_value("build-vocab", build_vocab, gt=10)
+        check_value("workers", workers, ge=1)
+    except ConfigError as error:
+        raise PrepareError(str(error)) from None
+    vocab_data = _vocab_data(vocab) if vocab is not None else None
+    if user_dict is not None and not os.path.isfile(user_dict):
+        raise PrepareError(f"{user_dict}: no such user dictionary")
+    if t2s:
+        to_simplified("")  # fail now, not in a worker, when OpenCC is missing
+    skipped = []
+    files = find_inputs(inputs, skipped)
+    output_dir = os.fspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    if overwrite:
+        _remove_all(output_dir)
+
+    vocab_path = os.path.join(output_dir, VOCAB_FILE)
+    base = _settings(config, files, build_vocab)
+    previous = None
+    if os.path.isfile(os.path.join(output_dir, PREPARE_FILE)):
+        with open(os.path.join(output_dir, PREPARE_FILE), encoding="utf-8") as f:
+            previous = json.load(f)["settings"]
+        old_base = {k: v for k, v in previous.items() if k != "vocab_sha256"}
+        if old_base != base:
+            raise PrepareError(
+                f"{output_dir}: holds shards prepared with other settings "
+                f"(differs in: {', '.join(_differences(old_base, base))}); use --overwrite or another --output"
+            )
+    if vocab is not None:
+        vocab_sha256 = hashlib.sha256(vocab_data).hexdigest()
+        if previous is not None and previous["vocab_sha256"] != vocab_sha256:
+            raise PrepareError(f"{output_dir}: holds shards of another vocabulary; use --overwrite or another --output")
+        if not (os.path.isfile(vocab_path) and file_sha256(vocab_path) == vocab_sha256):
+            with open(vocab_path + ".tmp", "wb") as f:
+                f.write(vocab_data)
+            os.replace(vocab_path + ".tmp", vocab_path)
+    elif previous is not None and os.path.isfile(vocab_path) and file_sha256(vocab_path) == previous["vocab_sha256"]:
+        vocab_sha256 = previous["vocab_sha256"]
+    else:
+        try:
+            build_vocab_fn(_CorpusSentences(files, config, workers), build_vocab, vocab_path)
+        except ValueError as e:
+            raise PrepareError(f"{output_dir}: {e}") from None
+        vocab_sha256 = file_sha256(vocab_path)
+    settings = dict(base, vocab_sha256=vocab_sha256)
+    settings_sha256 = _sha256_json(settings)
+    write_json_atomic(
+        os.path.join(output_dir, PREPARE_FILE), {"settings": settings, "settings_sha256": settings_sha256}
+    )
+
+    tokenizer = WordPieceTokenizer(vocab_path)
+    dtype = token_dtype(tokenizer.vocab_size)
+    complete = _complete_shards(output_dir, settings_sha256)
+    _remove_shards(output_dir, len(complete))
+    skip_chunks = sum(h["num_chunks"] for h in complete)
+    shard_tokens = max(1, int(config.shard_size_mb * (1 << 20)) // dtype.itemsize)
+    extra = {"vocab_sha256": vocab_sha256, "settings_sha256": settings_sha256, "token_dtype": dtype.str}
+
+    reader = Reader(files, config)
+    for reason, entry in skipped:
+        reader.note(reason, entry)
+    headers = list(complete)
+    tail_counts = Counter()
+    total_bytes = sum(os.path.getsize(p) for p in files)
+    progress_bar = _ProgressBar(total_bytes, progress)
+
+    def pending_chunks():
+        for chunk in reader.chunks():
+            if chunk.index < skip_chunks:
+                progress_bar.update(chunk.progress_bytes, 0)
+                continue
+            yield chunk
+
+    writer, first_chunk, end_chunk, shard_counts = None, skip_chunks, skip_chunks, Counter()
+    try:
+        for chunk, (ids, word_start, tokens_per_sentence, sentences_per_doc, counts) in _run(
+            pending_chunks(), _process_chunk, workers, (config, files, tokenizer)
+        ):
+            if writer is None:
+                writer = ShardWriter(output_dir, len(headers), dtype)
+            writer.append(ids, word_start, tokens_per_sentence, sentences_per_doc)
+            shard_counts += counts
+            end_chunk = chunk.index + 1
+            progress_bar.update(chunk.progress_bytes, len(sentences_per_doc))
+            if writer.num_tokens >= shard_tokens:
+                headers.append(_close(writer, extra, first_chunk, end_chunk, shard_counts))
+                writer, first_chunk, shard_counts = None, end_chunk, Counter()
+        if writer is not None and writer.num_documents:
+            headers.append(_close(writer, extra, first_chunk, end_chunk, shard_counts))
+            writer = None
+        else:
+            tail_counts = shard_counts
+    finally:
+        progress_bar.close()
+        if writer is not None:
+            writer.abort()
+
+    counts = Counter(reader.counts)
+    for header in headers:
+        counts.update(header["counts"])
+    counts.update(tail_counts)
+    report_ = report(len(files), total_bytes, headers, counts, reader.named, dict(reader.invalid_utf8))
+    summary = PrepareSummary(
+        output_dir=output_dir,
+        files=len(files),
+        input_bytes=total_bytes,
+        shards=len(headers),
+        shards_skipped=len(complete),
+        documents=sum(h["num_documents"] for h in headers),
+        sentences=sum(h["num_sentences"] for h in headers),
+        tokens=sum(h["num_tokens"] for h in headers),
+        counts=dict(sorted(counts.items())),
+        invalid_utf8_by_file=dict(reader.invalid_utf8),
+        seconds=time.perf_counter() - started,
+        report=report_,
+    )
+    meta = dict(
+        format=FORMAT,
+        version=FORMAT_VERSION,
+        vocab_file=VOCAB_FILE,
+        vocab_sha256=vocab_sha256,
+        vocab_size=tokenizer.vocab_size,
+        token_dtype=dtype.str,
+        settings=settings,
+        settings_sha256=settings_sha256,
+        shards=[h["name"] for h in headers],
+        num_documents=summary.documents,
+        num_sentences=summary.sentences,
+        num_tokens=summary.tokens,
+        counts=summary.counts,
+        invalid_utf8_by_file=summary.invalid_utf8_by_file,
+    )
+    write_json_atomic(os.path.join(output_dir, SUMMARY_FILE), report_)
+    write_json_atomic(os.path.join(output_dir, META_FILE), meta)
+    return summary
+
+
+def _close(writer, extra, first_chunk, end_chunk, counts):
+    header = dict(
+        extra, first_chunk=first_chunk, num_chunks=end_chunk - first_chunk, counts=dict(sorted(counts.items()))
+    )
+    return writer.close(header)
+
+
+class _ProgressBar:
+    """tqdm over input bytes (MB/s) with documents/s; silent when disabled or not on a terminal."""
+
+    def __init__(self, total, enabled):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None if enabled else True)
+        self.started = time.perf_counter()
+        self.done = self.documents = 0
+
+    def update(self, position, documents):
+        self.documents += documents
+        if not self.bar.disable:
+            self.bar.update(position - self.done)
+            rate = self.documents / max(time.perf_counter() - self.started, 1e-9)
+            self.bar.set_postfix_str(f"{rate:,.0f} docs/s", refresh=False)
+        self.done = position
+
+    def close(self):
+        self.bar.close()
+
+
+
+def verify_shard_dirs(directories):
+    """``--verify DIR ...``: open every shard directory with all checks and checksums; prints one
+    line a directory (its shards, bytes and seconds); a problem raises ``ShardError`` naming the
+    file (the command's exit status 2)."""
+    for directory in directories:
+        started = time.perf_counter()
+        shards = open_shards(directory, check_tokens=True, check_checksums=True)
+        size = sum(os.path.getsize(path) for shard in shards.shards for path in shard.paths.values())
+        print(
+            f"{directory}: {len(shards.shards)} shards, {shards.num_tokens:,} tokens, {size / 1e9:.2f} GB: "
+            f"sizes, index, ids and sha256 checksums good in {time.perf_counter() - started:.1f} s"
+        )
