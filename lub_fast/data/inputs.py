@@ -208,15 +208,166 @@ def _raw_lines(stream, piece_bytes, whole):
             continued = True
 
 
-@dataclasses.dataclass
-class Chunk:
+_PROBE = 4096  # bytes of a line read to tell whether it is blank; a longer line is not
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """Bytes ``[start, stop)`` of input file ``file_index``.
+
+    A segment owns the lines that start in ``[document_start(start), document_start(stop))`` (see
+    ``_document_start``), so that the segments of a file own each of its lines exactly once, whoever
+    reads them; a file that is not split (``whole``: compressed, UTF-16/32, binary or unreadable) is
+    one segment ``[0, size)`` read from the start.
+    """
+
+    file_index: int
+    start: int
+    stop: int
+    whole: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """The unit of parallel work: consecutive segments of about ``chunk_kb`` KB of input, in order."""
+
     index: int
-    docs: list  # (file index, first line number, [line, ...], [index of a line continuing the one before, ...])
-    progress_bytes: int
+    segments: tuple
+    size: int  # input bytes
+
+
+def _splittable(path):
+    """True for an uncompressed UTF-8 file: one that can be read from any line on."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SAMPLE_BYTES)
+    except OSError:
+        return False
+    return head[:2] != b"\x1f\x8b" and sniff_encoding(head)[0] == "utf-8"
+
+
+def plan_units(files, chunk_bytes):
+    """The units of ``files``: a function of their sizes and kinds alone (every worker count, every
+    part of a ``--part`` run and every resume plans the same). Uncompressed UTF-8 files are cut every
+    ``chunk_bytes`` of the concatenated input; other files are whole segments; small files share a unit."""
+    units, segments, size = [], [], 0
+    for file_index, path in enumerate(files):
+        total = os.path.getsize(path)
+        if total and _splittable(path):
+            pos = 0
+            while pos < total:
+                stop = min(total, pos + chunk_bytes - size)
+                segments.append(Segment(file_index, pos, stop, False))
+                size += stop - pos
+                pos = stop
+                if size >= chunk_bytes:
+                    units.append(Unit(len(units), tuple(segments), size))
+                    segments, size = [], 0
+        else:
+            segments.append(Segment(file_index, 0, total, True))
+            size += total
+            if size >= chunk_bytes:
+                units.append(Unit(len(units), tuple(segments), size))
+                segments, size = [], 0
+    if segments:
+        units.append(Unit(len(units), tuple(segments), size))
+    return units
+
+
+def _next_line(f, pos, size):
+    """The offset after the first newline at or after ``pos`` (``size`` when there is none)."""
+    f.seek(pos)
+    while True:
+        block = f.read(1 << 16)
+        if not block:
+            return size
+        end = block.find(b"\n")
+        if end >= 0:
+            return pos + end + 1
+        pos += len(block)
+
+
+def _blank_before(f, pos):
+    """True when the line that ends just before ``pos`` (a line start > 0) is blank."""
+    lo = max(0, pos - 1 - _PROBE)
+    f.seek(lo)
+    before = f.read(pos - 1 - lo)
+    newline = before.rfind(b"\n")
+    if newline < 0 and lo > 0:
+        return False  # longer than the probe: not blank
+    return not before[newline + 1 :].decode("utf-8", "replace").strip()
+
+
+def _document_start(f, pos, size, window, jsonl):
+    """Where the segment boundary at byte ``pos`` of an uncompressed UTF-8 file falls: ``(offset,
+    cut)``.
+
+    The first line start at or after ``pos`` whose line before is blank, among the lines that start
+    before ``pos + window``; else (a document longer than the window around ``pos``) the first line
+    start at or after ``pos``, where the document is cut (``cut`` True). For JSON lines every line
+    start is a document start. A pure function of the file's bytes, and non-decreasing in ``pos``,
+    which is what lets two workers agree on a boundary without talking.
+    """
+    first = _next_line(f, pos - 1, size)
+    if jsonl or first >= size:
+        return first, False
+    start, blank = first, _blank_before(f, first)
+    while not blank and start < size and start < pos + window:
+        f.seek(start)
+        line = f.readline(_PROBE)
+        if len(line) == _PROBE and not line.endswith(b"\n"):
+            start = _next_line(f, start + _PROBE, size)
+            continue
+        start += len(line)
+        blank = not line.decode("utf-8", "replace").strip()
+    return (start, False) if blank else (first, True)
+
+
+def line_number(path, offset, relative):
+    """The line number in ``path`` of line ``relative`` (1-based) counted from byte ``offset`` (a
+    line start): for the messages that name a line; reads the file up to ``offset``."""
+    if offset == 0:
+        return relative
+    newlines = 0
+    with open(path, "rb") as f:
+        while offset > 0:
+            block = f.read(min(offset, 1 << 20))
+            newlines += block.count(b"\n")
+            offset -= len(block)
+    return newlines + relative
+
+
+class _Bounded:
+    """A binary file read from a line start up to the line that starts at ``stop``."""
+
+    def __init__(self, f, stop):
+        self.f, self.stop, self.at_line_start = f, stop, True
+
+    def readline(self, size):
+        if self.at_line_start and self.f.tell() >= self.stop:
+            return b""
+        data = self.f.readline(size)
+        self.at_line_start = data.endswith(b"\n")
+        return data
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 class Reader:
-    """Reads the files in order, decodes, groups lines into documents and documents into chunks."""
+    """Reads units: decodes, groups lines into documents and documents into chunks, and counts.
+
+    A document is ``(file index, offset, first line, [line, ...], [index of a line continuing the
+    one before, ...])``; ``first`` counts from the line at byte ``offset`` (``line_number`` gives the
+    file's line number). ``counts``, ``named`` (the first few entries per reason) and
+    ``invalid_utf8`` (lines per file) add up over the units read.
+    """
 
     def __init__(self, files, config):
         self.files = files
@@ -226,70 +377,95 @@ class Reader:
         self.named = {}
 
     def note(self, reason, entry):
-        """Count ``reason`` and name ``entry`` ("path (why)") if it is among the first few."""
+        """Count ``reason`` and name ``entry`` ("path (why)", or a function giving it) if it is among
+        the first few."""
         self.counts[reason] += 1
         named = self.named.setdefault(reason, [])
         if len(named) < NAMED_FIRST:
-            named.append(entry)
+            named.append(entry() if callable(entry) else entry)
 
-    def chunks(self):
+    def chunks(self, unit):
+        """The documents of ``unit`` in lists of about ``chunk_kb`` KB (the last one shorter)."""
         chunk_bytes = self.config.chunk_kb * 1024
-        docs, size, index, done_bytes = [], 0, 0, 0
-        for file_index, path in enumerate(self.files):
-            for doc in self._documents(file_index, path, chunk_bytes):
-                docs.append(doc[:4])
-                size += doc[4]
+        docs, size = [], 0
+        for segment in unit.segments:
+            for doc in self._documents(segment, chunk_bytes):
+                docs.append(doc[:5])
+                size += doc[5]
                 if size >= chunk_bytes:
-                    yield Chunk(index, docs, self._position(path, done_bytes))
-                    docs, size, index = [], 0, index + 1
-            done_bytes += os.path.getsize(path)
+                    yield docs
+                    docs, size = [], 0
         if docs:
-            yield Chunk(index, docs, done_bytes)
+            yield docs
 
-    def _position(self, path, done_bytes):
-        return done_bytes + (self._raw.tell() if self._raw and not self._raw.closed else os.path.getsize(path))
-
-    def _documents(self, file_index, path, max_doc_bytes):
-        """(file index, first line, lines, continued, bytes) per document of one file.
-
-        A .txt line longer than ``max_doc_bytes`` comes in pieces (``_raw_lines``); ``continued``
-        lists the indices of the lines that are later pieces of the line before them, which the
-        workers count once, as one line.
-        """
-        self._raw = None
+    def _open(self, segment, path, jsonl, max_doc_bytes):
+        """(stream of UTF-8 bytes, raw file, offset of its first line, what its encoding is called),
+        or None when the segment has nothing to read (noted)."""
+        if not segment.whole:
+            raw = open(path, "rb")
+            size = os.path.getsize(path)
+            (start, cut), stop = (0, False), size
+            if segment.start:
+                start, cut = _document_start(raw, segment.start, size, max_doc_bytes, jsonl)
+            if segment.stop < size:
+                stop = _document_start(raw, segment.stop, size, max_doc_bytes, jsonl)[0]
+            if start >= stop:
+                raw.close()
+                return None
+            self.counts["documents_split"] += cut
+            raw.seek(start)
+            return _Bounded(raw, stop), raw, start, "UTF-8"
         try:
             head = _head(path)
         except (OSError, EOFError, zlib.error) as e:
             self._corrupt(path, 0, e)
-            return
+            return None
         encoding, why = sniff_encoding(head)
         if encoding is None:
             if self.config.strict:
                 raise PrepareError(f"{path}: {why} (--strict)")
             self.note("binary_files", f"{path} ({why})")
-            return
+            return None
         if why:
             self.note("decoded_files", f"{path} ({why})")
-        what = "UTF-8" if encoding == "utf-8" else encoding.upper()
+        stream, raw = _open_text(path, encoding)
+        return stream, raw, 0, "UTF-8" if encoding == "utf-8" else encoding.upper()
+
+    def _documents(self, segment, max_doc_bytes):
+        """(file index, offset, first line, lines, continued, bytes) per document of one segment.
+
+        A .txt line longer than ``max_doc_bytes`` comes in pieces (``_raw_lines``); ``continued``
+        lists the indices of the lines that are later pieces of the line before them, which the
+        workers count once, as one line.
+        """
+        file_index = segment.file_index
+        path = self.files[file_index]
         jsonl = input_kind(path) == "jsonl"
-        stream, self._raw = _open_text(path, encoding)
+        opened = self._open(segment, path, jsonl, max_doc_bytes)
+        if opened is None:
+            return
+        stream, raw_file, offset, what = opened
+
+        def where(lineno):
+            return f"{path}:{line_number(path, offset, lineno)}"
+
         piece_bytes = LINE_LIMIT if jsonl else min(LINE_LIMIT, max_doc_bytes)
         lines, continued, first, size, lineno, sent, invalid = [], [], 0, 0, 0, 0, 0
-        with self._raw, stream:
+        with raw_file, stream:
             try:
                 for lineno, raw, piece in _raw_lines(stream, piece_bytes, jsonl):
                     self.counts["lines_read"] += not piece
                     if raw is None:
                         if self.config.strict:
-                            raise PrepareError(f"{path}:{lineno}: JSON line over {LINE_LIMIT >> 20} MiB (--strict)")
-                        self.note("long_json_lines", f"{path}:{lineno}")
+                            raise PrepareError(f"{where(lineno)}: JSON line over {LINE_LIMIT >> 20} MiB (--strict)")
+                        self.note("long_json_lines", lambda n=lineno: where(n))
                         continue
                     try:
                         text = raw.decode("utf-8")
                     except UnicodeDecodeError as e:
                         if self.config.strict:
                             raise PrepareError(
-                                f"{path}:{lineno}: invalid {what} at byte {e.start} of the line (--strict)"
+                                f"{where(lineno)}: invalid {what} at byte {e.start} of the line (--strict)"
                             ) from None
                         text = raw.decode("utf-8", "replace")
                         if invalid != lineno:  # once per line, however many pieces
@@ -301,17 +477,17 @@ class Reader:
                             continue
                         self.counts["blank"] += 1
                         if lines:
-                            yield file_index, first, lines, continued, size
+                            yield file_index, offset, first, lines, continued, size
                             lines, continued, size = [], [], 0
                         continue
                     if piece and sent != lineno:  # the line's first pieces were blank: it is no blank line
                         self.counts["blank"] -= 1
                     if jsonl:
-                        yield file_index, lineno, [text], [], len(raw)
+                        yield file_index, offset, lineno, [text], [], len(raw)
                         continue
                     if lines and size >= max_doc_bytes:
                         self.counts["documents_split"] += 1
-                        yield file_index, first, lines, continued, size
+                        yield file_index, offset, first, lines, continued, size
                         lines, continued, size = [], [], 0
                     if not lines:
                         first = lineno
@@ -323,10 +499,9 @@ class Reader:
             except (OSError, EOFError, zlib.error) as e:
                 self._corrupt(path, lineno, e)
             if lines:
-                yield file_index, first, lines, continued, size
+                yield file_index, offset, first, lines, continued, size
 
     def _corrupt(self, path, lineno, error):
         if self.config.strict:
             raise PrepareError(f"{path}:{lineno + 1}: corrupt or truncated compressed file ({error}) (--strict)")
         self.note("corrupt_files", f"{path}:{lineno + 1} ({error})")
-

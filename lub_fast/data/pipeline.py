@@ -1,25 +1,30 @@
 """The ``prepare`` pipeline: raw text -> cleaned sentences -> words -> WordPiece ids -> shards.
 
-Streaming and parallel. The input is cut into chunks of about ``chunk_kb`` KB at document
-boundaries (a function of the input alone, ``lub_fast.data.inputs.Reader``); ``workers`` processes
-handle chunks and the results are written in input order, at most ``2 x workers`` chunks in flight,
-straight to the shard files. Memory is therefore bounded by the chunk size, not the corpus, and the
-output is byte-identical for any worker count. A shard closes after the chunk that brings it to
-``shard_size_mb`` MB of token ids. Its header, written last and atomically, marks it complete: a
-re-run with the same settings skips complete shards (reading, not processing, their chunks) and
-goes on from there.
+Streaming and parallel, with a parent that only schedules. The input is planned from the files'
+sizes alone (``lub_fast.data.inputs.plan_units``): units of about ``chunk_kb`` KB (uncompressed
+UTF-8 files are cut at byte positions whose document boundary every reader finds on its own;
+compressed and UTF-16/32 files are read whole), grouped into shards of at least ``shard_size_mb``
+MiB of input. Workers read, clean, segment and tokenize units into unit files (``.units/`` in the
+output) and, once all of a shard's units are done, write the shard from them; the parent receives
+only counts (O(1) per unit) and merges them into the summary. Memory is bounded by the chunk size,
+not the corpus, and the output is byte-identical for any worker count, and for any split into parts
+(``part=(k, n)``: the k-th of n contiguous runs of the planned shards). A shard's header, written
+last and atomically, marks it complete and holds its counts: a re-run with the same settings skips
+complete shards (without reading their input) and goes on from there.
 
 Every kept line is split into sentences at Chinese sentence punctuation (``lub_fast.data.clean``),
 segmented into words (``lub_fast.data.segment``) and tokenized (``lub_fast.data.tokenizer``); the
 counts of what was kept, dropped and fixed go to ``summary.json`` (``lub_fast.data.summary``).
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import multiprocessing
 import os
 import pickle
+import shutil
 import tempfile
 import time
 from collections import Counter, deque
@@ -31,7 +36,8 @@ import numpy as np
 from lub_fast.config_cli import ConfigError, check_fields, check_value, field_error, option
 from lub_fast.config_cli import output_dir as output_dir_check
 from lub_fast.data.clean import clean_line, split_sentences, to_simplified
-from lub_fast.data.inputs import PrepareError, Reader, find_inputs, input_kind
+from lub_fast.data.inputs import NAMED_FIRST, PrepareError, Reader, find_inputs, input_kind, line_number, plan_units
+from lub_fast.data.parts import shard_dirs
 from lub_fast.data.segment import SEGMENTERS, Segmenter, segmenter_settings
 from lub_fast.data.shards import (
     FORMAT,
@@ -47,11 +53,12 @@ from lub_fast.data.shards import (
     write_json_atomic,
 )
 from lub_fast.data.summary import PrepareSummary, report
-from lub_fast.data.tokenizer import WordPieceTokenizer, check_vocab_file, file_sha256, tokenizer_settings
+from lub_fast.data.tokenizer import WordPieceTokenizer, check_vocab_file, file_sha256, read_vocab, tokenizer_settings
 from lub_fast.data.tokenizer import build_vocab as build_vocab_fn
 
 PREPARE_FILE = "prepare.json"
 SUMMARY_FILE = "summary.json"
+WORK_DIR = ".units"  # unit files of the shards being written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,15 +89,20 @@ class PrepareConfig:
 # ----------------------------------------------------------------------------- workers
 
 _STATE = {}
+_ARRAYS = 4  # ids, word starts, tokens per sentence, sentences per document: what a unit file holds
 
 
-def _init_worker(config, files, tokenizer):
+def _init_worker(config, files, vocab_path, units=(), output_dir=None, dtype=None):
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: --workers is the parallelism
+    tokenizer = WordPieceTokenizer(vocab_path) if vocab_path is not None else None
     _STATE.update(
         config=config,
         files=files,
         tokenizer=tokenizer,
         segmenter=Segmenter(config.segmenter, config.user_dict) if tokenizer is not None else None,
+        units=units,
+        output_dir=output_dir,
+        dtype=dtype,
     )
 
 
@@ -99,20 +111,21 @@ def _init_worker_from_file(path):
         _init_worker(*pickle.load(f))
 
 
-def _document_lines(path, jsonl, first, lines, counts, strict):
-    """The text lines of a document; None (the reason counted) for a JSON line that holds none."""
+def _document_lines(where, jsonl, lines, counts, strict):
+    """The text lines of a document; None (the reason counted) for a JSON line that holds none.
+    ``where()`` names the document's first line in errors."""
     if not jsonl:
         return lines
     try:
         obj = json.loads(lines[0])
     except json.JSONDecodeError as e:
         if strict:
-            raise PrepareError(f"{path}:{first}: malformed JSON ({e.msg} at column {e.colno}) (--strict)") from None
+            raise PrepareError(f"{where()}: malformed JSON ({e.msg} at column {e.colno}) (--strict)") from None
         counts["malformed_json"] += 1
         return None
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         if strict:
-            raise PrepareError(f"{path}:{first}: no string field 'text' (--strict)")
+            raise PrepareError(f"{where()}: no string field 'text' (--strict)")
         counts["no_text_field"] += 1
         return None
     return obj["text"].splitlines()
@@ -135,10 +148,14 @@ def _clean_chunk(docs):
     counts = Counter()
     sentences, owner, source, levels = [], [], [], []
     not_documents, line = 0, -1
-    for d, (file_index, first, lines, continued) in enumerate(docs):
+    for d, (file_index, offset, first, lines, continued) in enumerate(docs):
         path = files[file_index]
         jsonl = input_kind(path) == "jsonl"
-        text_lines = _document_lines(path, jsonl, first, lines, counts, config.strict)
+
+        def where(path=path, offset=offset, first=first):
+            return f"{path}:{line_number(path, offset, first)}"
+
+        text_lines = _document_lines(where, jsonl, lines, counts, config.strict)
         if text_lines is None:
             not_documents += 1
             continue
@@ -199,9 +216,8 @@ def _process_chunk(docs):
     counts["empty_documents"] += int(np.count_nonzero(sentences_per_doc == 0)) - not_documents
     counts["word_mismatches"] += mismatches
     counts["unk_tokens"] += int(np.count_nonzero(ids == tokenizer.unk_id))
-    dtype = token_dtype(tokenizer.vocab_size)
     return (
-        ids.astype(dtype),
+        ids.astype(_STATE["dtype"]),
         word_start,
         tokens_per_sentence[keep],
         sentences_per_doc[sentences_per_doc > 0],
@@ -209,31 +225,71 @@ def _process_chunk(docs):
     )
 
 
-class _CorpusSentences:
-    """The cleaned sentences of the corpus, read afresh on every iteration (vocabulary training)."""
-
-    def __init__(self, files, config, workers):
-        self.files, self.config, self.workers = files, config, workers
-
-    def __iter__(self):
-        chunks = Reader(self.files, self.config).chunks()
-        for _, sentences in _run(chunks, _vocab_chunk, self.workers, (self.config, self.files, None)):
-            yield from sentences
+def _unit_file(output_dir, index):
+    return os.path.join(output_dir, WORK_DIR, f"unit-{index:08d}.npy")
 
 
-def _run(chunks, worker_fn, workers, init_args):
-    """(chunk, worker_fn(chunk.docs)) in input order; at most 2 x workers chunks in flight."""
+def _prepare_unit(index):
+    """Read, clean, segment and tokenize unit ``index`` into its unit file (the arrays of its chunks,
+    ``np.save``d one after the other). Returns what the parent needs, O(1) in the unit's size:
+    ``(counts, named, invalid_utf8, documents)``."""
+    reader = Reader(_STATE["files"], _STATE["config"])
+    counts, documents = Counter(), 0
+    path = _unit_file(_STATE["output_dir"], index)
+    with open(path + ".tmp", "wb") as f:
+        for docs in reader.chunks(_STATE["units"][index]):
+            *arrays, chunk_counts = _process_chunk(docs)
+            for array in arrays:
+                np.save(f, array, allow_pickle=False)
+            counts.update(chunk_counts)
+            documents += len(arrays[-1])
+    os.replace(path + ".tmp", path)
+    counts.update(reader.counts)
+    return dict(counts), reader.named, dict(reader.invalid_utf8), documents
+
+
+def _write_shard(index, units, extra):
+    """Write shard ``index`` from the unit files of ``units`` (deleted after); returns its header."""
+    output_dir = _STATE["output_dir"]
+    writer = ShardWriter(output_dir, index, _STATE["dtype"])
+    try:
+        for unit in units:
+            path = _unit_file(output_dir, unit)
+            size = os.path.getsize(path)
+            with open(path, "rb") as f:
+                while f.tell() < size:
+                    writer.append(*[np.load(f, allow_pickle=False) for _ in range(_ARRAYS)])
+        header = writer.close(extra)
+    except BaseException:
+        writer.abort()
+        raise
+    for unit in units:
+        os.remove(_unit_file(output_dir, unit))
+    return header
+
+
+def merge_named(into, named):
+    """Append ``named`` (reason -> entries) to ``into``, keeping the first few per reason."""
+    for reason, entries in named.items():
+        kept = into.setdefault(reason, [])
+        kept.extend(entries[: NAMED_FIRST - len(kept)])
+    return into
+
+
+@contextlib.contextmanager
+def _pool(workers, init_args):
+    """A process pool of ``workers`` started with ``_init_worker(*init_args)``; None for one worker
+    (the work runs in this process)."""
     if workers <= 1:
         _init_worker(*init_args)
-        for chunk in chunks:
-            yield chunk, worker_fn(chunk.docs)
+        yield None
         return
     # A dead worker (killed, out of memory, or a __main__ that spawn cannot re-import, as a script
     # read from stdin) breaks the pool and is reported, where multiprocessing.Pool would hang. The
-    # initializer's arguments (the vocabulary, the file list) travel through a file: spawn writes
-    # the pickled process object into a pipe whose read end the parent keeps open until the write
-    # ends, so a child that dies before reading more than the pipe's 64 KiB blocks the parent for
-    # good (CPython's popen_spawn_posix).
+    # initializer's arguments (the file list, the plan) travel through a file: spawn writes the
+    # pickled process object into a pipe whose read end the parent keeps open until the write ends,
+    # so a child that dies before reading more than the pipe's 64 KiB blocks the parent for good
+    # (CPython's popen_spawn_posix).
     context = multiprocessing.get_context("spawn")
     with tempfile.NamedTemporaryFile(prefix="lub_fast-prepare-", suffix=".pkl") as init_file:
         pickle.dump(init_args, init_file, protocol=pickle.HIGHEST_PROTOCOL)
@@ -242,20 +298,83 @@ def _run(chunks, worker_fn, workers, init_args):
             with ProcessPoolExecutor(
                 workers, mp_context=context, initializer=_init_worker_from_file, initargs=(init_file.name,)
             ) as pool:
-                pending = deque()
-                for chunk in chunks:
-                    pending.append((chunk, pool.submit(worker_fn, chunk.docs)))
-                    if len(pending) >= 2 * workers:
-                        chunk, result = pending.popleft()
-                        yield chunk, result.result()
-                while pending:
-                    chunk, result = pending.popleft()
-                    yield chunk, result.result()
+                yield pool
         except BrokenProcessPool as error:
             raise PrepareError(
                 f"a worker process died ({error}); with --workers > 1 the main module must be importable "
                 "(not a script read from stdin), or use --workers 1"
             ) from None
+
+
+def _in_order(pool, calls, in_flight):
+    """``fn(*args)`` of each ``(fn, args)`` of ``calls``, in order, at most ``in_flight`` at a time."""
+    if pool is None:
+        for fn, args in calls:
+            yield fn(*args)
+        return
+    pending = deque()
+    for fn, args in calls:
+        pending.append(pool.submit(fn, *args))
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class _CorpusSentences:
+    """The cleaned sentences of the corpus, read afresh on every iteration (vocabulary training)."""
+
+    def __init__(self, files, units, config, workers):
+        self.files, self.units, self.config, self.workers = files, units, config, workers
+
+    def __iter__(self):
+        reader = Reader(self.files, self.config)
+        calls = ((_vocab_chunk, (docs,)) for unit in self.units for docs in reader.chunks(unit))
+        with _pool(self.workers, (self.config, self.files, None)) as pool:
+            for sentences in _in_order(pool, calls, 2 * self.workers):
+                yield from sentences
+
+
+def plan_shards(units, shard_bytes):
+    """Consecutive units grouped into shards of at least ``shard_bytes`` of input (the last one
+    less): ``[(first unit, end unit), ...]``, a function of the input alone."""
+    shards, first, size = [], 0, 0
+    for unit in units:
+        size += unit.size
+        if size >= shard_bytes:
+            shards.append((first, unit.index + 1))
+            first, size = unit.index + 1, 0
+    if first < len(units):
+        shards.append((first, len(units)))
+    return shards
+
+
+def _write_shards(todo, units, workers, init_args, extra, on_unit):
+    """Write the shards ``todo`` (``(index, first unit, end unit)``) in parallel; yields their headers
+    in order. Workers prepare units into unit files; once all of a shard's units are done, a worker
+    writes the shard from them. The parent sees O(1) per unit: its counts and named entries."""
+    with _pool(workers, init_args) as pool:
+        calls = ((_prepare_unit, (u,)) for _, first, end in todo for u in range(first, end))
+        results = _in_order(pool, calls, 2 * workers)
+        writing = deque()
+        for index, first, end in todo:
+            counts, named, invalid = Counter(), {}, Counter()
+            for u in range(first, end):
+                unit_counts, unit_named, unit_invalid, documents = next(results)
+                counts.update(unit_counts)
+                merge_named(named, unit_named)
+                invalid.update(unit_invalid)
+                on_unit(units[u].size, documents)
+            header_extra = dict(extra, first_chunk=first, num_chunks=end - first,
+                                counts=dict(sorted(counts.items())), named=named, invalid_utf8=dict(invalid))  # fmt: skip
+            if pool is None:
+                yield _write_shard(index, range(first, end), header_extra)
+                continue
+            writing.append(pool.submit(_write_shard, index, range(first, end), header_extra))
+            while writing and writing[0].done():
+                yield writing.popleft().result()
+        while writing:
+            yield writing.popleft().result()
 
 
 # ----------------------------------------------------------------------------- output directory
@@ -295,6 +414,7 @@ def _remove_shards(output_dir, first):
             SUMMARY_FILE,
         ):
             os.remove(os.path.join(output_dir, name))
+    shutil.rmtree(os.path.join(output_dir, WORK_DIR), ignore_errors=True)
 
 
 def _remove_all(output_dir):
@@ -305,17 +425,22 @@ def _remove_all(output_dir):
             os.remove(os.path.join(output_dir, name))
 
 
-def _complete_shards(output_dir, settings_sha256):
-    """Headers of the complete shards 0, 1, ... written with these settings."""
+def _complete_shards(output_dir, settings_sha256, planned):
+    """Headers of the complete shards 0, 1, ... written with these settings, as ``planned``
+    (``(first unit, end unit)`` of each shard)."""
     headers = []
-    while True:
+    while len(headers) < len(planned):
         path = os.path.join(output_dir, f"{shard_name(len(headers))}.json")
         try:
             with open(path, encoding="utf-8") as f:
                 header = json.load(f)
         except (FileNotFoundError, json.JSONDecodeError):
             return headers
-        if header.get("settings_sha256") != settings_sha256:
+        first, end = planned[len(headers)]
+        if header.get("settings_sha256") != settings_sha256 or (header.get("first_chunk"), header.get("num_chunks")) != (
+            first,
+            end - first,
+        ):
             return headers
         sizes = expected_sizes(header)
         for kind in SHARD_FILES:
@@ -323,6 +448,7 @@ def _complete_shards(output_dir, settings_sha256):
             if not os.path.isfile(file_path) or os.path.getsize(file_path) != sizes[kind]:
                 return headers
         headers.append(header)
+    return headers
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -370,8 +496,12 @@ def prepare_corpus(
     max_sentence_chars=256,
     overwrite=False,
     progress=False,
+    part=None,
 ):
     """Prepare ``inputs`` (paths, directories, globs) into the shard directory ``output_dir``.
+
+    ``part=(k, n)`` (1 <= k <= n) writes only the k-th of n contiguous runs of the shards that a
+    one-machine run writes, numbered from 0 (``lub_fast.data.parts``); it needs ``vocab``.
 
     Exactly one of ``vocab`` (a bert-base-chinese-format vocab.txt, or a model directory: see
     ``_vocab_data``) and ``build_vocab`` (train a
@@ -392,6 +522,13 @@ def prepare_corpus(
     )
     if (vocab is None) == (build_vocab is None):
         raise PrepareError("give exactly one of --vocab FILE and --build-vocab N")
+    if part is not None and not 1 <= part[0] <= part[1]:
+        raise PrepareError(f"part {part}: need (k, n) with 1 <= k <= n")
+    if part is not None and build_vocab is not None:
+        raise PrepareError(
+            "--part needs --vocab (each part would build another vocabulary): build one first with "
+            "--build-vocab on one machine, then give its vocab.txt to every part"
+        )
     try:
         # the command-line options that are not PrepareConfig fields, before anything is written
         check_value("output", os.fspath(output_dir), check=output_dir_check)
@@ -407,6 +544,8 @@ def prepare_corpus(
         to_simplified("")  # fail now, not in a worker, when OpenCC is missing
     skipped = []
     files = find_inputs(inputs, skipped)
+    units = plan_units(files, config.chunk_kb * 1024)
+    total_bytes = sum(os.path.getsize(p) for p in files)
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     if overwrite:
@@ -436,7 +575,7 @@ def prepare_corpus(
         vocab_sha256 = previous["vocab_sha256"]
     else:
         try:
-            build_vocab_fn(_CorpusSentences(files, config, workers), build_vocab, vocab_path)
+            build_vocab_fn(_CorpusSentences(files, units, config, workers), build_vocab, vocab_path)
         except ValueError as e:
             raise PrepareError(f"{output_dir}: {e}") from None
         vocab_sha256 = file_sha256(vocab_path)
@@ -446,58 +585,40 @@ def prepare_corpus(
         os.path.join(output_dir, PREPARE_FILE), {"settings": settings, "settings_sha256": settings_sha256}
     )
 
-    tokenizer = WordPieceTokenizer(vocab_path)
-    dtype = token_dtype(tokenizer.vocab_size)
-    complete = _complete_shards(output_dir, settings_sha256)
+    vocab_size = len(read_vocab(vocab_path))
+    dtype = token_dtype(vocab_size)
+    planned = plan_shards(units, max(1, int(config.shard_size_mb * (1 << 20))))
+    if part is not None:
+        k, n = part
+        planned = planned[len(planned) * (k - 1) // n : len(planned) * k // n]
+    complete = _complete_shards(output_dir, settings_sha256, planned)
     _remove_shards(output_dir, len(complete))
-    skip_chunks = sum(h["num_chunks"] for h in complete)
-    shard_tokens = max(1, int(config.shard_size_mb * (1 << 20)) // dtype.itemsize)
+    os.makedirs(os.path.join(output_dir, WORK_DIR), exist_ok=True)
+    todo = [(i, first, end) for i, (first, end) in enumerate(planned) if i >= len(complete)]
     extra = {"vocab_sha256": vocab_sha256, "settings_sha256": settings_sha256, "token_dtype": dtype.str}
-
-    reader = Reader(files, config)
-    for reason, entry in skipped:
-        reader.note(reason, entry)
+    part_bytes = sum(u.size for first, end in planned for u in units[first:end])
+    progress_bar = _ProgressBar(part_bytes, progress)
+    progress_bar.update(sum(u.size for first, end in planned[: len(complete)] for u in units[first:end]), 0)
     headers = list(complete)
-    tail_counts = Counter()
-    total_bytes = sum(os.path.getsize(p) for p in files)
-    progress_bar = _ProgressBar(total_bytes, progress)
-
-    def pending_chunks():
-        for chunk in reader.chunks():
-            if chunk.index < skip_chunks:
-                progress_bar.update(chunk.progress_bytes, 0)
-                continue
-            yield chunk
-
-    writer, first_chunk, end_chunk, shard_counts = None, skip_chunks, skip_chunks, Counter()
+    init_args = (config, files, vocab_path, units, output_dir, dtype)
     try:
-        for chunk, (ids, word_start, tokens_per_sentence, sentences_per_doc, counts) in _run(
-            pending_chunks(), _process_chunk, workers, (config, files, tokenizer)
-        ):
-            if writer is None:
-                writer = ShardWriter(output_dir, len(headers), dtype)
-            writer.append(ids, word_start, tokens_per_sentence, sentences_per_doc)
-            shard_counts += counts
-            end_chunk = chunk.index + 1
-            progress_bar.update(chunk.progress_bytes, len(sentences_per_doc))
-            if writer.num_tokens >= shard_tokens:
-                headers.append(_close(writer, extra, first_chunk, end_chunk, shard_counts))
-                writer, first_chunk, shard_counts = None, end_chunk, Counter()
-        if writer is not None and writer.num_documents:
-            headers.append(_close(writer, extra, first_chunk, end_chunk, shard_counts))
-            writer = None
-        else:
-            tail_counts = shard_counts
+        headers.extend(_write_shards(todo, units, workers, init_args, extra, progress_bar.update))
     finally:
         progress_bar.close()
-        if writer is not None:
-            writer.abort()
+    os.rmdir(os.path.join(output_dir, WORK_DIR))
 
-    counts = Counter(reader.counts)
+    # find_inputs' skipped files belong to the first part (the one of a one-machine run)
+    counts, named, invalid_utf8 = Counter(), {}, Counter()
+    if part is None or part[0] == 1:
+        for reason, entry in skipped:
+            counts[reason] += 1
+            merge_named(named, {reason: [entry]})
     for header in headers:
         counts.update(header["counts"])
-    counts.update(tail_counts)
-    report_ = report(len(files), total_bytes, headers, counts, reader.named, dict(reader.invalid_utf8))
+        merge_named(named, header["named"])
+        invalid_utf8.update(header["invalid_utf8"])
+    invalid_utf8 = dict(invalid_utf8)
+    report_ = report(len(files), total_bytes, headers, counts, named, invalid_utf8)
     summary = PrepareSummary(
         output_dir=output_dir,
         files=len(files),
@@ -508,7 +629,7 @@ def prepare_corpus(
         sentences=sum(h["num_sentences"] for h in headers),
         tokens=sum(h["num_tokens"] for h in headers),
         counts=dict(sorted(counts.items())),
-        invalid_utf8_by_file=dict(reader.invalid_utf8),
+        invalid_utf8_by_file=invalid_utf8,
         seconds=time.perf_counter() - started,
         report=report_,
     )
@@ -517,7 +638,7 @@ def prepare_corpus(
         version=FORMAT_VERSION,
         vocab_file=VOCAB_FILE,
         vocab_sha256=vocab_sha256,
-        vocab_size=tokenizer.vocab_size,
+        vocab_size=vocab_size,
         token_dtype=dtype.str,
         settings=settings,
         settings_sha256=settings_sha256,
@@ -528,16 +649,11 @@ def prepare_corpus(
         counts=summary.counts,
         invalid_utf8_by_file=summary.invalid_utf8_by_file,
     )
+    if part is not None:
+        meta["part"] = list(part)
     write_json_atomic(os.path.join(output_dir, SUMMARY_FILE), report_)
     write_json_atomic(os.path.join(output_dir, META_FILE), meta)
     return summary
-
-
-def _close(writer, extra, first_chunk, end_chunk, counts):
-    header = dict(
-        extra, first_chunk=first_chunk, num_chunks=end_chunk - first_chunk, counts=dict(sorted(counts.items()))
-    )
-    return writer.close(header)
 
 
 class _ProgressBar:
@@ -548,15 +664,14 @@ class _ProgressBar:
 
         self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="prepare", disable=None if enabled else True)
         self.started = time.perf_counter()
-        self.done = self.documents = 0
+        self.documents = 0
 
-    def update(self, position, documents):
+    def update(self, input_bytes, documents):
         self.documents += documents
         if not self.bar.disable:
-            self.bar.update(position - self.done)
+            self.bar.update(input_bytes)
             rate = self.documents / max(time.perf_counter() - self.started, 1e-9)
             self.bar.set_postfix_str(f"{rate:,.0f} docs/s", refresh=False)
-        self.done = position
 
     def close(self):
         self.bar.close()
@@ -566,8 +681,8 @@ class _ProgressBar:
 def verify_shard_dirs(directories):
     """``--verify DIR ...``: open every shard directory with all checks and checksums; prints one
     line a directory (its shards, bytes and seconds); a problem raises ``ShardError`` naming the
-    file (the command's exit status 2)."""
-    for directory in directories:
+    file (the command's exit status 2). A directory of ``--part`` outputs is checked part by part."""
+    for directory in [d for given in directories for d in shard_dirs(given)]:
         started = time.perf_counter()
         shards = open_shards(directory, check_tokens=True, check_checksums=True)
         size = sum(os.path.getsize(path) for shard in shards.shards for path in shard.paths.values())

@@ -115,7 +115,8 @@ def test_prepare_empty_and_blank_inputs(tmp_path, vocab_path):
     (tmp_path / "blank.txt").write_text("\n  \n\u3000\n\t\n", encoding="utf-8")
     (tmp_path / "blank.jsonl").write_text("\n\n", encoding="utf-8")
     summary = _run(tmp_path, [tmp_path / "empty.txt", tmp_path / "blank.txt", tmp_path / "blank.jsonl"], vocab_path)
-    assert (summary.documents, summary.shards) == (0, 0)
+    # one shard, empty: every planned shard is written, so that a resume finds its counts
+    assert (summary.documents, summary.shards, summary.tokens) == (0, 1, 0)
     assert summary.counts["blank"] == 6
     assert "warning: no documents were written" in summary.format()
     dataset = PretrainDataset(summary.output_dir)
