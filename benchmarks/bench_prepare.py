@@ -22,7 +22,10 @@ all of it: 5.5 MB, tags stripped, 20 lines a document):
   parent's share of the workers' CPU time, its CPU seconds per GB of input, and the work-based 1 ->
   N scaling ``N * cpu(1 worker) / (cpu(parent) + cpu(workers))`` (the speedup N idle cores would
   give: it does not depend on what else runs on the machine, unlike the wall-time ratio, which is
-  printed too).
+  printed too). ``LUB_FAST_BENCH_COPIES`` (default 2) sets how many times each file is there.
+- ``worker-startup``: the same with 2 workers on 64 KB: the CPU seconds a worker spends starting
+  (imports, vocabulary, dictionary), which a long corpus amortises; the summary also gives the
+  scaling with it taken out of both sides (the steady state of a corpus of many GB).
 
 Run: ``pytest benchmarks/bench_prepare.py --benchmark-enable --benchmark-only -s``; the last test
 prints MB/s per provider and the ratios the issue sets goals for.
@@ -195,7 +198,7 @@ def real_corpora(corpus):
     sources += [os.path.join(PRETRAIN_CORPUS, name) for name in ("zhwiki_bert_sampled.txt", "CLUECorpusSmall_bert_sampled.txt")
                 if os.path.isfile(os.path.join(PRETRAIN_CORPUS, name))]  # fmt: skip
     files = []
-    for copy in range(2):
+    for copy in range(int(os.environ.get("LUB_FAST_BENCH_COPIES", "2"))):
         for source in sources:
             path = corpus["root"] / f"real-{copy}-{os.path.basename(source)}"
             shutil.copyfile(source, path)
@@ -218,6 +221,19 @@ def test_bench_prepare_parent_share(benchmark, real_corpora, workers):
     if workers > 1:
         benchmark.extra_info["parent share of workers' CPU"] = round(times["parent"] / times["workers"], 4)
         benchmark.extra_info["parent CPU s per GB"] = round(times["parent"] / mb * 1000, 2)
+
+
+def test_bench_prepare_worker_startup(benchmark, real_corpora):
+    tiny = real_corpora["root"] / "tiny.txt"
+    with open(real_corpora["files"][0], "rb") as f:
+        tiny.write_bytes(f.read(64 * 1024).rsplit(b"\n", 1)[0] + b"\n")
+    cmd = [sys.executable, "-c", _CPU_SHARE, "2", str(real_corpora["root"] / "startup"), real_corpora["vocab"], str(tiny)]
+
+    def run():
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
+    SHARES["startup"] = benchmark.pedantic(run, rounds=1, iterations=1)
+    benchmark.extra_info["worker start-up CPU s"] = round(SHARES["startup"]["workers"] / 2, 3)
 
 
 def test_bench_summary(benchmark, corpus):
@@ -247,6 +263,10 @@ def test_bench_summary(benchmark, corpus):
                     f"{100 * t['parent'] / t['workers']:.2f}% of the workers' {t['workers']:.2f} s (goal < 2%), "
                     f"work-based scaling {n * one['parent'] / (t['parent'] + t['workers']):.2f}x"
                 )
+                if "startup" in SHARES:
+                    start = SHARES["startup"]["workers"] / 2
+                    steady = n * (one["parent"] - start) / (t["parent"] + t["workers"] - n * start)
+                    lines.append(f"    without the workers' start-up ({start:.2f} s CPU each): {steady:.2f}x")
     if "peak-memory-4x MB" in r and "peak-memory-1x MB" in r:
         lines.append(f"peak memory 4x / 1x corpus: {r['peak-memory-4x MB'] / r['peak-memory-1x MB']:.2f} (flat = 1)")
     print("\n" + "\n".join(lines))

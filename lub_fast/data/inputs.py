@@ -129,7 +129,20 @@ def _head(path):
 codecs.register_error("lub_fast.lone_surrogate", lambda error: ("\udcff", error.end))
 
 
-class _Recoded:
+class _Stream:
+    """A wrapper of a binary stream ``self.stream`` that closes it."""
+
+    def close(self):
+        self.stream.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _Recoded(_Stream):
     """A UTF-16/32 binary stream read as UTF-8 bytes, with ``readline(size)`` as a binary file's."""
 
     def __init__(self, stream, encoding):
@@ -151,14 +164,6 @@ class _Recoded:
         line, self.pos = self.buffer[self.pos : stop], stop
         return line
 
-    def close(self):
-        self.stream.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _open_text(path, encoding):
@@ -337,27 +342,18 @@ def line_number(path, offset, relative):
     return newlines + relative
 
 
-class _Bounded:
+class _Bounded(_Stream):
     """A binary file read from a line start up to the line that starts at ``stop``."""
 
-    def __init__(self, f, stop):
-        self.f, self.stop, self.at_line_start = f, stop, True
+    def __init__(self, stream, stop):
+        self.stream, self.stop, self.at_line_start = stream, stop, True
 
     def readline(self, size):
-        if self.at_line_start and self.f.tell() >= self.stop:
+        if self.at_line_start and self.stream.tell() >= self.stop:
             return b""
-        data = self.f.readline(size)
+        data = self.stream.readline(size)
         self.at_line_start = data.endswith(b"\n")
         return data
-
-    def close(self):
-        self.f.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class Reader:
