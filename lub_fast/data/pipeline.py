@@ -4,7 +4,7 @@ Streaming and parallel, with a parent that only schedules. The input is planned 
 sizes alone (``lub_fast.data.inputs.plan_units``): units of about ``chunk_kb`` KB (uncompressed
 UTF-8 files are cut at byte positions whose document boundary every reader finds on its own;
 compressed and UTF-16/32 files are read whole), grouped into shards of at least ``shard_size_mb``
-MiB of input. Workers read, clean, segment and tokenize units into unit files (``.units/`` in the
+MiB of input. Workers (``lub_fast.data.workers``) read, clean, segment and tokenize units into unit files (``.units/`` in the
 output) and, once all of a shard's units are done, write the shard from them; the parent receives
 only counts (O(1) per unit) and merges them into the summary. Memory is bounded by the chunk size,
 not the corpus, and the output is byte-identical for any worker count, and for any split into parts
@@ -31,21 +31,18 @@ from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-import numpy as np
-
 from lub_fast.config_cli import ConfigError, check_fields, check_value, field_error, option
 from lub_fast.config_cli import output_dir as output_dir_check
-from lub_fast.data.clean import clean_line, split_sentences, to_simplified
-from lub_fast.data.inputs import NAMED_FIRST, PrepareError, Reader, find_inputs, input_kind, line_number, plan_units
+from lub_fast.data.clean import to_simplified
+from lub_fast.data.inputs import NAMED_FIRST, PrepareError, Reader, find_inputs, plan_units
 from lub_fast.data.parts import shard_dirs
-from lub_fast.data.segment import SEGMENTERS, Segmenter, segmenter_settings
+from lub_fast.data.segment import SEGMENTERS, segmenter_settings
 from lub_fast.data.shards import (
     FORMAT,
     FORMAT_VERSION,
     META_FILE,
     SHARD_FILES,
     VOCAB_FILE,
-    ShardWriter,
     expected_sizes,
     open_shards,
     shard_name,
@@ -53,12 +50,12 @@ from lub_fast.data.shards import (
     write_json_atomic,
 )
 from lub_fast.data.summary import PrepareSummary, report
-from lub_fast.data.tokenizer import WordPieceTokenizer, check_vocab_file, file_sha256, read_vocab, tokenizer_settings
+from lub_fast.data.tokenizer import check_vocab_file, file_sha256, read_vocab, tokenizer_settings
 from lub_fast.data.tokenizer import build_vocab as build_vocab_fn
+from lub_fast.data.workers import WORK_DIR, init_worker, init_worker_from_file, prepare_unit, vocab_chunk, write_shard
 
 PREPARE_FILE = "prepare.json"
 SUMMARY_FILE = "summary.json"
-WORK_DIR = ".units"  # unit files of the shards being written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,186 +83,6 @@ class PrepareConfig:
 
 
 
-# ----------------------------------------------------------------------------- workers
-
-_STATE = {}
-_ARRAYS = 4  # ids, word starts, tokens per sentence, sentences per document: what a unit file holds
-
-
-def _init_worker(config, files, vocab_path, units=(), output_dir=None, dtype=None):
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: --workers is the parallelism
-    tokenizer = WordPieceTokenizer(vocab_path) if vocab_path is not None else None
-    _STATE.update(
-        config=config,
-        files=files,
-        tokenizer=tokenizer,
-        segmenter=Segmenter(config.segmenter, config.user_dict) if tokenizer is not None else None,
-        units=units,
-        output_dir=output_dir,
-        dtype=dtype,
-    )
-
-
-def _init_worker_from_file(path):
-    with open(path, "rb") as f:
-        _init_worker(*pickle.load(f))
-
-
-def _document_lines(where, jsonl, lines, counts, strict):
-    """The text lines of a document; None (the reason counted) for a JSON line that holds none.
-    ``where()`` names the document's first line in errors."""
-    if not jsonl:
-        return lines
-    try:
-        obj = json.loads(lines[0])
-    except json.JSONDecodeError as e:
-        if strict:
-            raise PrepareError(f"{where()}: malformed JSON ({e.msg} at column {e.colno}) (--strict)") from None
-        counts["malformed_json"] += 1
-        return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-        if strict:
-            raise PrepareError(f"{where()}: no string field 'text' (--strict)")
-        counts["no_text_field"] += 1
-        return None
-    return obj["text"].splitlines()
-
-
-# Why an input line with no sentence kept is dropped, by how far it got: nothing left after cleaning,
-# sentences all too short, sentences that got no token.
-_LINE_LEVELS = ("empty_after_cleaning", "short_lines", "no_token_lines")
-
-
-def _clean_chunk(docs):
-    """Clean and split a chunk: ``(sentences, owner, source, levels, not_documents, counts)``.
-
-    ``owner``: the document of each sentence; ``source``: the input line (a .txt line or a JSON
-    line) of each sentence, an index into ``levels`` (-1 for a piece of a line that began in an
-    earlier chunk, which counts it); ``levels``: per input line, how far it got (``_LINE_LEVELS``)
-    should none of its sentences get a token; ``not_documents``: JSON lines without a document.
-    """
-    config, files = _STATE["config"], _STATE["files"]
-    counts = Counter()
-    sentences, owner, source, levels = [], [], [], []
-    not_documents, line = 0, -1
-    for d, (file_index, offset, first, lines, continued) in enumerate(docs):
-        path = files[file_index]
-        jsonl = input_kind(path) == "jsonl"
-
-        def where(path=path, offset=offset, first=first):
-            return f"{path}:{line_number(path, offset, first)}"
-
-        text_lines = _document_lines(where, jsonl, lines, counts, config.strict)
-        if text_lines is None:
-            not_documents += 1
-            continue
-        if jsonl:
-            levels.append(0)
-            line = len(levels) - 1
-        continued = set(continued)
-        for i, text in enumerate(text_lines):
-            if not jsonl and i not in continued:
-                levels.append(0)
-                line = len(levels) - 1
-            if config.t2s:
-                converted = to_simplified(text)
-                counts["t2s"] += converted != text
-                text = converted
-            text, removed = clean_line(text)
-            counts["control_chars"] += removed > 0
-            if not text:
-                continue
-            pieces, long_sentences, hard_cuts = split_sentences(text, config.max_sentence_chars)
-            kept = [p for p in pieces if len(p) >= config.min_chars]
-            counts["long_lines"] += long_sentences
-            counts["hard_cuts"] += hard_cuts
-            counts["too_short"] += len(pieces) - len(kept)
-            if line >= 0:
-                levels[line] = max(levels[line], 2 if kept else 1)
-            sentences.extend(kept)
-            owner.extend([d] * len(kept))
-            source.extend([line] * len(kept))
-    return sentences, owner, source, levels, not_documents, counts
-
-
-def _vocab_chunk(docs):
-    return _clean_chunk(docs)[0]
-
-
-def _process_chunk(docs):
-    """Token ids, word starts, tokens per sentence, sentences per document, counts of one chunk."""
-    tokenizer, segmenter = _STATE["tokenizer"], _STATE["segmenter"]
-    sentences, owner, source, levels, not_documents, counts = _clean_chunk(docs)
-    text = "\n".join(sentences)
-    ids, starts, word_start, mismatches = tokenizer.encode_words(text, segmenter.boundaries(text))
-    lengths = np.fromiter(map(len, sentences), dtype=np.int64, count=len(sentences))
-    sentence_starts = np.concatenate(([0], np.cumsum(lengths + 1)[:-1])) if len(sentences) else lengths
-    tokens_per_sentence = np.bincount(
-        np.searchsorted(sentence_starts, starts, side="right") - 1, minlength=len(sentences)
-    )
-    keep = tokens_per_sentence > 0
-    sentences_per_doc = np.bincount(np.asarray(owner, dtype=np.int64)[keep], minlength=len(docs))
-    kept_lines = np.zeros(len(levels), dtype=bool)
-    kept_source = np.asarray(source, dtype=np.int64)[keep]
-    kept_lines[kept_source[kept_source >= 0]] = True
-    levels = np.asarray(levels, dtype=np.int64)
-    counts["lines_kept"] += int(np.count_nonzero(kept_lines))
-    for level, reason in enumerate(_LINE_LEVELS):
-        counts[reason] += int(np.count_nonzero(~kept_lines & (levels == level)))
-    counts["no_tokens"] += int(np.count_nonzero(~keep))
-    counts["empty_documents"] += int(np.count_nonzero(sentences_per_doc == 0)) - not_documents
-    counts["word_mismatches"] += mismatches
-    counts["unk_tokens"] += int(np.count_nonzero(ids == tokenizer.unk_id))
-    return (
-        ids.astype(_STATE["dtype"]),
-        word_start,
-        tokens_per_sentence[keep],
-        sentences_per_doc[sentences_per_doc > 0],
-        counts,
-    )
-
-
-def _unit_file(output_dir, index):
-    return os.path.join(output_dir, WORK_DIR, f"unit-{index:08d}.npy")
-
-
-def _prepare_unit(index):
-    """Read, clean, segment and tokenize unit ``index`` into its unit file (the arrays of its chunks,
-    ``np.save``d one after the other). Returns what the parent needs, O(1) in the unit's size:
-    ``(counts, named, invalid_utf8, documents)``."""
-    reader = Reader(_STATE["files"], _STATE["config"])
-    counts, documents = Counter(), 0
-    path = _unit_file(_STATE["output_dir"], index)
-    with open(path + ".tmp", "wb") as f:
-        for docs in reader.chunks(_STATE["units"][index]):
-            *arrays, chunk_counts = _process_chunk(docs)
-            for array in arrays:
-                np.save(f, array, allow_pickle=False)
-            counts.update(chunk_counts)
-            documents += len(arrays[-1])
-    os.replace(path + ".tmp", path)
-    counts.update(reader.counts)
-    return dict(counts), reader.named, dict(reader.invalid_utf8), documents
-
-
-def _write_shard(index, units, extra):
-    """Write shard ``index`` from the unit files of ``units`` (deleted after); returns its header."""
-    output_dir = _STATE["output_dir"]
-    writer = ShardWriter(output_dir, index, _STATE["dtype"])
-    try:
-        for unit in units:
-            path = _unit_file(output_dir, unit)
-            size = os.path.getsize(path)
-            with open(path, "rb") as f:
-                while f.tell() < size:
-                    writer.append(*[np.load(f, allow_pickle=False) for _ in range(_ARRAYS)])
-        header = writer.close(extra)
-    except BaseException:
-        writer.abort()
-        raise
-    for unit in units:
-        os.remove(_unit_file(output_dir, unit))
-    return header
 
 
 def merge_named(into, named):
@@ -278,10 +95,10 @@ def merge_named(into, named):
 
 @contextlib.contextmanager
 def _pool(workers, init_args):
-    """A process pool of ``workers`` started with ``_init_worker(*init_args)``; None for one worker
+    """A process pool of ``workers`` started with ``init_worker(*init_args)``; None for one worker
     (the work runs in this process)."""
     if workers <= 1:
-        _init_worker(*init_args)
+        init_worker(*init_args)
         yield None
         return
     # A dead worker (killed, out of memory, or a __main__ that spawn cannot re-import, as a script
@@ -296,7 +113,7 @@ def _pool(workers, init_args):
         init_file.flush()
         try:
             with ProcessPoolExecutor(
-                workers, mp_context=context, initializer=_init_worker_from_file, initargs=(init_file.name,)
+                workers, mp_context=context, initializer=init_worker_from_file, initargs=(init_file.name,)
             ) as pool:
                 yield pool
         except BrokenProcessPool as error:
@@ -329,7 +146,7 @@ class _CorpusSentences:
 
     def __iter__(self):
         reader = Reader(self.files, self.config)
-        calls = ((_vocab_chunk, (docs,)) for unit in self.units for docs in reader.chunks(unit))
+        calls = ((vocab_chunk, (docs,)) for unit in self.units for docs in reader.chunks(unit))
         with _pool(self.workers, (self.config, self.files, None)) as pool:
             for sentences in _in_order(pool, calls, 2 * self.workers):
                 yield from sentences
@@ -354,7 +171,7 @@ def _write_shards(todo, units, workers, init_args, extra, on_unit):
     in order. Workers prepare units into unit files; once all of a shard's units are done, a worker
     writes the shard from them. The parent sees O(1) per unit: its counts and named entries."""
     with _pool(workers, init_args) as pool:
-        calls = ((_prepare_unit, (u,)) for _, first, end in todo for u in range(first, end))
+        calls = ((prepare_unit, (u,)) for _, first, end in todo for u in range(first, end))
         results = _in_order(pool, calls, 2 * workers)
         writing = deque()
         for index, first, end in todo:
@@ -368,9 +185,9 @@ def _write_shards(todo, units, workers, init_args, extra, on_unit):
             header_extra = dict(extra, first_chunk=first, num_chunks=end - first,
                                 counts=dict(sorted(counts.items())), named=named, invalid_utf8=dict(invalid))  # fmt: skip
             if pool is None:
-                yield _write_shard(index, range(first, end), header_extra)
+                yield write_shard(index, range(first, end), header_extra)
                 continue
-            writing.append(pool.submit(_write_shard, index, range(first, end), header_extra))
+            writing.append(pool.submit(write_shard, index, range(first, end), header_extra))
             while writing and writing[0].done():
                 yield writing.popleft().result()
         while writing:
