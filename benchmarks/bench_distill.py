@@ -46,7 +46,7 @@ def setup(tmp_path_factory):
     import snownlp
 
     from lub_fast.data.tokenizer import build_vocab
-    from lub_fast.prepare import prepare_corpus
+    from lub_fast.data.pipeline import prepare_corpus
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("bench_distill")

@@ -101,6 +101,7 @@ def _pipeline(cfg: DistillConfig, env):
     """Dataset, collator and the loop's ``batches`` for this rank; the eval function."""
     from lub_fast.data.collator import MaskingCollator
     from lub_fast.data.dataset import PretrainDataset
+    from lub_fast.data.parts import expand
     from lub_fast.data.shards import ShardError
 
     if not cfg.data.data:
@@ -108,10 +109,10 @@ def _pipeline(cfg: DistillConfig, env):
     common = {"max_seq_len": cfg.data.max_seq_len, "pair": None, "short_seq_prob": cfg.data.short_seq_prob, "seed": cfg.data.seed}
     try:
         dataset = PretrainDataset(
-            list(cfg.data.data), rank=env.rank, world_size=env.world_size, verify_checksums=cfg.data.verify, **common
+            expand(cfg.data.data), rank=env.rank, world_size=env.world_size, verify_checksums=cfg.data.verify, **common
         )
         eval_set = PretrainDataset(
-            list(cfg.data.eval_data), rank=0, world_size=1, shuffle=False,
+            expand(cfg.data.eval_data), rank=0, world_size=1, shuffle=False,
             verify_checksums=cfg.data.verify and env.rank == 0, **common,
         ) if cfg.data.eval_data else None
     except (ShardError, ValueError) as error:

@@ -181,10 +181,11 @@ def check_vocabularies(teacher_vocab: dict, student_vocab: dict | None, data_voc
 def data_signature(shard_dirs) -> dict:
     """What the training data is, independent of where it lies: per directory the vocabulary and
     settings hashes and the sha256 of every shard file."""
+    from lub_fast.data.parts import expand
     from lub_fast.data.shards import open_shards
 
     signature = []
-    for d in shard_dirs:
+    for d in expand(shard_dirs):
         shards = open_shards(d, check_tokens=False)
         files = [{k: v["sha256"] for k, v in sorted(s.header["files"].items())} for s in shards.shards]
         signature.append({"vocab_sha256": shards.vocab_sha256, "settings_sha256": shards.meta.get("settings_sha256"),

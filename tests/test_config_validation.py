@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from lub_fast import distill, finetune, prepare, pretrain, recipes
+from lub_fast.data.inputs import PrepareError
+from lub_fast.data.pipeline import PrepareConfig
 from lub_fast.config_cli import ConfigError, describe, range_text, to_dict
 from lub_fast.data.collator import MaskingConfig
 from lub_fast.errors import UsageError
@@ -30,7 +32,7 @@ def _configs():
         recipes.PretrainConfig(),
         distill.DistillConfig(),
         finetune.FinetuneConfig(),
-        prepare.PrepareConfig(),
+        PrepareConfig(),
         MaskingConfig(vocab_size=100, cls_token_id=2, sep_token_id=3, pad_token_id=0, mask_token_id=4, unk_token_id=1),
         EncoderConfig(),
     ]
@@ -99,7 +101,7 @@ def _outside(f, annotation):
 @pytest.mark.parametrize("cls, f, annotation", NUMERIC_FIELDS, ids=[f"{c.__module__}.{c.__name__}.{f.name}" for c, f, _ in NUMERIC_FIELDS])
 def test_config_validation_every_declared_range_is_enforced(cls, f, annotation):
     bad = _outside(f, annotation)
-    with pytest.raises((ConfigError, prepare.PrepareError)) as info:
+    with pytest.raises((ConfigError, PrepareError)) as info:
         dataclasses.replace(CONFIGS[cls], **{f.name: bad})
     item = bad[0] if isinstance(bad, tuple) else bad
     message = str(info.value)

@@ -60,7 +60,7 @@ def one_thread():
 def shards(tmp_path_factory):
     """(train shards, held-out shards): 3,000 lines in documents of 10 lines, every 10th held out."""
     from lub_fast.data.tokenizer import build_vocab
-    from lub_fast.prepare import prepare_corpus
+    from lub_fast.data.pipeline import prepare_corpus
 
     root = tmp_path_factory.mktemp("distill_data")
     lines = _people_daily(3000)
@@ -196,7 +196,7 @@ def test_distilled_student_beats_mlm_only_on_held_out_text(shards, tmp_path):
     # T = 2 flattens its targets so much that the student learns less than from the labels alone
     # (measured: 0.088 vs 0.103). With lr 3e-3 both students sat longer on the unigram plateau
     # and the outcome swung with the float rounding of the teacher's training.
-    from lub_fast.prepare import prepare_corpus
+    from lub_fast.data.pipeline import prepare_corpus
     from lub_fast.recipes import ModelSection, PretrainConfig
     from lub_fast.recipes import PretrainDataSection as PretrainData
     from lub_fast.recipes import PretrainMaskingSection as PretrainMasking
@@ -344,7 +344,7 @@ def test_distill_teacher_with_only_tokenizer_json_is_checked_by_its_vocabulary(s
     with ``--vocab TEACHER_DIR`` train and export the teacher's vocabulary."""
     import transformers
 
-    from lub_fast.prepare import prepare_corpus
+    from lub_fast.data.pipeline import prepare_corpus
 
     vocab = Path(shards[0], "vocab.txt").read_text(encoding="utf-8").splitlines()
     shuffled = vocab[:5] + vocab[5:][::-1]

@@ -23,7 +23,7 @@ KNOWN = {
     "lub_fast.tf1.bundle.TF1CheckpointError": Exception,
     "lub_fast.checkpoint.CheckpointError": RuntimeError,
     "lub_fast.data.shards.ShardError": ValueError,
-    "lub_fast.prepare.PrepareError": Exception,
+    "lub_fast.data.inputs.PrepareError": Exception,
     "lub_fast.distill_cache.CacheError": ValueError,
     "lub_fast.distillation.DistillError": ValueError,
     "lub_fast.recipes.PretrainError": ValueError,

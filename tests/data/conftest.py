@@ -65,7 +65,7 @@ def corpus_path(tmp_path_factory, real_lines):
 @pytest.fixture(scope="session")
 def prepared_dir(tmp_path_factory, corpus_path, vocab_path):
     """Shards of 1,500 real lines in 75 documents (rjieba, several shards)."""
-    from lub_fast.prepare import prepare_corpus
+    from lub_fast.data.pipeline import prepare_corpus
 
     out = str(tmp_path_factory.mktemp("prepared") / "shards")
     prepare_corpus([corpus_path], out, vocab=vocab_path, segmenter="rjieba", shard_size_mb=0.05, chunk_kb=32)

