@@ -12,7 +12,11 @@ import json
 import tempfile
 from pathlib import Path
 
-from lub_fast.models.load import from_pretrained, from_pretrained_electra_pair, tf1_family
+from lub_fast.models.load import (
+    from_pretrained,
+    from_pretrained_electra_pair,
+    tf1_family,
+)
 from lub_fast.recipes import PretrainConfig, PretrainError, build_objective
 
 

@@ -12,12 +12,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from lub_fast.data.shards import META_FILE, ShardError, open_shards
-from lub_fast.lock import output_lock
-
 from lub_fast.data.inputs import find_inputs, input_kind, open_input
 from lub_fast.data.parts import is_shard_source, shard_dirs
 from lub_fast.data.pipeline import prepare_corpus
+from lub_fast.data.shards import META_FILE, ShardError, open_shards
+from lub_fast.lock import output_lock
 from lub_fast.recipes import PretrainError
 from lub_fast.train import barrier
 

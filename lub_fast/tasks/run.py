@@ -52,7 +52,13 @@ from lub_fast.tasks.classification import ClassificationTask, RegressionTask
 from lub_fast.tasks.cmrc2018 import SpanTask
 from lub_fast.tasks.io import clue_submission_name
 from lub_fast.tasks.ner import NerTask
-from lub_fast.train import AMP_DTYPES, TrainConfig, init_distributed, resolve_precision, train
+from lub_fast.train import (
+    AMP_DTYPES,
+    TrainConfig,
+    init_distributed,
+    resolve_precision,
+    train,
+)
 
 
 @dataclass(frozen=True)
