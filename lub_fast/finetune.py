@@ -75,6 +75,7 @@ from lub_fast.errors import EXIT_CODES_HELP, EXIT_PREEMPTED, EXIT_USAGE, Preempt
 from lub_fast.lock import output_lock
 from lub_fast.models.hf import from_pretrained
 from lub_fast.objectives.finetune import objective_for
+from lub_fast.ops.wwm import IGNORE_INDEX
 from lub_fast.optim import param_groups
 from lub_fast.tasks import TASKS, TaskDataError, load_task
 from lub_fast.tasks import metrics as task_metrics
@@ -289,7 +290,7 @@ def collate(rows: list[dict], with_labels: bool = True) -> dict:
             continue
         values = [r[key] for r in rows]
         if isinstance(values[0], list):
-            fill = -100 if key == "labels" else 0
+            fill = IGNORE_INDEX if key == "labels" else 0
             batch[key] = torch.tensor([v + [fill] * (length - len(v)) for v in values], dtype=torch.long)
         else:
             dtype = torch.float32 if isinstance(values[0], float) else torch.long

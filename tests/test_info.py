@@ -21,7 +21,7 @@ with warnings.catch_warnings(record=True) as caught:
 mine = [w for w in caught if "lub_fast" in str(w.message)]
 print("WARNINGS", len(mine), mine[0].message if mine else "")
 q = torch.randn(5, 2, 8, requires_grad=True)
-out = varlen_attention(q, q, q, torch.tensor([0, 2, 5], dtype=torch.int32), 3, dropout_p=0.1, seed=3)
+out = varlen_attention(q, q, q, cu := torch.tensor([0, 2, 5], dtype=torch.int32), cu, 3, 3, dropout_p=0.1, seed=3)
 out.sum().backward()
 print("ATTENTION", tuple(out.shape), bool(torch.isfinite(q.grad).all()))
 print("GELU", tuple(bias_gelu(torch.randn(3, 4), torch.randn(4)).shape))
