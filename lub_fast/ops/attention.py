@@ -441,16 +441,9 @@ def _varlen_index(cu_seqlens: Tensor, max_seqlen: int, total: int):
 
 
 def varlen_attention_sdpa(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float,
-    scale: float,
-) -> Tensor:
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    dropout_p: float, scale: float,
+) -> Tensor:  # fmt: skip
     """``varlen_attention`` through ``F.scaled_dot_product_attention``: packs queries into a zero-padded
     ``[B, max_seqlen_q, H, D]`` batch and keys and values into ``[B, max_seqlen_k, H, D]`` (one scatter
     each, no host sync), runs SDPA with the key-padding mask (on CUDA its memory-efficient kernel: no
@@ -505,16 +498,9 @@ class _TorchVarlen(torch.autograd.Function):
 
 
 def varlen_attention_torch(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float,
-    scale: float,
-) -> Tensor:
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    dropout_p: float, scale: float,
+) -> Tensor:  # fmt: skip
     """``varlen_attention`` through PyTorch's flash attention (CUDA fp16/bf16, sm80+, head dim a multiple
     of 8 up to 256): unpadded, no copies of views whose last dim is contiguous. Differentiable.
     Dropout: torch's own Philox masks (``DROPOUT_EXACT``), not the counter-based ones."""
