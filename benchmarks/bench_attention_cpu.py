@@ -70,7 +70,7 @@ def _provider_fn(provider, lengths, heads, passes, dropout_p):
         leaves = [t.requires_grad_(backward) for t in (q, k, v)]
 
         def run():
-            out = varlen_attention(*leaves, cu, seqlen, dropout_p, SEED, OFFSET)
+            out = varlen_attention(*leaves, cu, cu, seqlen, seqlen, dropout_p, SEED, OFFSET)
             if backward:
                 out.backward(dout)
                 for t in leaves:
@@ -79,7 +79,7 @@ def _provider_fn(provider, lengths, heads, passes, dropout_p):
 
         return run
     if provider == "reference":
-        args = (cu, seqlen, dropout_p, SEED, OFFSET, scale)
+        args = (cu, cu, seqlen, seqlen, dropout_p, SEED, OFFSET, scale)
 
         def run():
             out, lse = varlen_attention_fwd_ref(q, k, v, *args)

@@ -7,7 +7,7 @@ Shapes are BERT-base heads (H = 12, D = 64, bf16) at 16384 tokens per batch:
   lub_fast runs varlen on the real tokens only, SDPA gets the padded batch with a boolean key mask.
 
 Providers (fwd + bwd of the attention alone, dout random, dropout off): ``lub_fast`` (varlen op),
-``lub_fast_padded`` (padded op on the same padded batch), ``sdpa`` (default backend choice),
+``sdpa`` (default backend choice),
 ``sdpa_flash`` / ``sdpa_efficient`` / ``sdpa_cudnn`` / ``sdpa_math`` (one backend forced; skipped
 where a backend rejects the inputs), ``eager`` (matmul / softmax / matmul in bf16) and
 ``compile`` (``torch.compile`` of eager). Each is timed with CUDA events (median of ``REPS`` after
@@ -85,18 +85,13 @@ def providers(lengths, seqlen):
         return out
 
     qp, kp, vp, doutp = (padded(t) for t in (q, k, v, dout))
-    qkv_p = [t.requires_grad_() for t in (qp, kp, vp)]
     qh, kh, vh = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (qp, kp, vp))
     douth = doutp.transpose(1, 2).contiguous()
     mask4 = None if dense else mask[:, None, None, :]
 
     def run_varlen():
-        out = ops.attention.varlen_attention(*qkv, cu, seqlen)
+        out = ops.attention.varlen_attention(*qkv, cu, cu, seqlen, seqlen)
         torch.autograd.grad(out, qkv, dout)
-
-    def run_padded():
-        out = ops.attention.padded_attention(*qkv_p, mask)
-        torch.autograd.grad(out, qkv_p, doutp)
 
     def run_sdpa(backend=None):
         def run():
@@ -121,7 +116,6 @@ def providers(lengths, seqlen):
     backends = torch.nn.attention.SDPBackend
     return {
         "lub_fast": run_varlen,
-        "lub_fast_padded": run_padded,
         "sdpa": run_sdpa(),
         "sdpa_flash": run_sdpa(backends.FLASH_ATTENTION),
         "sdpa_efficient": run_sdpa(backends.EFFICIENT_ATTENTION),

@@ -10,7 +10,7 @@
 # - test (T_TEST=270):     LUB_FAST_REQUIRE_KERNELS=1 pytest tests/gpu: the kernels first, then the
 #                          model level (recipes, distillation, HF parity, DDP, resume).
 # - e2e (T_E2E=90):        benchmarks/bench_pretrain_cuda.py: a bf16 pretraining step, lub_fast vs transformers.
-# - bench (T_BENCH=90):    benchmarks/bench_{attention,bias_gelu,masking}_cuda.py -> bench.json.
+# - bench (T_BENCH=90):    benchmarks/bench_{attention,bias_gelu}_cuda.py -> bench.json.
 # - sanitize (T_SAN=60 per tool): compute-sanitizer on tests/gpu/sanitize_kernels.py, tools in
 #                          $SANITIZERS (default "memcheck racecheck"; initcheck too if time allows).
 # A failed stage does not stop the next ones; stages after a failed build are skipped. A stage that
@@ -99,7 +99,7 @@ for stage in "${stages[@]}"; do
         timeout_flag=()
         python3 -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout=120)
         LUB_FAST_REQUIRE_KERNELS=1 timeout "${T_TEST:-270}" python3 -m pytest -q -ra -p no:cacheprovider "${timeout_flag[@]}" \
-            tests/gpu/test_attention_cuda.py tests/gpu/test_bias_gelu_cuda.py tests/gpu/test_wwm_cuda.py \
+            tests/gpu/test_attention_cuda.py tests/gpu/test_bias_gelu_cuda.py \
             tests/gpu/test_models_cuda.py >"$OUT/test.log" 2>&1
         rc=$?
         tail -25 "$OUT/test.log"
@@ -118,10 +118,10 @@ for stage in "${stages[@]}"; do
     bench)
         need_build bench || continue
         timeout "${T_BENCH:-90}" python3 -m pytest -p no:cacheprovider benchmarks/bench_attention_cuda.py \
-            benchmarks/bench_bias_gelu_cuda.py benchmarks/bench_masking_cuda.py \
+            benchmarks/bench_bias_gelu_cuda.py \
             --benchmark-enable --benchmark-only -s --benchmark-json="$OUT/bench.json" >"$OUT/bench.log" 2>&1
         rc=$?
-        grep -E "^(dense|padded|fwd|bwd|masking)" "$OUT/bench.log"
+        grep -E "^(dense|padded|fwd|bwd)" "$OUT/bench.log"
         [ -s "$OUT/bench.json" ] && python3 - "$OUT/bench.json" <<'EOF'
 import json, sys
 

@@ -64,7 +64,7 @@ def attention_routes(head_dims=(64, 128, 96)):
     what each route means for dropout and reproducibility."""
     import torch
 
-    from lub_fast.ops import attention
+    from lub_fast.ops import attention, has_kernel
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
     cpu = attention.built_on(torch.device("cpu"))
@@ -72,7 +72,7 @@ def attention_routes(head_dims=(64, 128, 96)):
         cuda, note = attention.built_on(torch.device("cuda", torch.cuda.current_device())), ""
     else:
         flash = torch.backends.cuda.is_flash_attention_available()
-        cuda = attention.Built(lub_fast=attention._has_kernel("varlen_attention_fwd", "CUDA"), torch_flash=flash)
+        cuda = attention.Built(lub_fast=has_kernel("varlen_attention_fwd", "cuda"), torch_flash=flash)
         note = " (no GPU visible: as on an sm80+ GPU)"
     lines = [f"varlen attention route{note}", (f"{'device':<16}" + "".join(f"{d:<14}" for d in dtypes)).rstrip()]
     for device, built in (("cpu", cpu), ("cuda", cuda)):

@@ -106,10 +106,10 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
     into ``png_path``; ``None`` (with a log message) when matplotlib is missing or nothing was
     logged."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        # The object-oriented API: no pyplot state and no process-wide backend, so a caller's own
+        # matplotlib setup is untouched.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         logger.warning("matplotlib is not installed: no plot written to %s", png_path)
         return None
@@ -125,7 +125,9 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
     keys = [k for k in keys if any(r.get(k) is not None for r in records)]
     if not keys:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
+    fig = Figure(figsize=(4.5 * len(keys), 3.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
         if points:
@@ -140,5 +142,4 @@ def plot_metrics(metrics_path: str | os.PathLike, png_path: str | os.PathLike) -
     fig.tight_layout()
     png_path = Path(png_path)
     fig.savefig(png_path, dpi=100)
-    plt.close(fig)
     return png_path

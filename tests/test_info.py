@@ -27,7 +27,7 @@ mine = [w for w in caught if "lub_fast" in str(w.message)]
 print("WARNINGS", len(mine), mine[0].message if mine else "")
 # Each result against torch's own computation of the same thing, not against lub_fast's reference.
 q = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)
-out = varlen_attention(q, q, q, torch.tensor([0, 2, 5], dtype=torch.int32), 3)
+out = varlen_attention(q, q, q, cu := torch.tensor([0, 2, 5], dtype=torch.int32), cu, 3, 3)
 out.sum().backward()
 leaf = q.detach().requires_grad_()
 want = torch.cat([F.scaled_dot_product_attention(*(leaf[a:b].transpose(0, 1),) * 3).transpose(0, 1)

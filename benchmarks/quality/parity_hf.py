@@ -44,7 +44,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
-import lub_fast  # noqa: E402,F401  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP: see the README
+import lub_fast  # noqa: E402,F401
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast, DataCollatorForLanguageModeling  # noqa: E402

@@ -88,11 +88,11 @@ LUB_FAST_INLINE void philox_words(const uint32_t* c0, const uint32_t* c1, int64_
 }
 
 // Calls apply(r, j0, words, count) for keys [j0, j0 + count) of every row r < rows of an
-// [rows, n] block whose first row is query row0, with words[j] the Philox word of key j0 + j.
+// [rows, n] block whose row r is query row row_ids[r], with words[j] the Philox word of key j0 + j.
 // The (row, group) counters of up to kPhiloxBlock calls are generated together whatever the row
 // length, so short rows vectorise as well as long ones.
 template <typename Apply>
-LUB_FAST_INLINE void for_each_keep_word(int64_t rows, int64_t n, uint32_t row0, const Dropout& d,
+LUB_FAST_INLINE void for_each_keep_word(int64_t rows, int64_t n, const uint32_t* row_ids, const Dropout& d,
                                         const Apply& apply) {
   uint32_t c0[kPhiloxBlock], c1[kPhiloxBlock], words[4 * kPhiloxBlock];
   const int64_t groups = (n + 3) / 4;
@@ -103,7 +103,7 @@ LUB_FAST_INLINE void for_each_keep_word(int64_t rows, int64_t n, uint32_t row0, 
       const int64_t take = std::min(groups - gg, kPhiloxBlock - count);
       for (int64_t t = 0; t < take; ++t) {
         c0[count + t] = static_cast<uint32_t>(gg + t);
-        c1[count + t] = row0 + static_cast<uint32_t>(rr);
+        c1[count + t] = row_ids[rr];
       }
       count += take;
     }
@@ -122,7 +122,7 @@ LUB_FAST_INLINE void for_each_keep_word(int64_t rows, int64_t n, uint32_t row0, 
 }
 
 template <typename T>
-LUB_FAST_INLINE void dropout_rows_impl(T* x, int64_t rows, int64_t n, uint32_t row0,
+LUB_FAST_INLINE void dropout_rows_impl(T* x, int64_t rows, int64_t n, const uint32_t* row_ids,
                                        const Dropout& d) {
   const T factor = static_cast<T>(d.factor);
   if (d.threshold > 0xFFFFFFFFull) {  // threshold 2**32 (dropout_p near 0): every word is kept
@@ -130,7 +130,7 @@ LUB_FAST_INLINE void dropout_rows_impl(T* x, int64_t rows, int64_t n, uint32_t r
     return;
   }
   const uint32_t threshold = static_cast<uint32_t>(d.threshold);
-  for_each_keep_word(rows, n, row0, d,
+  for_each_keep_word(rows, n, row_ids, d,
                      [&](int64_t r, int64_t j0, const uint32_t* words, int64_t count) {
                        T* xr = x + r * n + j0;
                        for (int64_t j = 0; j < count; ++j) {
@@ -141,7 +141,7 @@ LUB_FAST_INLINE void dropout_rows_impl(T* x, int64_t rows, int64_t n, uint32_t r
 
 template <typename T>
 LUB_FAST_INLINE void dropout_rows_pair_impl(const T* p, T* pd, T* dpd, int64_t rows, int64_t n,
-                                            uint32_t row0, const Dropout& d) {
+                                            const uint32_t* row_ids, const Dropout& d) {
   const T factor = static_cast<T>(d.factor);
   if (d.threshold > 0xFFFFFFFFull) {
     for (int64_t j = 0; j < rows * n; ++j) {
@@ -151,7 +151,7 @@ LUB_FAST_INLINE void dropout_rows_pair_impl(const T* p, T* pd, T* dpd, int64_t r
     return;
   }
   const uint32_t threshold = static_cast<uint32_t>(d.threshold);
-  for_each_keep_word(rows, n, row0, d,
+  for_each_keep_word(rows, n, row_ids, d,
                      [&](int64_t r, int64_t j0, const uint32_t* words, int64_t count) {
                        const int64_t o = r * n + j0;
                        for (int64_t j = 0; j < count; ++j) {
@@ -188,22 +188,22 @@ LUB_FAST_CLONES double softmax_row(double* s, int64_t n) { return softmax_row_im
 LUB_FAST_CLONES void probs_row(float* s, int64_t n, float lse) { probs_row_impl(s, n, lse); }
 LUB_FAST_CLONES void probs_row(double* s, int64_t n, double lse) { probs_row_impl(s, n, lse); }
 
-LUB_FAST_CLONES void dropout_rows(float* x, int64_t rows, int64_t n, uint32_t row0,
+LUB_FAST_CLONES void dropout_rows(float* x, int64_t rows, int64_t n, const uint32_t* row_ids,
                                   const Dropout& d) {
-  dropout_rows_impl(x, rows, n, row0, d);
+  dropout_rows_impl(x, rows, n, row_ids, d);
 }
-LUB_FAST_CLONES void dropout_rows(double* x, int64_t rows, int64_t n, uint32_t row0,
+LUB_FAST_CLONES void dropout_rows(double* x, int64_t rows, int64_t n, const uint32_t* row_ids,
                                   const Dropout& d) {
-  dropout_rows_impl(x, rows, n, row0, d);
+  dropout_rows_impl(x, rows, n, row_ids, d);
 }
 
 LUB_FAST_CLONES void dropout_rows(const float* p, float* pd, float* dpd, int64_t rows, int64_t n,
-                                  uint32_t row0, const Dropout& d) {
-  dropout_rows_pair_impl(p, pd, dpd, rows, n, row0, d);
+                                  const uint32_t* row_ids, const Dropout& d) {
+  dropout_rows_pair_impl(p, pd, dpd, rows, n, row_ids, d);
 }
 LUB_FAST_CLONES void dropout_rows(const double* p, double* pd, double* dpd, int64_t rows,
-                                  int64_t n, uint32_t row0, const Dropout& d) {
-  dropout_rows_pair_impl(p, pd, dpd, rows, n, row0, d);
+                                  int64_t n, const uint32_t* row_ids, const Dropout& d) {
+  dropout_rows_pair_impl(p, pd, dpd, rows, n, row_ids, d);
 }
 
 LUB_FAST_CLONES void ds_row(float* p, const float* dp, int64_t n, float drow) {

@@ -1,7 +1,7 @@
 // Attention row helpers and Philox4x32-10 dropout: the torch-free part of the CPU attention kernel.
 //
 // Implements the dropout specification of lub_fast/ops/attention.py (module docstring) bit for bit:
-// key j of query row i of stream c2 = b * H + h is kept when word j & 3 of
+// key j of query row i (its position in the full sequence) of stream c2 = b * H + h is kept when word j & 3 of
 // Philox4x32_10((j >> 2, i, c2, offset), (seed & 0xFFFFFFFF, seed >> 32)) is below
 // floor((1 - dropout_p) * 2**32). Philox4x32-10 is from Salmon, Moraes, Dror and Shaw, "Parallel
 // Random Numbers: As Easy as 1, 2, 3" (SC'11), as in Random123 and cuRAND; the generator is the
@@ -74,18 +74,18 @@ double softmax_row(double* s, int64_t n);
 void probs_row(float* s, int64_t n, float lse);
 void probs_row(double* s, int64_t n, double lse);
 
-// Fused dropout of the rows [row0, row0 + rows) of a contiguous [rows, n] block, in place:
-// x[r, j] <- keep(row0 + r, j) ? x[r, j] * factor : 0, one Philox call per four keys (callers skip
-// dropout_p = 0; a threshold of 2**32 keeps every key).
-void dropout_rows(float* x, int64_t rows, int64_t n, uint32_t row0, const Dropout& d);
-void dropout_rows(double* x, int64_t rows, int64_t n, uint32_t row0, const Dropout& d);
+// Fused dropout of a contiguous [rows, n] block, in place, row r drawing the mask of query row
+// row_ids[r] (the counter word c1): x[r, j] <- keep(row_ids[r], j) ? x[r, j] * factor : 0, one
+// Philox call per four keys (callers skip dropout_p = 0; a threshold of 2**32 keeps every key).
+void dropout_rows(float* x, int64_t rows, int64_t n, const uint32_t* row_ids, const Dropout& d);
+void dropout_rows(double* x, int64_t rows, int64_t n, const uint32_t* row_ids, const Dropout& d);
 
 // The same keep decisions applied to two blocks in one pass (the backward's PD and dP):
 // pd <- keep ? p * factor : 0 and dpd <- keep ? dpd * factor : 0.
-void dropout_rows(const float* p, float* pd, float* dpd, int64_t rows, int64_t n, uint32_t row0,
-                  const Dropout& d);
+void dropout_rows(const float* p, float* pd, float* dpd, int64_t rows, int64_t n,
+                  const uint32_t* row_ids, const Dropout& d);
 void dropout_rows(const double* p, double* pd, double* dpd, int64_t rows, int64_t n,
-                  uint32_t row0, const Dropout& d);
+                  const uint32_t* row_ids, const Dropout& d);
 
 // dS of one row, in place: p[j] <- p[j] * (dp[j] - drow).
 void ds_row(float* p, const float* dp, int64_t n, float drow);

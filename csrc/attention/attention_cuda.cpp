@@ -1,8 +1,9 @@
-// lub_fast::{varlen,padded}_attention_{fwd,bwd} on CUDA: argument checks, output allocation and
-// dispatcher registration for the kernels of attention_kernel.cu. Schemas, references, fake and
-// autograd registration live in lub_fast/ops/attention.py; inputs these kernels do not handle
-// (fp32/fp64, other head dims) are routed elsewhere by attention.attention_route() in Python, which
-// also checks cu_seqlens before any call. q, k, v views with one row stride are read in place.
+// lub_fast::varlen_attention_{fwd,bwd} on CUDA: argument checks, output allocation and dispatcher
+// registration for the kernels of attention_kernel.cu. Schemas, references, fake and autograd
+// registration live in lub_fast/ops/attention.py; inputs these kernels do not handle (fp32/fp64,
+// other head dims) are routed elsewhere by attention.attention_route() in Python, which also checks
+// cu_seqlens_q and cu_seqlens_k before any call. q (and k, v together) views with one row stride
+// are read in place.
 #include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,7 +11,9 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <optional>
 #include <tuple>
+#include <utility>
 
 #include "attention/attention_kernel.h"
 
@@ -30,7 +33,9 @@ at::Tensor dense(const at::Tensor& t) {
 
 // q, k, v as the kernels read them: as they are when all three have contiguous heads, one row stride
 // (a multiple of 8 elements, at least H * D, below 2**31) and 16-byte aligned data, as the views of
-// a [T, 3, H, D] projection have; else contiguous copies.
+// a [T, 3, H, D] projection have; else contiguous copies (the sparse last layer's contiguous queries
+// with key and value views of a [T, 2, H, D] projection: one stride keeps the kernels' registers
+// within budget, see attention_kernel.cu).
 struct Qkv {
   at::Tensor q, k, v;
   int64_t row_stride;
@@ -38,14 +43,13 @@ struct Qkv {
 
 bool rows_of_heads(const at::Tensor& t, int64_t row_stride) {
   const int64_t d = t.size(-1);
-  const bool ok = t.stride(-1) == 1 && t.stride(-2) == d && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  if (t.dim() == 3) return ok && t.stride(0) == row_stride;
-  return ok && t.stride(1) == row_stride && t.stride(0) == t.size(1) * row_stride;  // [B, S, H, D]
+  return t.stride(-1) == 1 && t.stride(-2) == d && t.stride(0) == row_stride &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
 }
 
 Qkv qkv_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   const int64_t packed = q.size(-2) * q.size(-1);
-  const int64_t rs = q.stride(q.dim() - 3);
+  const int64_t rs = q.stride(0);
   const bool in_place = rs % 8 == 0 && rs >= packed && rs < (int64_t{1} << 31);
   if (in_place && rows_of_heads(q, rs) && rows_of_heads(k, rs) && rows_of_heads(v, rs)) {
     return {q, k, v, rs};
@@ -53,11 +57,14 @@ Qkv qkv_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   return {dense(q), dense(k), dense(v), packed};
 }
 
-void check_floats(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t dims) {
+void check_floats(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK_VALUE(q.is_cuda(), op, ": q must be a CUDA tensor, got ", q.device());
   TORCH_CHECK_VALUE(q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf, op,
                     ": q must be bfloat16 or float16 for the CUDA kernel, got ", q.scalar_type());
-  TORCH_CHECK_VALUE(q.dim() == dims, op, ": q must have ", dims, " dims, got shape ", q.sizes());
+  TORCH_CHECK_VALUE(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && k.size(1) == q.size(1) &&
+                        k.size(2) == q.size(2),
+                    op, ": q must be [Tq, H, D] and k, v [Tk, H, D], got ", q.sizes(), ", ", k.sizes(), " and ",
+                    v.sizes());
   TORCH_CHECK_VALUE(ac::supported_head_dim(q.size(-1)), op, ": head dim must be 32, 64 or 128, got ",
                     q.size(-1));
   TORCH_CHECK_VALUE(q.size(-2) <= kMaxGrid, op, ": at most ", kMaxGrid, " heads, got ", q.size(-2));
@@ -66,8 +73,6 @@ void check_floats(const char* op, const at::Tensor& q, const at::Tensor& k, cons
                       t.device());
     TORCH_CHECK_VALUE(t.scalar_type() == q.scalar_type(), op, ": ", name, " must have q's dtype ",
                       q.scalar_type(), ", got ", t.scalar_type());
-    TORCH_CHECK_VALUE(t.sizes() == q.sizes(), op, ": ", name, " must have q's shape ", q.sizes(), ", got ",
-                      t.sizes());
   }
 }
 
@@ -83,80 +88,107 @@ void check_lse(const char* op, const at::Tensor& lse, at::IntArrayRef shape, con
                     lse.sizes(), " on ", lse.device());
 }
 
-ac::Layout base_layout(const char* op, const at::Tensor& q, double dropout_p, int64_t seed, int64_t offset,
-                       double scale) {
+void check_cu(const char* op, const char* name, const at::Tensor& cu, const at::Tensor& q) {
+  TORCH_CHECK_VALUE(cu.device() == q.device() && cu.scalar_type() == at::kInt && cu.dim() == 1 && cu.numel() >= 1,
+                    op, ": ", name, " must be int32 [B + 1] on ", q.device(), ", got ", cu.scalar_type(), " ",
+                    cu.sizes(), " on ", cu.device());
+}
+
+// The layout of a call, with the device tensors it points into (kept alive by the caller).
+struct Call {
+  ac::Layout layout;
+  at::Tensor cu_q, cu_k, positions;
+};
+
+Call make_call(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_seqlens_q,
+               const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p,
+               int64_t seed, int64_t offset, double scale, const std::optional<at::Tensor>& q_positions) {
+  check_cu(op, "cu_seqlens_q", cu_seqlens_q, q);
+  check_cu(op, "cu_seqlens_k", cu_seqlens_k, q);
+  TORCH_CHECK_VALUE(cu_seqlens_q.numel() == cu_seqlens_k.numel(), op,
+                    ": cu_seqlens_q and cu_seqlens_k must have B + 1 entries each, got ", cu_seqlens_q.numel(),
+                    " and ", cu_seqlens_k.numel());
+  TORCH_CHECK_VALUE(cu_seqlens_q.numel() - 1 <= kMaxGrid, op, ": at most ", kMaxGrid, " sequences, got ",
+                    cu_seqlens_q.numel() - 1);
+  for (const auto& [name, m] :
+       {std::pair<const char*, int64_t>{"max_seqlen_q", max_seqlen_q}, {"max_seqlen_k", max_seqlen_k}}) {
+    TORCH_CHECK_VALUE(m >= 0 && m < (int64_t{1} << 31), op, ": ", name, " must be in [0, 2**31), got ", m);
+  }
+  TORCH_CHECK_VALUE(q.size(0) < (int64_t{1} << 31) && k.size(0) < (int64_t{1} << 31), op,
+                    ": at most 2**31 - 1 query and key tokens, got ", q.size(0), " and ", k.size(0));
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
   TORCH_CHECK_VALUE(seed >= 0, op, ": seed must be in [0, 2**63), got ", seed);
   TORCH_CHECK_VALUE(offset >= 0 && offset < (int64_t{1} << 32), op, ": offset must be in [0, 2**32), got ", offset);
-  ac::Layout l;
+  Call c;
+  c.cu_q = cu_seqlens_q.contiguous();
+  c.cu_k = cu_seqlens_k.contiguous();
+  ac::Layout& l = c.layout;
+  if (q_positions.has_value()) {
+    const at::Tensor& t = *q_positions;
+    TORCH_CHECK_VALUE(t.device() == q.device() && t.scalar_type() == at::kInt && t.dim() == 1 && t.size(0) == q.size(0),
+                      op, ": q_positions must be int32 [Tq] = [", q.size(0), "] on ", q.device(), ", got ",
+                      t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    c.positions = t.contiguous();
+    l.q_positions = c.positions.data_ptr<int32_t>();
+  }
   l.dtype = q.scalar_type() == at::kBFloat16 ? ac::DType::kBFloat16 : ac::DType::kFloat16;
   l.head_dim = static_cast<int>(q.size(-1));
   l.heads = static_cast<int>(q.size(-2));
+  l.batch = static_cast<int>(cu_seqlens_q.numel() - 1);
+  l.rows_q = q.size(0);
+  l.rows_k = k.size(0);
+  l.cu_seqlens_q = c.cu_q.data_ptr<int32_t>();
+  l.cu_seqlens_k = c.cu_k.data_ptr<int32_t>();
+  l.max_seqlen_q = static_cast<int>(max_seqlen_q);
+  l.max_seqlen_k = static_cast<int>(max_seqlen_k);
   l.scale = static_cast<float>(scale);
   l.dropout_p = dropout_p;
   l.seed = static_cast<uint64_t>(seed);
   l.offset = static_cast<uint32_t>(offset);
-  return l;
-}
-
-ac::Layout varlen_layout(const char* op, const at::Tensor& q, const at::Tensor& cu_seqlens, int64_t max_seqlen,
-                         double dropout_p, int64_t seed, int64_t offset, double scale) {
-  TORCH_CHECK_VALUE(cu_seqlens.device() == q.device() && cu_seqlens.scalar_type() == at::kInt &&
-                        cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1,
-                    op, ": cu_seqlens must be int32 [B + 1] on ", q.device(), ", got ", cu_seqlens.scalar_type(),
-                    " ", cu_seqlens.sizes(), " on ", cu_seqlens.device());
-  TORCH_CHECK_VALUE(cu_seqlens.numel() - 1 <= kMaxGrid, op, ": at most ", kMaxGrid, " sequences, got ",
-                    cu_seqlens.numel() - 1);
-  TORCH_CHECK_VALUE(max_seqlen >= 0 && max_seqlen < (int64_t{1} << 31), op,
-                    ": max_seqlen must be in [0, 2**31), got ", max_seqlen);
-  TORCH_CHECK_VALUE(q.size(0) < (int64_t{1} << 31), op, ": at most 2**31 - 1 tokens, got ", q.size(0));
-  ac::Layout l = base_layout(op, q, dropout_p, seed, offset, scale);
-  l.batch = static_cast<int>(cu_seqlens.numel() - 1);
-  l.rows = q.size(0);
-  l.max_seqlen = static_cast<int>(max_seqlen);
-  return l;
-}
-
-ac::Layout padded_layout(const char* op, const at::Tensor& q, const at::Tensor& mask, double dropout_p, int64_t seed,
-                         int64_t offset, double scale) {
-  TORCH_CHECK_VALUE(mask.device() == q.device() && mask.scalar_type() == at::kBool && mask.dim() == 2 &&
-                        mask.size(0) == q.size(0) && mask.size(1) == q.size(1),
-                    op, ": key_padding_mask must be bool [B, S] = [", q.size(0), ", ", q.size(1), "] on ",
-                    q.device(), ", got ", mask.scalar_type(), " ", mask.sizes(), " on ", mask.device());
-  TORCH_CHECK_VALUE(q.size(0) <= kMaxGrid, op, ": batch must be at most ", kMaxGrid, ", got ", q.size(0));
-  TORCH_CHECK_VALUE(q.size(1) < (int64_t{1} << 31), op, ": S must be below 2**31, got ", q.size(1));
-  ac::Layout l = base_layout(op, q, dropout_p, seed, offset, scale);
-  l.batch = static_cast<int>(q.size(0));
-  l.seqlen = static_cast<int>(q.size(1));
-  l.rows = q.size(0) * q.size(1);
-  return l;
+  return c;
 }
 
 void check_cuda(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel failed: ", cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd(const char* op, ac::Layout l, const at::Tensor& q_in, const at::Tensor& k_in,
-                                       const at::Tensor& v_in, at::IntArrayRef lse_shape) {
+std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, int64_t seed,
+    int64_t offset, double scale, const std::optional<at::Tensor>& q_positions) {
+  constexpr const char* op = "varlen_attention_fwd";
+  check_floats(op, q_in, k_in, v_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  Call c = make_call(op, q_in, k_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed, offset,
+                     scale, q_positions);
   const auto [q, k, v, row_stride] = qkv_inputs(q_in, k_in, v_in);
-  l.qkv_stride = row_stride;
+  c.layout.qkv_stride = row_stride;
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous
-  at::Tensor lse = at::empty(lse_shape, q.options().dtype(at::kFloat));
-  check_cuda(ac::attention_fwd(l, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr<float>(),
-                               c10::cuda::getCurrentCUDAStream(q.device().index()).stream()),
+  at::Tensor lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
+  check_cuda(ac::attention_fwd(c.layout, q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                               lse.data_ptr<float>(), c10::cuda::getCurrentCUDAStream(q.device().index()).stream()),
              op);
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const char* op, ac::Layout l, const at::Tensor& dout_in,
-                                                   const at::Tensor& q_in, const at::Tensor& k_in,
-                                                   const at::Tensor& v_in, const at::Tensor& out_in,
-                                                   const at::Tensor& lse_in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, int64_t seed,
+    int64_t offset, double scale, const std::optional<at::Tensor>& q_positions) {
+  constexpr const char* op = "varlen_attention_bwd";
+  check_floats(op, q_in, k_in, v_in);
+  check_like(op, "dout", dout_in, q_in);
+  check_like(op, "out", out_in, q_in);
+  check_lse(op, lse_in, {q_in.size(1), q_in.size(0)}, q_in);
+  const c10::cuda::CUDAGuard guard(q_in.device());
   at::globalContext().alertNotDeterministic(
       "lub_fast attention backward on CUDA (dq is summed over key tiles with fp32 atomics)");
+  Call c = make_call(op, q_in, k_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed, offset,
+                     scale, q_positions);
   const at::Tensor dout = dense(dout_in);
   const auto [q, k, v, row_stride] = qkv_inputs(q_in, k_in, v_in);
-  l.qkv_stride = row_stride;
+  c.layout.qkv_stride = row_stride;
   const at::Tensor out = dense(out_in);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor drow = at::empty(lse.sizes(), lse.options());
@@ -164,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const char* op, ac::Layout l,
   at::Tensor dq = at::empty(q.sizes(), q.options());  // contiguous, whatever q's strides
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  check_cuda(ac::attention_bwd(l, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+  check_cuda(ac::attention_bwd(c.layout, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                lse.data_ptr<float>(), drow.data_ptr<float>(), dq_accum.data_ptr<float>(),
                                dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                                c10::cuda::getCurrentCUDAStream(q.device().index()).stream()),
@@ -172,72 +204,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const char* op, ac::Layout l,
   return {dq, dk, dv};
 }
 
-std::tuple<at::Tensor, at::Tensor> varlen_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                             const at::Tensor& v, const at::Tensor& cu_seqlens,
-                                                             int64_t max_seqlen, double dropout_p, int64_t seed,
-                                                             int64_t offset, double scale) {
-  constexpr const char* op = "varlen_attention_fwd";
-  check_floats(op, q, k, v, 3);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const ac::Layout l = varlen_layout(op, q, cu_seqlens, max_seqlen, dropout_p, seed, offset, scale);
-  const at::Tensor cu = cu_seqlens.contiguous();
-  ac::Layout lc = l;
-  lc.cu_seqlens = cu.data_ptr<int32_t>();
-  return fwd(op, lc, q, k, v, {q.size(1), q.size(0)});
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& cu_seqlens, int64_t max_seqlen, double dropout_p, int64_t seed,
-    int64_t offset, double scale) {
-  constexpr const char* op = "varlen_attention_bwd";
-  check_floats(op, q, k, v, 3);
-  check_like(op, "dout", dout, q);
-  check_like(op, "out", out, q);
-  check_lse(op, lse, {q.size(1), q.size(0)}, q);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor cu = cu_seqlens.contiguous();
-  ac::Layout l = varlen_layout(op, q, cu, max_seqlen, dropout_p, seed, offset, scale);
-  l.cu_seqlens = cu.data_ptr<int32_t>();
-  return bwd(op, l, dout, q, k, v, out, lse);
-}
-
-std::tuple<at::Tensor, at::Tensor> padded_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                             const at::Tensor& v, const at::Tensor& key_padding_mask,
-                                                             double dropout_p, int64_t seed, int64_t offset,
-                                                             double scale) {
-  constexpr const char* op = "padded_attention_fwd";
-  check_floats(op, q, k, v, 4);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor mask = key_padding_mask.contiguous();
-  ac::Layout l = padded_layout(op, q, mask, dropout_p, seed, offset, scale);
-  l.key_padding_mask = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
-  return fwd(op, l, q, k, v, {q.size(0), q.size(2), q.size(1)});
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> padded_attention_bwd_cuda(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& key_padding_mask, double dropout_p, int64_t seed, int64_t offset,
-    double scale) {
-  constexpr const char* op = "padded_attention_bwd";
-  check_floats(op, q, k, v, 4);
-  check_like(op, "dout", dout, q);
-  check_like(op, "out", out, q);
-  check_lse(op, lse, {q.size(0), q.size(2), q.size(1)}, q);
-  const c10::cuda::CUDAGuard guard(q.device());
-  const at::Tensor mask = key_padding_mask.contiguous();
-  ac::Layout l = padded_layout(op, q, mask, dropout_p, seed, offset, scale);
-  l.key_padding_mask = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
-  return bwd(op, l, dout, q, k, v, out, lse);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lub_fast, CUDA, m) {
   m.impl("varlen_attention_fwd", &varlen_attention_fwd_cuda);
   m.impl("varlen_attention_bwd", &varlen_attention_bwd_cuda);
-  m.impl("padded_attention_fwd", &padded_attention_fwd_cuda);
-  m.impl("padded_attention_bwd", &padded_attention_bwd_cuda);
 }
 
 }  // namespace lub_fast

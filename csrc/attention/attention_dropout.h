@@ -10,11 +10,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LUB_FAST_LANES_HD __host__ __device__ __forceinline__
-#else
-#define LUB_FAST_LANES_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace lub_fast {
 namespace attention_cuda {
@@ -27,10 +23,10 @@ struct Draw {
 
 // Forward tile: rows are 16 queries, columns 8 keys (groups 0, 1). Lane (g, t) draws query
 // g + 8 (t & 1), group t / 2, and swaps its 4 keep bits with lane l ^ 1.
-LUB_FAST_LANES_HD Draw fwd_draw(int lane) { return Draw{lane / 4 + 8 * (lane & 1), (lane % 4) / 2}; }
+LUB_FAST_HD Draw fwd_draw(int lane) { return Draw{lane / 4 + 8 * (lane & 1), (lane % 4) / 2}; }
 
 // Keep bit of element e given this lane's bits and those received from lane ^ 1.
-LUB_FAST_LANES_HD uint32_t fwd_keep(int lane, int e, uint32_t mine, uint32_t partner) {
+LUB_FAST_HD uint32_t fwd_keep(int lane, int e, uint32_t mine, uint32_t partner) {
   const int odd = lane & 1;
   const uint32_t bits = ((e < 2) == (odd == 0)) ? mine : partner;
   return (bits >> (2 * odd + (e & 1))) & 1u;
@@ -38,13 +34,13 @@ LUB_FAST_LANES_HD uint32_t fwd_keep(int lane, int e, uint32_t mine, uint32_t par
 
 // Backward tile (S^T): rows are the warp's 16 keys (groups 0..3), columns 8 queries. Lane l draws
 // query l % 8, group l / 8; element e reads the bits of lane bwd_source(lane, e).
-LUB_FAST_LANES_HD Draw bwd_draw(int lane) { return Draw{lane % 8, lane / 8}; }
+LUB_FAST_HD Draw bwd_draw(int lane) { return Draw{lane % 8, lane / 8}; }
 
-LUB_FAST_LANES_HD int bwd_source(int lane, int e) {
+LUB_FAST_HD int bwd_source(int lane, int e) {
   return (lane / 16) * 8 + 2 * (lane % 4) + (e & 1) + 16 * (e / 2);
 }
 
-LUB_FAST_LANES_HD uint32_t bwd_keep(int lane, uint32_t bits) { return (bits >> ((lane / 4) & 3)) & 1u; }
+LUB_FAST_HD uint32_t bwd_keep(int lane, uint32_t bits) { return (bits >> ((lane / 4) & 3)) & 1u; }
 
 }  // namespace attention_cuda
 }  // namespace lub_fast

@@ -1,5 +1,6 @@
-// Fused non-causal multi-head attention, forward and backward, for varlen and padded batches: the
-// CUDA kernels of lub_fast::{varlen,padded}_attention_{fwd,bwd} (spec: lub_fast/ops/attention.py).
+// Fused non-causal multi-head attention, forward and backward, over varlen batches with separate
+// query and key layouts: the CUDA kernels of lub_fast::varlen_attention_{fwd,bwd} (spec:
+// lub_fast/ops/attention.py).
 //
 // Algorithm: FlashAttention-2 (Dao, arXiv:2307.08691). The forward streams key/value tiles past a
 // query tile with an online softmax and writes out and lse = log-sum-exp of the scaled scores;
@@ -23,13 +24,17 @@
 //   ldmatrix and fragment stores are free of bank conflicts without padding.
 // - Dropout: the Philox4x32-10 contract of attention.py. Per 8-key column tile, each lane runs one
 //   Philox call (a 4-key group of one query row) and the keep bits are exchanged with shuffles:
-//   in the forward lanes 2i, 2i + 1 swap bits; in the backward each lane gathers 4 nibbles.
+//   in the forward lanes 2i, 2i + 1 swap bits; in the backward each lane gathers 4 nibbles. A
+//   query's row counter is q_positions[row] when given, else its position in its sequence; each
+//   query tile stages them in shared memory (next to lse in the backward).
 //
-// Limits: head_dim 32, 64 or 128; fp16 or bf16; out, dout contiguous [rows, H, D]; q, k, v [rows, H, D]
-// with contiguous heads and one row stride (views of a [rows, 3, H, D] projection need no copy); all
-// 16-byte aligned; rows * H * D < 2**63, H and the batch at most 65535 (grid y, z); sequences of any
-// length (query/key tiles past the end are zero-filled in shared memory and never read from global
-// memory; keys past the end are masked with -inf). Accumulation: scores, softmax statistics, O,
+// Limits: head_dim 32, 64 or 128; fp16 or bf16; out, dout contiguous [Tq, H, D]; q [Tq, H, D] and
+// k, v [Tk, H, D] with contiguous heads and one row stride (views of a [T, 3, H, D] projection
+// need no copy); all 16-byte aligned; T * H * D < 2**63, H and the batch at
+// most 65535 (grid y, z); sequences of any length (query/key tiles past the end are zero-filled in
+// shared memory and never read from global memory; keys past the end are masked with -inf); queries
+// of a sequence without keys get zeros and lse = +inf, keys of a sequence without queries zero
+// gradients. Accumulation: scores, softmax statistics, O,
 // dK, dV and dQ in fp32; P and dS are rounded to the input dtype for the tensor-core products, as
 // in FlashAttention. The backward's dQ atomics make dq's rounding order nondeterministic (the
 // registration raises under torch.use_deterministic_algorithms(True)). Host side: the dynamic
@@ -71,12 +76,13 @@ struct Params {
   float* dq_accum;
   void* dk;
   void* dv;
-  const int32_t* cu_seqlens;  // varlen when not null
-  const uint8_t* mask;        // padded: [batch, seqlen]
-  int64_t rows;
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
+  const int32_t* q_positions;  // dropout row of each query, or null (its position in its sequence)
+  int64_t rows_q;              // Tq
+  int64_t rows_k;              // Tk
   int qkv_stride;  // elements between consecutive rows of q, k, v (out, dout, dq, dk, dv: heads * D)
   int heads;
-  int seqlen;
   float scale;       // natural-log scale of the scores
   float scale_log2;  // scale * log2(e)
   bool dropout;
@@ -133,82 +139,29 @@ __device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t stride,
   }
 }
 
-// The rows of one sequence (varlen) or batch row (padded).
+// The rows of one sequence in one layout (queries or keys).
 struct Seq {
-  int64_t row_base;  // first row of q/k/v
-  int len;           // rows computed: the sequence length, or one past the last real token
-  int rows;          // rows written: len (varlen) or seqlen (padded: zeros after len)
-  bool holes;        // padded with a padded token before `len`: consult the mask per row
+  int row_base;  // first row (T < 2**31: attention_cuda.cpp checks it); 32 bits save registers
+  int len;       // rows
 };
 
-// Called by every thread of the block (it synchronises in the padded case).
-template <int kThreads>
-__device__ Seq sequence(const Params& p, int b, int* scan) {
-  Seq s;
-  if (p.cu_seqlens != nullptr) {
-    const int start = p.cu_seqlens[b];
-    const int end = p.cu_seqlens[b + 1];
-    // The host checks cu_seqlens (attention.py, check_cu_seqlens); a kernel that met other bounds anyway
-    // would skip the sequence.
-    const bool ok = 0 <= start && start <= end && end <= p.rows;
-    s.row_base = start;
-    s.len = ok ? end - start : 0;
-    s.rows = s.len;
-    s.holes = false;
-    return s;
-  }
-  if (threadIdx.x == 0) {
-    scan[0] = 0;
-    scan[1] = 0;
-  }
-  __syncthreads();
-  const uint8_t* mask = p.mask + static_cast<int64_t>(b) * p.seqlen;
-  int last = 0;
-  int count = 0;
-  for (int i = threadIdx.x; i < p.seqlen; i += kThreads) {
-    if (mask[i]) {
-      last = i + 1;
-      ++count;
-    }
-  }
-  last = __reduce_max_sync(0xffffffffu, last);
-  count = __reduce_add_sync(0xffffffffu, count);
-  if ((threadIdx.x & 31) == 0) {
-    atomicMax(&scan[0], last);
-    atomicAdd(&scan[1], count);
-  }
-  __syncthreads();
-  s.row_base = static_cast<int64_t>(b) * p.seqlen;
-  s.len = scan[0];
-  s.rows = p.seqlen;
-  s.holes = scan[1] != scan[0];
-  return s;
+__device__ __forceinline__ Seq sequence(const int32_t* cu_seqlens, int b, int64_t rows) {
+  const int start = cu_seqlens[b];
+  const int end = cu_seqlens[b + 1];
+  // The host checks cu_seqlens (attention.py, check_cu_seqlens); a kernel that met other bounds
+  // anyway would skip the sequence.
+  const bool ok = 0 <= start && start <= end && end <= rows;
+  return Seq{start, ok ? end - start : 0};
 }
 
-// Index of row i of (sequence b, head h) in lse / drow.
-__device__ __forceinline__ int64_t lse_base(const Params& p, const Seq& s, int b, int h) {
-  return p.cu_seqlens != nullptr ? h * p.rows + s.row_base
-                                 : (static_cast<int64_t>(b) * p.heads + h) * p.seqlen;
-}
-
-__device__ __forceinline__ bool real_row(const Params& p, const Seq& s, int b, int i) {
-  return i < s.len && (!s.holes || p.mask[static_cast<int64_t>(b) * p.seqlen + i]);
+// Dropout row counter of query i of a sequence whose first query row is row_base.
+__device__ __forceinline__ uint32_t dropout_row(const Params& p, int row_base, int i) {
+  return static_cast<uint32_t>(p.q_positions != nullptr ? p.q_positions[static_cast<int64_t>(row_base) + i] : i);
 }
 
 __device__ __forceinline__ philox::Words philox_at(const Params& p, uint32_t group, uint32_t row,
                                                    uint32_t stream) {
   return philox::philox4x32_10(group, row, stream, p.offset, p.seed_lo, p.seed_hi);
-}
-
-// Zero rows [r0, r1) of head h of a [rows, H, D] tensor (16-byte stores).
-template <typename T, int D, int kThreads>
-__device__ __forceinline__ void zero_rows(void* dst, const Params& p, int64_t row0, int n, int h) {
-  T* base = static_cast<T*>(dst);
-  constexpr int kChunks = D / 8;
-  for (int i = threadIdx.x; i < n * kChunks; i += kThreads) {
-    const int64_t r = row0 + i / kChunks;
-    *reinterpret_cast<uint4*>(base + (r * p.heads + h) * D + (i % kChunks) * 8) = make_uint4(0, 0, 0, 0);
-  }
 }
 
 // ------------------------------------------------------------------------------------ forward
@@ -221,7 +174,10 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   constexpr int kDT = D / 8;        // output column tiles per warp
   static_assert(kBlockM == 16 * kWarps, "one 16-row query slab per warp");
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  __shared__ int scan[2];
+  __shared__ uint32_t sRow[kBlockM];  // the query tile's dropout rows
+  // The sequence's query and key rows, read from shared memory where used: held in registers
+  // across the key loop they spill at D = 128.
+  __shared__ Seq sSeq[2];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + kBlockM * D;
   T* sV = sK + kBlockN * D;
@@ -233,34 +189,42 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const int lane = tid % 32;
   const int g = lane / 4;
   const int t = lane % 4;
-  const Seq seq = sequence<kThreads>(p, b, scan);
+  if (tid == 0) {
+    sSeq[0] = sequence(p.cu_seqlens_q, b, p.rows_q);
+    sSeq[1] = sequence(p.cu_seqlens_k, b, p.rows_k);
+  }
+  __syncthreads();
+  const Seq& sq = sSeq[0];
+  const Seq& sk = sSeq[1];
   const int64_t stride = static_cast<int64_t>(p.heads) * D;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
-  // Row r of this sequence and head: (row_base + r) * in_stride + h * D in q, k, v, with stride in out
-  // (recomputed per tile rather than held: two more 64-bit bases would spill at D = 64 and 128).
+  // Query row r of this sequence and head: (sq.row_base + r) * in_stride + h * D in q, with stride
+  // in out; key row r: (sk.row_base + r) * in_stride + h * D in k, v (recomputed per tile rather
+  // than held: more 64-bit bases would spill at D = 128; one stride for all three, as separate
+  // ones would hold a second set of per-thread tile offsets).
   const int in_stride = p.qkv_stride;
-  const int64_t lbase = lse_base(p, seq, b, h);
   const uint32_t stream = static_cast<uint32_t>(b) * p.heads + h;
-  const int n_blocks = (seq.len + kBlockN - 1) / kBlockN;
+  const int n_blocks = (sk.len + kBlockN - 1) / kBlockN;
   // ldmatrix row/column of this lane: pattern A for A operands and transposed B operands, pattern
   // B for non-transposed B operands (see the fragment notes in common/cuda_utils.cuh).
   const int offA = lane_off<D>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
   const int offB = lane_off<D>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
   const int offC = lane_off<D>(g, 2 * t);  // accumulator element (g, 2t)
 
-  for (int m_block = blockIdx.x; m_block * kBlockM < seq.rows; m_block += gridDim.x) {
+  for (int m_block = blockIdx.x; m_block * kBlockM < sq.len; m_block += gridDim.x) {
     const int m0 = m_block * kBlockM;
-    if (m0 >= seq.len) {  // padded rows only: zeros, lse = +inf
-      const int n = min(kBlockM, seq.rows - m0);
-      zero_rows<T, D, kThreads>(p.o, p, seq.row_base + m0, n, h);
-      if (tid < n) p.lse[lbase + m0 + tid] = INFINITY;
-      continue;
-    }
-    load_tile<kBlockM, D, kThreads>(sQ, q + (seq.row_base + m0) * in_stride + h * D, in_stride, seq.len - m0, q);
-    load_tile<kBlockN, D, kThreads>(sK, k + seq.row_base * in_stride + h * D, in_stride, seq.len, k);
+    load_tile<kBlockM, D, kThreads>(sQ, q + (static_cast<int64_t>(sq.row_base) + m0) * in_stride + h * D, in_stride,
+                                    sq.len - m0, q);
+    load_tile<kBlockN, D, kThreads>(sK, k + static_cast<int64_t>(sk.row_base) * in_stride + h * D, in_stride, sk.len,
+                                    k);
     cp_async_commit();
+    // Read after the first __syncthreads of the key loop; the previous tile's readers are past the
+    // one at the end of the tile loop.
+    for (int i = tid; i < kBlockM; i += kThreads) {
+      sRow[i] = p.dropout && m0 + i < sq.len ? dropout_row(p, sq.row_base, m0 + i) : 0u;
+    }
 
     float acc_o[kDT][4];
 #pragma unroll
@@ -272,13 +236,14 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       const int n0 = n_block * kBlockN;
       cp_async_wait_all();
       __syncthreads();  // K(n) (and Q) landed; every warp is done reading V(n - 1)
-      load_tile<kBlockN, D, kThreads>(sV, v + (seq.row_base + n0) * in_stride + h * D, in_stride, seq.len - n0, v);
+      load_tile<kBlockN, D, kThreads>(sV, v + (static_cast<int64_t>(sk.row_base) + n0) * in_stride + h * D, in_stride,
+                                      sk.len - n0, v);
       cp_async_commit();
 
       float s[kNT][4];
 #pragma unroll
       for (int j = 0; j < kNT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-#pragma unroll
+#pragma unroll(D == 128 ? 1 : D / 16)  // unrolled at D = 128 it preloads too many fragments and spills
       for (int kk = 0; kk < D / 16; ++kk) {
         uint32_t a[4];
         ldmatrix_x4(a, sQ + at<D>(offA, 16 * warp, 16 * kk));
@@ -294,13 +259,13 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       cp_async_wait_all();
       __syncthreads();  // V(n) landed; every warp is done reading K(n)
       if (n_block + 1 < n_blocks) {
-        load_tile<kBlockN, D, kThreads>(sK, k + (seq.row_base + n0 + kBlockN) * in_stride + h * D, in_stride,
-                                        seq.len - n0 - kBlockN, k);
+        load_tile<kBlockN, D, kThreads>(sK, k + (static_cast<int64_t>(sk.row_base) + n0 + kBlockN) * in_stride + h * D,
+                                        in_stride, sk.len - n0 - kBlockN, k);
         cp_async_commit();
       }
 
-      // Scaled scores in log2 units; -inf at keys past the end or padded.
-      const bool edge = n0 + kBlockN > seq.len || seq.holes;
+      // Scaled scores in log2 units; -inf at keys past the end.
+      const bool edge = n0 + kBlockN > sk.len;
 #pragma unroll
       for (int j = 0; j < kNT; ++j) {
 #pragma unroll
@@ -308,7 +273,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
           s[j][e] *= p.scale_log2;
           if (edge) {
             const int key = n0 + 8 * j + 2 * t + (e & 1);
-            if (!real_row(p, seq, b, key)) s[j][e] = -INFINITY;
+            if (key >= sk.len) s[j][e] = -INFINITY;
           }
         }
       }
@@ -350,7 +315,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 
       if (p.dropout) {  // lane mapping: attention_dropout.h
         const Draw draw = fwd_draw(lane);
-        const uint32_t row = static_cast<uint32_t>(m0 + 16 * warp + draw.query);
+        const uint32_t row = sRow[16 * warp + draw.query];
 #pragma unroll
         for (int j = 0; j < kNT; ++j) {
           const uint32_t group = static_cast<uint32_t>((n0 + 8 * j) / 4 + draw.group);
@@ -383,15 +348,16 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     // Finalise rows g and g + 8: quad-reduce the sums, normalise, write lse and stage O in sQ (the
     // warp's own rows, which no other warp reads) for 16-byte stores.
     float inv[2];
+    const int64_t lbase = h * p.rows_q + sq.row_base;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       float l = row_sum[r];
       l += __shfl_xor_sync(0xffffffffu, l, 1);
       l += __shfl_xor_sync(0xffffffffu, l, 2);
       const int i = m0 + 16 * warp + g + 8 * r;
-      const bool real = real_row(p, seq, b, i) && l > 0.0f;
+      const bool real = i < sq.len && l > 0.0f;  // l = 0: a sequence without keys
       inv[r] = real ? p.dropout_factor / l : 0.0f;
-      if (t == 0 && i < seq.rows) p.lse[lbase + i] = real ? (row_max[r] + log2f(l)) * kLn2 : INFINITY;
+      if (t == 0 && i < sq.len) p.lse[lbase + i] = real ? (row_max[r] + log2f(l)) * kLn2 : INFINITY;
     }
     __syncwarp();
 #pragma unroll
@@ -411,8 +377,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       const int r = i / kDT;
       const int c = (i % kDT) * 8;
       const int row = m0 + 16 * warp + r;
-      if (row < seq.rows) {
-        *reinterpret_cast<uint4*>(o + (seq.row_base + row) * stride + h * D + c) =
+      if (row < sq.len) {
+        *reinterpret_cast<uint4*>(o + (static_cast<int64_t>(sq.row_base) + row) * stride + h * D + c) =
             *reinterpret_cast<const uint4*>(sQ + swz<D>(16 * warp + r, c));
       }
     }
@@ -430,7 +396,7 @@ __global__ void attention_bwd_drow_kernel(const __grid_constant__ Params p, floa
   constexpr int kLanes = D / 8;
   const int64_t pair = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kLanes;
   const int c = threadIdx.x % kLanes;
-  const bool valid = pair < p.rows * p.heads;
+  const bool valid = pair < p.rows_q * p.heads;
   float sum = 0.0f;
   if (valid) {
     float4* dq = reinterpret_cast<float4*>(p.dq_accum + pair * D + c * 8);
@@ -453,10 +419,7 @@ __global__ void attention_bwd_drow_kernel(const __grid_constant__ Params p, floa
   if (valid && c == 0) {
     const int64_t row = pair / p.heads;
     const int64_t h = pair % p.heads;
-    const int64_t index = p.cu_seqlens != nullptr
-                              ? h * p.rows + row
-                              : ((row / p.seqlen) * p.heads + h) * p.seqlen + row % p.seqlen;
-    drow[index] = sum;
+    drow[h * p.rows_q + row] = sum;
   }
 }
 
@@ -498,7 +461,6 @@ __global__ void __launch_bounds__(kWarps * 32)
   static_assert(kBlockN == 16 * kWarps, "one 16-key slab per warp");
   static_assert(kWarps % kSlabs == 0 && kQCols % 16 == 0, "dQ tiles must divide among the warps");
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  __shared__ int scan[2];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBlockN * D;
   T* sQ = sV + kBlockN * D;         // [2][kBlockM * D]
@@ -506,6 +468,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   T* sdS = sdO + 2 * kBlockM * D;   // [kBlockN * kBlockM], dS^T
   float* sLse = reinterpret_cast<float*>(sdS + kBlockN * kBlockM);  // [2][kBlockM], log2 units
   float* sDrow = sLse + 2 * kBlockM;                                  // [2][kBlockM]
+  uint32_t* sRow = reinterpret_cast<uint32_t*>(sDrow + 2 * kBlockM);  // [2][kBlockM], dropout rows
 
   const int b = blockIdx.z;
   const int h = blockIdx.y;
@@ -514,18 +477,21 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int lane = tid % 32;
   const int g = lane / 4;
   const int t = lane % 4;
-  const Seq seq = sequence<kThreads>(p, b, scan);
+  const Seq sq = sequence(p.cu_seqlens_q, b, p.rows_q);
+  const Seq sk = sequence(p.cu_seqlens_k, b, p.rows_k);
   const int64_t stride = static_cast<int64_t>(p.heads) * D;
   const T* q = static_cast<const T*>(p.q);
   const T* k = static_cast<const T*>(p.k);
   const T* v = static_cast<const T*>(p.v);
   const T* dout = static_cast<const T*>(p.dout);
-  const int64_t head_base = seq.row_base * stride + h * D;  // in dout, dq_accum, dk, dv
+  const int64_t q_head_base = static_cast<int64_t>(sq.row_base) * stride + h * D;  // in dout, dq_accum
   const int64_t in_stride = p.qkv_stride;
-  const int64_t in_base = seq.row_base * in_stride + h * D;  // in q, k, v
-  const int64_t lbase = lse_base(p, seq, b, h);
+  const int64_t q_base = static_cast<int64_t>(sq.row_base) * in_stride + h * D;  // in q
+  // Key rows are addressed from sk.row_base where used (per key tile), not held: at D = 128 the
+  // registers are full.
+  const int64_t lbase = h * p.rows_q + sq.row_base;
   const uint32_t stream = static_cast<uint32_t>(b) * p.heads + h;
-  const int m_blocks = (seq.len + kBlockM - 1) / kBlockM;
+  const int m_blocks = (sq.len + kBlockM - 1) / kBlockM;
   const int offA = lane_off<D>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
   const int offB = lane_off<D>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
   const int offC = lane_off<D>(g, 2 * t);
@@ -534,31 +500,27 @@ __global__ void __launch_bounds__(kWarps * 32)
 
   auto load_query_tile = [&](int m_block, int buf) {
     const int m0 = m_block * kBlockM;
-    load_tile<kBlockM, D, kThreads>(sQ + buf * kBlockM * D, q + in_base + m0 * in_stride, in_stride, seq.len - m0,
+    load_tile<kBlockM, D, kThreads>(sQ + buf * kBlockM * D, q + q_base + m0 * in_stride, in_stride, sq.len - m0,
                                     q);
-    load_tile<kBlockM, D, kThreads>(sdO + buf * kBlockM * D, dout + head_base + m0 * stride, stride,
-                                    seq.len - m0, dout);
+    load_tile<kBlockM, D, kThreads>(sdO + buf * kBlockM * D, dout + q_head_base + m0 * stride, stride,
+                                    sq.len - m0, dout);
     cp_async_commit();
     for (int i = tid; i < kBlockM; i += kThreads) {
-      const bool ok = m0 + i < seq.len;
+      const bool ok = m0 + i < sq.len;
       sLse[buf * kBlockM + i] = ok ? p.lse_in[lbase + m0 + i] * kLog2e : INFINITY;
       sDrow[buf * kBlockM + i] = ok ? p.drow[lbase + m0 + i] : 0.0f;
+      sRow[buf * kBlockM + i] = ok && p.dropout ? dropout_row(p, sq.row_base, m0 + i) : 0u;
     }
   };
 
-  for (int n_block = blockIdx.x; n_block * kBlockN < seq.rows; n_block += gridDim.x) {
+  for (int n_block = blockIdx.x; n_block * kBlockN < sk.len; n_block += gridDim.x) {
     const int n0 = n_block * kBlockN;
-    if (n0 >= seq.len) {  // padded keys only: zero gradients
-      const int n = min(kBlockN, seq.rows - n0);
-      zero_rows<T, D, kThreads>(p.dk, p, seq.row_base + n0, n, h);
-      zero_rows<T, D, kThreads>(p.dv, p, seq.row_base + n0, n, h);
-      continue;
-    }
-    load_tile<kBlockN, D, kThreads>(sK, k + in_base + n0 * in_stride, in_stride, seq.len - n0, k);
-    load_tile<kBlockN, D, kThreads>(sV, v + in_base + n0 * in_stride, in_stride, seq.len - n0, v);
-    load_query_tile(0, 0);
+    const int64_t kv_tile = (static_cast<int64_t>(sk.row_base) + n0) * in_stride + h * D;  // in k, v
+    load_tile<kBlockN, D, kThreads>(sK, k + kv_tile, in_stride, sk.len - n0, k);
+    load_tile<kBlockN, D, kThreads>(sV, v + kv_tile, in_stride, sk.len - n0, v);
+    load_query_tile(0, 0);  // a sequence without queries loads zeros and runs no query tile: dK = dV = 0
 
-    const bool key_ok[2] = {real_row(p, seq, b, n0 + 16 * warp + g), real_row(p, seq, b, n0 + 16 * warp + g + 8)};
+    const bool key_ok[2] = {n0 + 16 * warp + g < sk.len, n0 + 16 * warp + g + 8 < sk.len};
     float acc_dk[kDT][4];
     float acc_dv[kDT][4];
 #pragma unroll
@@ -577,6 +539,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       const T* bdO = sdO + buf * kBlockM * D;
       const float* bLse = sLse + buf * kBlockM;
       const float* bDrow = sDrow + buf * kBlockM;
+      const uint32_t* bRow = sRow + buf * kBlockM;
 
       // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys and the tile's kBlockM queries.
       float s[kMT][4];
@@ -607,7 +570,7 @@ __global__ void __launch_bounds__(kWarps * 32)
         }
       }
 
-      // p = exp(s - lse) (0 at padded keys; lse = +inf at padded queries), dropout,
+      // p = exp(s - lse) (0 at keys past the end; lse = +inf at queries past the end), dropout,
       // dS = p * (dP_dropped - D). Element e of tile j: key g + 8 (e / 2), query 8j + 2t + (e & 1).
 #pragma unroll
       for (int j = 0; j < kMT; ++j) {
@@ -615,7 +578,7 @@ __global__ void __launch_bounds__(kWarps * 32)
         if (p.dropout) {  // lane mapping: attention_dropout.h
           const Draw draw = bwd_draw(lane);
           const uint32_t group = static_cast<uint32_t>((n0 + 16 * warp) / 4 + draw.group);
-          const uint32_t row = static_cast<uint32_t>(m0 + 8 * j + draw.query);
+          const uint32_t row = bRow[8 * j + draw.query];
           const uint32_t mine = philox::keep_bits(philox_at(p, group, row, stream), p.threshold);
 #pragma unroll
           for (int e = 0; e < 4; ++e) keep[e] = bwd_keep(lane, __shfl_sync(0xffffffffu, mine, bwd_source(lane, e)));
@@ -681,8 +644,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         const int i = m0 + 16 * slab + g + 8 * r;
-        if (i < seq.len) {
-          float* dst = p.dq_accum + head_base + i * stride + col0 + 2 * t;
+        if (i < sq.len) {
+          float* dst = p.dq_accum + q_head_base + i * stride + col0 + 2 * t;
 #pragma unroll
           for (int j = 0; j < kQCols / 8; ++j) atomic_add2(dst + 8 * j, dq[j][2 * r], dq[j][2 * r + 1]);
         }
@@ -709,10 +672,11 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int r = i / kDT;
       const int c = (i % kDT) * 8;
       const int row = n0 + 16 * warp + r;
-      if (row < seq.rows) {
+      if (row < sk.len) {
         const int off = swz<D>(16 * warp + r, c);
-        *reinterpret_cast<uint4*>(dk + head_base + row * stride + c) = *reinterpret_cast<const uint4*>(sK + off);
-        *reinterpret_cast<uint4*>(dv + head_base + row * stride + c) = *reinterpret_cast<const uint4*>(sV + off);
+        const int64_t out = (static_cast<int64_t>(sk.row_base) + row) * stride + h * D + c;  // in dk, dv
+        *reinterpret_cast<uint4*>(dk + out) = *reinterpret_cast<const uint4*>(sK + off);
+        *reinterpret_cast<uint4*>(dv + out) = *reinterpret_cast<const uint4*>(sV + off);
       }
     }
     __syncthreads();  // sK, sV are reloaded by the next key tile
@@ -725,11 +689,14 @@ template <int D>
 struct Config;
 // Forward: 4 warps x 16 query rows, 64-key tiles. Backward: 16 keys per warp; the query tile
 // shrinks with D so that dK, dV (D fp32 per thread) plus S^T, dP^T (kBwdM fp32) fit in 255
-// registers without spills (ptxas -v, nvcc 13.0, registers at D = 32/64/128: sm_80 fwd 166/186/252,
-// bwd 187/246/255; sm_90a fwd 154/189/252, bwd 172/171/255). The forward's __launch_bounds__ has a
+// registers without spills (ptxas -v, nvcc 13.0, registers at D = 32/64/128: sm_80 fwd 146/191/248,
+// bwd 215/243/255; sm_90a fwd 140/192/248, bwd 232/241/254). The forward's __launch_bounds__ has a
 // minimum of 1 block per SM: without it ptxas held D = 64 at 168 registers and spilled once q, k, v
 // got their own row stride (contiguous copies had given 127/165/252 at 2-3 blocks per SM; whether
-// the lower occupancy costs more than the 3 copies it saves is for a GPU measurement).
+// the lower occupancy costs more than the 3 copies it saves is for a GPU measurement). Separate
+// query and key layouts cost the forward at D = 128 its spill-free budget until the sequence
+// bounds moved to shared memory and its Q K^T loop stopped unrolling over D (a GPU measurement
+// should say what the rolled loop costs).
 template <>
 struct Config<32> {
   static constexpr int kFwdWarps = 4, kFwdN = 64;
@@ -748,12 +715,14 @@ struct Config<128> {
 
 Params make_params(const Layout& l) {
   Params p{};
-  p.cu_seqlens = l.cu_seqlens;
-  p.mask = l.key_padding_mask;
-  p.rows = l.rows;
-  p.qkv_stride = static_cast<int>(l.qkv_stride > 0 ? l.qkv_stride : static_cast<int64_t>(l.heads) * l.head_dim);
+  p.cu_seqlens_q = l.cu_seqlens_q;
+  p.cu_seqlens_k = l.cu_seqlens_k;
+  p.q_positions = l.q_positions;
+  p.rows_q = l.rows_q;
+  p.rows_k = l.rows_k;
+  const int64_t packed = static_cast<int64_t>(l.heads) * l.head_dim;
+  p.qkv_stride = static_cast<int>(l.qkv_stride > 0 ? l.qkv_stride : packed);
   p.heads = l.heads;
-  p.seqlen = l.seqlen;
   p.scale = l.scale;
   p.scale_log2 = l.scale * kLog2e;
   const uint64_t threshold = philox::keep_threshold(l.dropout_p);
@@ -767,8 +736,7 @@ Params make_params(const Layout& l) {
   return p;
 }
 
-dim3 tile_grid(const Layout& l, int block) {
-  const int extent = l.cu_seqlens != nullptr ? l.max_seqlen : l.seqlen;
+dim3 tile_grid(const Layout& l, int extent, int block) {
   const int tiles = (extent + block - 1) / block;
   return dim3(tiles > 0 ? tiles : 1, l.heads, l.batch);
 }
@@ -785,7 +753,8 @@ cudaError_t fwd(const Layout& l, Params p, cudaStream_t stream) {
   using C = Config<D>;
   constexpr int kM = 16 * C::kFwdWarps;
   const size_t smem = static_cast<size_t>(kM + 2 * C::kFwdN) * D * sizeof(T);
-  return launch(attention_fwd_kernel<T, D, kM, C::kFwdN, C::kFwdWarps>, tile_grid(l, kM), C::kFwdWarps * 32, smem,
+  return launch(attention_fwd_kernel<T, D, kM, C::kFwdN, C::kFwdWarps>, tile_grid(l, l.max_seqlen_q, kM),
+                C::kFwdWarps * 32, smem,
                 stream, p);
 }
 
@@ -794,17 +763,20 @@ cudaError_t bwd(const Layout& l, Params p, float* drow, void* dq, cudaStream_t s
   using C = Config<D>;
   constexpr int kN = 16 * C::kBwdWarps;
   constexpr int kM = C::kBwdM;
-  const int64_t pairs = l.rows * l.heads;
+  const int64_t pairs = l.rows_q * l.heads;
   constexpr int kDrowThreads = 256;
   const int64_t drow_blocks = (pairs * (D / 8) + kDrowThreads - 1) / kDrowThreads;
-  attention_bwd_drow_kernel<T, D><<<static_cast<unsigned>(drow_blocks), kDrowThreads, 0, stream>>>(p, drow);
-  LUB_FAST_CUDA_TRY(cudaGetLastError());
+  if (drow_blocks > 0) {  // Tq = 0 (keys only): nothing to zero, no dq
+    attention_bwd_drow_kernel<T, D><<<static_cast<unsigned>(drow_blocks), kDrowThreads, 0, stream>>>(p, drow);
+    LUB_FAST_CUDA_TRY(cudaGetLastError());
+  }
   p.drow = drow;
-  const size_t smem = static_cast<size_t>(2 * kN * D + 4 * kM * D + kN * kM) * sizeof(T) + 4 * kM * sizeof(float);
-  LUB_FAST_CUDA_TRY(launch(attention_bwd_kernel<T, D, kM, kN, C::kBwdWarps>, tile_grid(l, kN), C::kBwdWarps * 32,
-                           smem, stream, p));
+  const size_t smem = static_cast<size_t>(2 * kN * D + 4 * kM * D + kN * kM) * sizeof(T) + 6 * kM * sizeof(float);
+  LUB_FAST_CUDA_TRY(launch(attention_bwd_kernel<T, D, kM, kN, C::kBwdWarps>, tile_grid(l, l.max_seqlen_k, kN),
+                           C::kBwdWarps * 32, smem, stream, p));
   const int64_t n8 = pairs * D / 8;
   const int64_t dq_blocks = (n8 + 255) / 256 < 4096 ? (n8 + 255) / 256 : 4096;
+  if (dq_blocks == 0) return cudaSuccess;
   attention_bwd_dq_kernel<T><<<static_cast<unsigned>(dq_blocks), 256, 0, stream>>>(p.dq_accum, static_cast<T*>(dq), n8,
                                                                                  p.scale);
   return cudaGetLastError();
@@ -834,7 +806,7 @@ cudaError_t bwd_dim(const Layout& l, const Params& p, float* drow, void* dq, cud
 
 cudaError_t attention_fwd(const Layout& layout, const void* q, const void* k, const void* v, void* out, float* lse,
                           cudaStream_t stream) {
-  if (layout.rows == 0 || layout.batch == 0 || layout.heads == 0) return cudaSuccess;
+  if (layout.rows_q == 0 || layout.batch == 0 || layout.heads == 0) return cudaSuccess;
   Params p = make_params(layout);
   p.q = q;
   p.k = k;
@@ -848,7 +820,7 @@ cudaError_t attention_fwd(const Layout& layout, const void* q, const void* k, co
 cudaError_t attention_bwd(const Layout& layout, const void* dout, const void* q, const void* k, const void* v,
                           const void* out, const float* lse, float* drow, float* dq_accum, void* dq, void* dk,
                           void* dv, cudaStream_t stream) {
-  if (layout.rows == 0 || layout.batch == 0 || layout.heads == 0) return cudaSuccess;
+  if (layout.batch == 0 || layout.heads == 0 || (layout.rows_q == 0 && layout.rows_k == 0)) return cudaSuccess;
   Params p = make_params(layout);
   p.q = q;
   p.k = k;

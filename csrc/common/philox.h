@@ -4,17 +4,13 @@
 // Easy as 1, 2, 3" (SC'11), as in Random123 and cuRAND's curand_Philox4x32_10.
 //
 // Torch-free and CUDA-optional: plain C++ compilers see inline host functions (the CMake test
-// csrc/tests/test_philox_cuda_host.cpp checks them against the Python generator's outputs), nvcc
-// sees __host__ __device__ functions that use __umulhi on the device.
+// csrc/tests/test_philox.cpp checks them against the Python generator's outputs), nvcc sees
+// __host__ __device__ functions that use __umulhi on the device.
 #pragma once
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define LUB_FAST_PHILOX_HD __host__ __device__ __forceinline__
-#else
-#define LUB_FAST_PHILOX_HD inline
-#endif
+#include "common/host_device.h"
 
 namespace lub_fast {
 namespace philox {
@@ -29,7 +25,7 @@ struct Words {
   uint32_t w[4];
 };
 
-LUB_FAST_PHILOX_HD uint32_t mulhi(uint32_t a, uint32_t b) {
+LUB_FAST_HD uint32_t mulhi(uint32_t a, uint32_t b) {
 #if defined(__CUDA_ARCH__)
   return __umulhi(a, b);
 #else
@@ -38,7 +34,7 @@ LUB_FAST_PHILOX_HD uint32_t mulhi(uint32_t a, uint32_t b) {
 }
 
 // Philox4x32-10 of the counter (c0, c1, c2, c3) under the key (k0, k1).
-LUB_FAST_PHILOX_HD Words philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+LUB_FAST_HD Words philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
                                        uint32_t k0, uint32_t k1) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -59,7 +55,7 @@ LUB_FAST_PHILOX_HD Words philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, ui
 }
 
 // Bit w (w = 0..3) set when word w is below `threshold`: keep(b, h, i, 4 * c0 + w) of one call.
-LUB_FAST_PHILOX_HD uint32_t keep_bits(const Words& r, uint32_t threshold) {
+LUB_FAST_HD uint32_t keep_bits(const Words& r, uint32_t threshold) {
   return static_cast<uint32_t>(r.w[0] < threshold) | (static_cast<uint32_t>(r.w[1] < threshold) << 1) |
          (static_cast<uint32_t>(r.w[2] < threshold) << 2) |
          (static_cast<uint32_t>(r.w[3] < threshold) << 3);

@@ -62,7 +62,8 @@ Dropout make_dropout(uint64_t seed, uint32_t stream, uint32_t offset, double p) 
   return d;
 }
 
-// dropout_rows (both forms) against keep() key by key; rows * n spans several Philox blocks.
+// dropout_rows (both forms) against keep() key by key; rows * n spans several Philox blocks, and
+// the row ids are out of order with gaps (a sparse layer's query positions).
 void test_dropout_rows_match_scalar_keep() {
   std::mt19937 gen(7);
   std::uniform_real_distribution<float> uniform(0.5f, 1.5f);
@@ -71,7 +72,8 @@ void test_dropout_rows_match_scalar_keep() {
     for (const auto& shape : shapes) {
       const int64_t rows = shape[0], n = shape[1];
       const Dropout d = make_dropout(0x123456789ABCDEFull, 41, 9, p);
-      const uint32_t row0 = 3;
+      std::vector<uint32_t> row_ids(rows);
+      for (int64_t r = 0; r < rows; ++r) row_ids[r] = static_cast<uint32_t>((r * 37 + 3) % 1021);
       std::vector<float> x(rows * n), p_in(rows * n), pd(rows * n), dpd(rows * n);
       for (int64_t j = 0; j < rows * n; ++j) {
         x[j] = uniform(gen);
@@ -79,15 +81,14 @@ void test_dropout_rows_match_scalar_keep() {
         dpd[j] = uniform(gen);
       }
       const std::vector<float> dpd_in = dpd;
-      lub_fast::attention::dropout_rows(x.data(), rows, n, row0, d);
-      lub_fast::attention::dropout_rows(p_in.data(), pd.data(), dpd.data(), rows, n, row0, d);
+      lub_fast::attention::dropout_rows(x.data(), rows, n, row_ids.data(), d);
+      lub_fast::attention::dropout_rows(p_in.data(), pd.data(), dpd.data(), rows, n, row_ids.data(), d);
       const float factor = static_cast<float>(d.factor);
       int64_t kept = 0;
       for (int64_t r = 0; r < rows; ++r) {
         for (int64_t j = 0; j < n; ++j) {
           const int64_t o = r * n + j;
-          const bool keep = lub_fast::attention::keep(d, row0 + static_cast<uint32_t>(r),
-                                                      static_cast<uint32_t>(j));
+          const bool keep = lub_fast::attention::keep(d, row_ids[r], static_cast<uint32_t>(j));
           kept += keep;
           CHECK(x[o] == (keep ? p_in[o] * factor : 0.0f));
           CHECK(pd[o] == x[o]);
@@ -105,7 +106,9 @@ void test_keep_rate() {
   for (double p : {0.1, 0.5}) {
     const Dropout d = make_dropout(2024, 5, 3, p);
     std::vector<double> x(rows * n, 1.0);
-    lub_fast::attention::dropout_rows(x.data(), rows, n, 0, d);
+    std::vector<uint32_t> row_ids(rows);
+    for (int64_t r = 0; r < rows; ++r) row_ids[r] = static_cast<uint32_t>(r);
+    lub_fast::attention::dropout_rows(x.data(), rows, n, row_ids.data(), d);
     int64_t kept = 0;
     for (double value : x) kept += value != 0.0;
     const double rate = static_cast<double>(kept) / static_cast<double>(rows * n);

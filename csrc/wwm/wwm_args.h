@@ -1,6 +1,5 @@
-// Argument checks of lub_fast::wwm_mask shared by the CPU (wwm.cpp) and CUDA (wwm_cuda.cpp)
-// registrations, so both devices reject the same arguments with the same ValueError; the device
-// checks stay with each registration. Torch headers: not for wwm_kernel.cu.
+// Argument checks of lub_fast::wwm_mask's CPU registration (wwm.cpp): the same rules, with the same
+// ValueError messages, as the Python reference's checks in lub_fast/ops/wwm.py.
 #pragma once
 
 #include <c10/util/Exception.h>

@@ -6,19 +6,12 @@
 // a lazily drawn Fisher-Yates order in which a unit is taken only when it fits what remains of the
 // budget, and one 80/10/10 action per unit. Random numbers are SplitMix64 outputs addressed by
 // (key, stream, counter), the key a hash of (seed, epoch, example index), so every example is
-// independent of batch, thread and device. The RNG helpers are host/device functions so that a
-// CUDA kernel can include this header and reproduce the CPU output bit for bit.
+// independent of batch and thread.
 //
 // Compiled into the Python extension (with csrc/wwm/wwm.cpp) and into the CMake test build.
 #pragma once
 
 #include <cstdint>
-
-#if defined(__CUDACC__)
-#define LUB_FAST_HD __host__ __device__ __forceinline__
-#else
-#define LUB_FAST_HD inline
-#endif
 
 namespace lub_fast {
 namespace wwm {
@@ -54,22 +47,22 @@ struct Params {
 };
 
 // SplitMix64's output function (Steele, Lea, Flood, OOPSLA 2014).
-LUB_FAST_HD uint64_t mix64(uint64_t z) {
+inline uint64_t mix64(uint64_t z) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
   return z ^ (z >> 31);
 }
 
-LUB_FAST_HD uint64_t example_key(uint64_t seed, uint64_t epoch, uint64_t index) {
+inline uint64_t example_key(uint64_t seed, uint64_t epoch, uint64_t index) {
   return mix64(mix64(mix64(seed ^ kSeedSalt) ^ epoch) ^ index);
 }
 
-LUB_FAST_HD uint64_t draw(uint64_t key, uint64_t stream, uint64_t counter) {
+inline uint64_t draw(uint64_t key, uint64_t stream, uint64_t counter) {
   return mix64(key + ((stream << 32) + counter + 1) * kGoldenGamma);
 }
 
 // Uniform in [0, n) for n < 2**32: the high 32 bits of r times n, shifted down.
-LUB_FAST_HD uint64_t below(uint64_t r, uint64_t n) { return ((r >> 32) * n) >> 32; }
+inline uint64_t below(uint64_t r, uint64_t n) { return ((r >> 32) * n) >> 32; }
 
 // A word or unit: its first token and token count.
 struct Span {

@@ -15,8 +15,11 @@ fused ``[3 * hidden, hidden]`` matmul. Padded ``[B, S, hidden]`` states are buil
 Sparse last layer: when only some positions' final states are needed (the MLM head at the masked
 positions, the pooler at the first token), ``forward(..., output_positions=...)`` runs the last
 layer's queries, attention output, LayerNorms and feed-forward at those rows only; its keys and
-values still come from every token, so the states there are the full encoder's. At 15% masking
-that skips about 6% of a 12-layer encoder's layer FLOPs and 18% of a 4-layer one's.
+values still come from every token, so the states there are the full encoder's. It runs through
+the same attention op with a query layout of its own (``cu_seqlens_q`` over the kept rows), with
+each query's position as its dropout row, so its attention dropout is the full layer's at those
+rows. At 15% masking that skips about 6% of a 12-layer encoder's layer FLOPs and 18% of a 4-layer
+one's.
 
 Dropout: hidden dropout uses ``torch.nn.functional.dropout``; attention dropout is counter-based
 with a seed drawn from torch's default generator on each training forward, so restoring torch's RNG
@@ -183,14 +186,9 @@ class EncoderLayer(nn.Module):
         tokens = x.shape[0]
         qkv = self.qkv(x).view(tokens, 3, cfg.num_attention_heads, cfg.head_dim)
         q, k, v = qkv.unbind(1)
-        if self.training and cfg.attention_probs_dropout_prob > 0:
-            dropout_p = cfg.attention_probs_dropout_prob
-            seed = int(torch.randint(0, _SEED_HIGH, (1,)))
-        else:
-            dropout_p, seed = 0.0, 0
-        attn = varlen_attention(
-            q, k, v, unpadded.attention_cu_seqlens, unpadded.max_seqlen, dropout_p, seed
-        )  # fmt: skip
+        dropout_p, seed = self._attention_dropout()
+        cu, max_seqlen = unpadded.attention_cu_seqlens, unpadded.max_seqlen
+        attn = varlen_attention(q, k, v, cu, cu, max_seqlen, max_seqlen, dropout_p, seed)
         attn = self.attn_out(attn.reshape(tokens, cfg.hidden_size))
         x = self.attn_norm(x + F.dropout(attn, cfg.hidden_dropout_prob, self.training))
         h = bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias, cfg.gelu_approximate)
@@ -203,42 +201,49 @@ class EncoderLayer(nn.Module):
         x_rows = x.index_select(0, rows)
         q = F.linear(x_rows, self.qkv.weight[:hidden], self.qkv.bias[:hidden])
         kv = F.linear(x, self.qkv.weight[hidden:], self.qkv.bias[hidden:])
-        dropout_p = cfg.attention_probs_dropout_prob if self.training else 0.0
-        attn = self.attn_out(rows_attention(q, kv, unpadded, rows, cfg.num_attention_heads, dropout_p))
+        dropout_p, seed = self._attention_dropout()
+        attn = rows_attention(q, kv, unpadded, rows, cfg.num_attention_heads, dropout_p, seed)
+        attn = self.attn_out(attn)
         x = self.attn_norm(x_rows + F.dropout(attn, cfg.hidden_dropout_prob, self.training))
         h = bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias, cfg.gelu_approximate)
         h = self.ffn_out(h)
         return self.ffn_norm(x + F.dropout(h, cfg.hidden_dropout_prob, self.training))
 
+    def _attention_dropout(self) -> tuple[float, int]:
+        """(dropout_p, seed) of this forward's attention: a seed from torch's generator when training."""
+        if self.training and self.config.attention_probs_dropout_prob > 0:
+            return self.config.attention_probs_dropout_prob, int(torch.randint(0, _SEED_HIGH, (1,)))
+        return 0.0, 0
 
-def rows_attention(q: Tensor, kv: Tensor, unpadded: Unpadded, rows: Tensor, heads: int, dropout_p: float) -> Tensor:
+
+def rows_attention(
+    q: Tensor, kv: Tensor, unpadded: Unpadded, rows: Tensor, heads: int, dropout_p: float, seed: int
+) -> Tensor:
     """Attention of the queries ``q [P, hidden]`` at unpadded ``rows [P]`` over the keys and values
-    ``kv [T, 2 * hidden]`` of their own sequences -> ``[P, hidden]``.
+    ``kv [T, 2 * hidden]`` (every row the layers run on) of their own sequences -> ``[P, hidden]``.
 
-    The queries are grouped per sequence into ``[B, max queries per sequence]`` and the keys and
-    values padded to ``[B, S]`` with a key-padding mask: one batched SDPA whose query length is a
-    few positions, not ``S``. Attention dropout (training) draws from torch's generator.
+    One ``varlen_attention`` call with a query layout of its own: the queries sorted by row (so
+    grouped by sequence, as ``cu_seqlens_q`` needs), the keys in the layers' layout. Each query passes
+    its position in its sequence as its dropout row, so it draws the attention dropout mask it has in
+    the full layer with the same ``seed`` (offset 0 in both).
     """
     num_rows, hidden = q.shape
-    head_dim = hidden // heads
     if num_rows == 0:
         return q
-    batch, seq_len = unpadded.batch_size, unpadded.seq_len
-    seq = torch.searchsorted(unpadded.cu_seqlens[1:].to(rows.dtype), rows, right=True)
-    counts = torch.bincount(seq, minlength=batch)
-    order = torch.argsort(seq, stable=True)
-    slot = torch.empty_like(rows)
-    slot[order] = torch.arange(num_rows, device=rows.device) - (torch.cumsum(counts, 0) - counts)[seq[order]]
-    q_pad = q.new_zeros(batch, int(counts.max()), heads, head_dim).index_put((seq, slot), q.view(num_rows, heads, head_dim))
-    k_pad, v_pad = unpadded.pad(kv[: unpadded.num_tokens]).view(batch, seq_len, 2, heads, head_dim).unbind(2)
-    key_mask = unpadded.is_real.view(batch, seq_len).clone()
-    # A sequence without tokens has no queries; one open key keeps its unused padded queries finite.
-    key_mask[:, 0] |= unpadded.cu_seqlens[1:] == unpadded.cu_seqlens[:-1]
-    key_mask = key_mask.view(batch, 1, 1, seq_len)
-    out = F.scaled_dot_product_attention(
-        q_pad.transpose(1, 2), k_pad.transpose(1, 2), v_pad.transpose(1, 2), attn_mask=key_mask, dropout_p=dropout_p
-    )
-    return out.transpose(1, 2)[seq, slot].reshape(num_rows, hidden)
+    head_dim = hidden // heads
+    cu_k = unpadded.attention_cu_seqlens
+    order = torch.argsort(rows, stable=True)
+    sorted_rows = rows.index_select(0, order)
+    seq = torch.searchsorted(cu_k[1:].to(rows.dtype), sorted_rows, right=True)
+    counts = torch.bincount(seq, minlength=cu_k.numel() - 1)
+    cu_q = F.pad(torch.cumsum(counts, dim=0, dtype=torch.int32), (1, 0))
+    positions = (sorted_rows - cu_k.index_select(0, seq)).to(torch.int32)
+    k, v = kv.view(kv.shape[0], 2, heads, head_dim).unbind(1)
+    out = varlen_attention(
+        q.index_select(0, order).view(num_rows, heads, head_dim), k, v, cu_q, cu_k, int(counts.max()),
+        unpadded.max_seqlen, dropout_p, seed, q_positions=positions,
+    )  # fmt: skip
+    return out.reshape(num_rows, hidden).index_select(0, torch.argsort(order))
 
 
 class Encoder(nn.Module):

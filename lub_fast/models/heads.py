@@ -41,8 +41,7 @@ from lub_fast.models.config import EncoderConfig
 from lub_fast.models.encoder import Encoder, EncoderOutput, init_weights
 from lub_fast.models.save import save_pretrained as _save_pretrained
 from lub_fast.ops.bias_gelu import bias_gelu
-
-_IGNORE = -100
+from lub_fast.ops.wwm import IGNORE_INDEX
 
 
 @dataclass
@@ -161,12 +160,12 @@ class _Model(nn.Module):
                     f"with masked_positions {tuple(masked_positions.shape)}, labels must be the "
                     f"masked labels of the same shape; got {tuple(labels.shape)}"
                 )
-            loss = None if labels is None else F.cross_entropy(logits.float(), labels, ignore_index=_IGNORE)
+            loss = None if labels is None else F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX)
             return logits, loss
         token_logits = self.mlm(out.hidden, word)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(token_logits.float(), out.unpadded.unpad(labels), ignore_index=_IGNORE)
+            loss = F.cross_entropy(token_logits.float(), out.unpadded.unpad(labels), ignore_index=IGNORE_INDEX)
         return out.unpadded.pad(token_logits), loss
 
 
@@ -340,7 +339,7 @@ class TokenClassification(_Model):
         loss = None
         if labels is not None:
             target = out.unpadded.unpad(labels)
-            loss = F.cross_entropy(token_logits.float(), target, ignore_index=_IGNORE)
+            loss = F.cross_entropy(token_logits.float(), target, ignore_index=IGNORE_INDEX)
         return ModelOutput(out, loss=loss, logits=out.unpadded.pad(token_logits))
 
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from lub_fast.models.heads import ElectraPair
 from lub_fast.objectives.mlm import masked_accuracy, masked_sum, mean_scale
+from lub_fast.ops.wwm import IGNORE_INDEX
 
 
 class ElectraObjective(nn.Module):
@@ -34,9 +35,9 @@ class ElectraObjective(nn.Module):
         token_type_ids = batch.get("token_type_ids")
         positions, labels = batch["masked_positions"], batch["masked_labels"]
         gen = self.pair.generator(input_ids, attention_mask, token_type_ids, masked_positions=positions, sparse_last_layer=True)
-        masked = labels != -100
+        masked = labels != IGNORE_INDEX
         gen_scale = mean_scale(masked, self.training)
-        token_loss = nn.functional.cross_entropy(gen.logits.float(), labels, ignore_index=-100, reduction="none")
+        token_loss = nn.functional.cross_entropy(gen.logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
         gen_loss = masked_sum(token_loss, masked) * gen_scale
 
         with torch.no_grad():

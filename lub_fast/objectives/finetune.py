@@ -11,8 +11,7 @@ Devlin et al. 2019's ``run_squad.py``), so a model fine-tuned here and one fine-
 from torch import Tensor, nn
 
 from lub_fast.models.heads import QuestionAnswering, SequenceClassification, TokenClassification
-
-_IGNORE = -100
+from lub_fast.ops.wwm import IGNORE_INDEX
 
 
 def _inputs(batch) -> dict:
@@ -56,7 +55,7 @@ class TokenObjective(nn.Module):
     def forward(self, batch) -> tuple[Tensor, dict]:
         labels = batch["labels"]
         out = self.model(**_inputs(batch), labels=labels)
-        scored = labels != _IGNORE
+        scored = labels != IGNORE_INDEX
         hits = (out.logits.detach().argmax(-1) == labels) & scored
         count = scored.sum()
         accuracy = hits.sum().float() / count.clamp(min=1).float()

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lub_fast.models.heads import MaskedLM, PreTraining
+from lub_fast.ops.wwm import IGNORE_INDEX
 
 PAIR_LABEL_KEYS = ("sentence_order_label", "next_sentence_label")
 
@@ -42,7 +43,7 @@ def masked_sum(values: Tensor, keep: Tensor) -> Tensor:
 def masked_accuracy(logits: Tensor, labels: Tensor, scale: Tensor | None = None) -> Tensor:
     """Fraction of labelled rows (label != -100) whose arg-max is the label; 0 when none. ``scale``
     (``mean_scale`` of the labelled rows) makes it the global micro-batch's fraction."""
-    keep = labels != -100
+    keep = labels != IGNORE_INDEX
     hits = (logits.detach().argmax(-1) == labels) & keep
     return hits.sum().float() * (mean_scale(keep, False) if scale is None else scale)
 
@@ -74,9 +75,9 @@ class MaskedLMObjective(nn.Module):
             masked_positions=positions,
             sparse_last_layer=True,
         )
-        keep = labels != -100
+        keep = labels != IGNORE_INDEX
         scale = mean_scale(keep, self.training)
-        token_loss = nn.functional.cross_entropy(out.logits.float(), labels, ignore_index=-100, reduction="none")
+        token_loss = nn.functional.cross_entropy(out.logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
         mlm_loss = masked_sum(token_loss, keep) * scale
         metrics = {
             "mlm_loss": mlm_loss.detach(),

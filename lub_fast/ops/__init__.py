@@ -9,7 +9,8 @@ reference, with one warning saying why.
 import os
 import warnings
 
-from lub_fast.ops import attention, bias_gelu, wwm  # noqa: F401  (defines the ops)
+from lub_fast.ops import attention, bias_gelu, wwm  # defines the ops
+from lub_fast.ops._kernels import has_kernel  # noqa: F401  (re-exported)
 
 # Every op this package defines, without the ``lub_fast::`` namespace.
 OP_NAMES = attention.OPS + bias_gelu.OPS + wwm.OPS
@@ -42,10 +43,3 @@ def _load_extensions():
 
 _load_extensions()
 
-
-def has_kernel(op_name, device_type):
-    """True when a compiled kernel is registered for ``lub_fast::op_name`` on ``device_type``."""
-    import torch
-
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lub_fast::{op_name}", key)

@@ -25,6 +25,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from lub_fast.ops._kernels import has_kernel
+
 OPS = ("bias_gelu_fwd", "bias_gelu_bwd")
 
 APPROXIMATIONS = ("none", "tanh")
@@ -115,20 +117,15 @@ CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _warned_fallback = set()
 
 
-@torch.compiler.assume_constant_result
-def _has_kernel(op_name: str, key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"lub_fast::{op_name}", key)
-
-
 def supports(x: Tensor, bias: Tensor) -> bool:
     """True when a compiled ``lub_fast::bias_gelu_fwd`` kernel handles ``x`` and ``bias``: CPU when the
     CPU kernel is built; CUDA when the CUDA kernel is built, ``x`` is fp32/fp16/bf16 and ``bias`` has
     its dtype or fp32."""
     if x.device.type == "cpu":
-        return _has_kernel("bias_gelu_fwd", "CPU")
+        return has_kernel("bias_gelu_fwd", "cpu")
     if x.device.type == "cuda":
         return (
-            _has_kernel("bias_gelu_fwd", "CUDA")
+            has_kernel("bias_gelu_fwd", "cuda")
             and x.dtype in CUDA_DTYPES
             and bias.dtype in (x.dtype, torch.float32)
         )

@@ -50,6 +50,8 @@ import warnings
 import torch
 from torch import Tensor
 
+from lub_fast.ops._kernels import has_kernel
+
 OPS = ("wwm_mask",)
 
 MODES = ("token", "whole_word", "ngram")
@@ -219,8 +221,7 @@ def _(input_ids, word_start, maskable, example_index, seed, epoch, mode, rate, m
 
 def supports(input_ids: Tensor) -> bool:
     """True when a compiled kernel is registered for ``input_ids``' device (else the reference runs)."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(input_ids.device.type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("lub_fast::wwm_mask", key)
+    return has_kernel("wwm_mask", input_ids.device.type)
 
 
 _warned_devices = set()

@@ -22,6 +22,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from lub_fast.ops.wwm import IGNORE_INDEX
 from lub_fast.tasks.base import Head, Split, backend_tokenizer, special_id
 from lub_fast.tasks.cmrc2018 import _max_context, _windows
 from lub_fast.tasks.io import (
@@ -409,7 +410,7 @@ def encode_windows(tokens, tokenizer, max_seq_len=512, stride=128):
     return out
 
 
-def label_ids(positions, tags, label_to_id, ignore_index=-100):
+def label_ids(positions, tags, label_to_id, ignore_index=IGNORE_INDEX):
     """Training labels aligned to `encode_tokens` output: a token's tag on its first piece."""
     return [label_to_id[tags[p]] if p >= 0 else ignore_index for p in positions]
 

@@ -45,6 +45,7 @@ from lub_fast.config_cli import ConfigError, check_fields, option, output_dir
 from lub_fast.errors import Preempted
 from lub_fast.models.load import from_pretrained, read_tokenizer_files
 from lub_fast.objectives.finetune import objective_for
+from lub_fast.ops.wwm import IGNORE_INDEX
 from lub_fast.optim import layerwise_param_groups
 from lub_fast.tasks import TASKS, TaskDataError
 from lub_fast.tasks.base import Head, Split, Task, load_tokenizer
@@ -158,7 +159,7 @@ _LABEL_KEYS = ("labels", "start_positions", "end_positions")
 
 
 def collate(rows: list[dict], with_labels: bool = True) -> dict:
-    """Pad list-valued fields to the longest row (labels with -100, ids with 0) and stack the
+    """Pad list-valued fields to the longest row (labels with ``IGNORE_INDEX``, ids with 0) and stack the
     rest; adds ``attention_mask``. Int fields become int64, float fields float32."""
     batch = {}
     length = max(len(r["input_ids"]) for r in rows)
@@ -167,7 +168,7 @@ def collate(rows: list[dict], with_labels: bool = True) -> dict:
             continue
         values = [r[key] for r in rows]
         if isinstance(values[0], list):
-            fill = -100 if key == "labels" else 0
+            fill = IGNORE_INDEX if key == "labels" else 0
             batch[key] = torch.tensor([v + [fill] * (length - len(v)) for v in values], dtype=torch.long)
         else:
             dtype = torch.float32 if isinstance(values[0], float) else torch.long

@@ -2,8 +2,9 @@
 
 Parity rule (STYLE.md): for bf16/fp16 the kernel's max error against the fp32 reference is at most
 2x that of the same attention computed by PyTorch in the low precision, for the output and every
-gradient; odd lengths (1, 97, 513), an empty sequence, head dims 32/64/128. Dropout masks are
-checked bit for bit, opcheck and torch.compile(fullgraph=True) run on the CUDA ops.
+gradient; odd lengths (1, 97, 513), an empty sequence, head dims 32/64/128, self-attention and separate
+query/key layouts with dropout rows. Dropout masks are checked bit for bit, opcheck and
+torch.compile(fullgraph=True) run on the CUDA ops.
 """
 
 import math
@@ -98,7 +99,7 @@ def test_varlen_attention_cuda_parity(dtype, dim, dropout_p):
     total = sum(LENGTHS)
     q, k, v, dout = (_randn((total, HEADS, dim), dtype, gen) for _ in range(4))
     cu, max_seqlen, scale = _cu_seqlens(LENGTHS), max(LENGTHS), dim**-0.5
-    args = (cu, max_seqlen, dropout_p, SEED, OFFSET, scale)
+    args = (cu, cu, max_seqlen, max_seqlen, dropout_p, SEED, OFFSET, scale)
 
     ours_in = _leaf(q, k, v)
     out, lse = torch.ops.lub_fast.varlen_attention_fwd(*ours_in, *args)
@@ -120,67 +121,65 @@ def test_varlen_attention_cuda_parity(dtype, dim, dropout_p):
     torch.testing.assert_close(lse, lse32, atol=1e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("holes", [False, True])
+# Queries at some positions of each sequence (the sparse last layer's layout): none in one sequence,
+# all in another, queries but no keys in a third; keys of every position.
+K_LENGTHS = [97, 0, 513, 1, 64, 0]
+Q_COUNTS = [9, 0, 513, 0, 17, 3]
+
+
+def _sparse_layout():
+    positions = [
+        torch.randperm(max(n, c), generator=torch.Generator().manual_seed(n + c))[:c].sort().values
+        for n, c in zip(K_LENGTHS, Q_COUNTS)
+    ]
+    q_positions = torch.cat(positions).to(torch.int32).cuda()
+    return q_positions, _cu_seqlens(Q_COUNTS), _cu_seqlens(K_LENGTHS)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, DROPOUT_P])
 @pytest.mark.parametrize("dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_padded_attention_cuda_parity(dtype, dim, holes):
-    gen = torch.Generator(device="cuda").manual_seed(100 + dim)
-    lengths = [97, 1, 0, 61]
-    batch, seqlen = len(lengths), max(lengths)
-    mask = torch.arange(seqlen, device="cuda")[None, :] < torch.tensor(lengths, device="cuda")[:, None]
-    if holes:  # padding inside rows too (left padding, gaps): the kernel's per-key mask path
-        mask &= torch.rand((batch, seqlen), generator=gen, device="cuda") < 0.7
-    q, k, v, dout = (_randn((batch, seqlen, HEADS, dim), dtype, gen) for _ in range(4))
+def test_varlen_attention_cuda_separate_layouts_parity(dtype, dim, dropout_p):
+    """q/k layouts with q_positions: within 2x of PyTorch in the low precision (the sparse rows of
+    a full low-precision attention), and the dropout masks are the full layer's at those rows."""
+    gen = torch.Generator(device="cuda").manual_seed(200 + dim)
+    q_positions, cu_q, cu_k = _sparse_layout()
+    total_k = sum(K_LENGTHS)
+    k, v, q_full = (_randn((total_k, HEADS, dim), dtype, gen) for _ in range(3))
+    starts = cu_k[:-1].long()
+    seq_q = torch.repeat_interleave(torch.arange(len(Q_COUNTS), device="cuda"), torch.tensor(Q_COUNTS, device="cuda"))
+    rows = starts[seq_q] + q_positions.long()  # the queries' rows in the full layout
+    keyless = torch.tensor([K_LENGTHS[b] == 0 for b in seq_q.tolist()], device="cuda")
+    rows = torch.where(keyless, 0, rows)
+    q = _randn((sum(Q_COUNTS), HEADS, dim), dtype, gen)
+    q = torch.where(keyless[:, None, None], q, q_full[rows])
+    dout = _randn(q.shape, dtype, gen)
     scale = dim**-0.5
-    args = (mask, DROPOUT_P, SEED, OFFSET, scale)
+    args = (cu_q, cu_k, max(Q_COUNTS), max(K_LENGTHS), dropout_p, SEED, OFFSET, scale, q_positions)
 
     ours_in = _leaf(q, k, v)
-    out, lse = torch.ops.lub_fast.padded_attention_fwd(*ours_in, *args)
+    out, lse = torch.ops.lub_fast.varlen_attention_fwd(*ours_in, *args)
     out.backward(dout)
     ref_in = _leaf(q.float(), k.float(), v.float())
-    out32, lse32 = attention.padded_attention_fwd_ref(*ref_in, *args)
+    out32, lse32 = attention.varlen_attention_fwd_ref(*ref_in, *args)
     out32.backward(dout.float())
-    lowp_in = _leaf(q, k, v)
-    outl = _lowp_padded(*lowp_in, mask, _keep(batch, seqlen, DROPOUT_P), DROPOUT_P, scale)
+    # Baseline: full low-precision attention with the full layer's masks, at the queries' rows.
+    lowp_in = _leaf(q_full.index_copy(0, rows[~keyless], q[~keyless]), k, v)
+    full = _lowp_varlen(*lowp_in, K_LENGTHS, dropout_p, scale)
+    outl = torch.where(keyless[:, None, None], 0.0, full[rows]).to(dtype)
     outl.backward(dout)
+    lowp_dq = torch.where(keyless[:, None, None], 0.0, lowp_in[0].grad[rows]).to(dtype)
 
     _assert_within_2x(
         dtype,
         ("out", "dq", "dk", "dv"),
         [out] + [t.grad for t in ours_in],
         [out32] + [t.grad for t in ref_in],
-        [outl] + [t.grad for t in lowp_in],
+        [outl, lowp_dq, lowp_in[1].grad, lowp_in[2].grad],
     )
-    pad = ~mask
-    assert (out[pad] == 0).all(), "padded query rows must be exactly zero"
-    assert torch.isinf(lse.transpose(1, 2)[pad]).all(), "padded query rows must have lse = +inf"
-    for name, g in zip(("dq", "dk", "dv"), ours_in):
-        assert (g.grad[pad] == 0).all(), f"{name} must be zero at padded positions"
-    real = mask[:, None, :].expand_as(lse)
+    assert (out[keyless] == 0).all() and torch.isinf(lse[:, keyless]).all(), "queries without keys"
+    real = ~keyless[None, :].expand_as(lse)
     torch.testing.assert_close(lse[real], lse32[real], atol=1e-3, rtol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_padded_attention_cuda_equals_varlen_on_right_padding(dtype):
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    lengths = [97, 513, 0, 1]
-    seq, pos, mask = _varlen_layout(lengths)
-    q, k, v = (_randn((sum(lengths), HEADS, 64), dtype, gen) for _ in range(3))
-    out_v, lse_v = torch.ops.lub_fast.varlen_attention_fwd(
-        q, k, v, _cu_seqlens(lengths), max(lengths), DROPOUT_P, SEED, OFFSET, 0.125
-    )
-
-    def pad(x):
-        padded = x.new_zeros(mask.shape + x.shape[1:])
-        padded[seq, pos] = x
-        return padded
-
-    out_p, lse_p = torch.ops.lub_fast.padded_attention_fwd(
-        pad(q), pad(k), pad(v), mask, DROPOUT_P, SEED, OFFSET, 0.125
-    )
-    # Same tiles, same order of operations: bit-identical.
-    torch.testing.assert_close(out_p[seq, pos], out_v, atol=0, rtol=0)
-    torch.testing.assert_close(lse_p[seq, :, pos], lse_v.transpose(0, 1), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -198,7 +197,7 @@ def test_attention_cuda_dropout_mask_bit_identical(dtype):
     for w0 in range(0, seqlen, dim):
         onehot = ((pos[:, None] - w0) == torch.arange(dim, device="cuda")[None, :]).to(dtype)  # [T, D]
         window = onehot[:, None, :].expand(total, HEADS, dim).contiguous()
-        args = (cu, seqlen, DROPOUT_P, SEED, OFFSET, 1.0)
+        args = (cu, cu, seqlen, seqlen, DROPOUT_P, SEED, OFFSET, 1.0)
         out, lse = torch.ops.lub_fast.varlen_attention_fwd(zeros, zeros, window, *args)
         _, _, dv = torch.ops.lub_fast.varlen_attention_bwd(window, zeros, zeros, window, out, lse, *args)
         for b, length in enumerate(lengths):
@@ -225,16 +224,17 @@ def test_attention_cuda_opcheck():
     lengths = [3, 0, 17]
     q, k, v, dout = (_randn((sum(lengths), HEADS, 64), torch.bfloat16, gen) for _ in range(4))
     cu = _cu_seqlens(lengths)
-    fwd_args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu, 17, DROPOUT_P, SEED, OFFSET, 0.125)
+    layout = (cu, cu, 17, 17, DROPOUT_P, SEED, OFFSET, 0.125)
+    fwd_args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), *layout)
     torch.library.opcheck(torch.ops.lub_fast.varlen_attention_fwd.default, fwd_args)
     out, lse = torch.ops.lub_fast.varlen_attention_fwd(*fwd_args)
-    bwd_args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, cu, 17, DROPOUT_P, SEED, OFFSET, 0.125)
+    bwd_args = (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, *layout)
     torch.library.opcheck(torch.ops.lub_fast.varlen_attention_bwd.default, bwd_args)
-    mask = torch.arange(17, device="cuda")[None, :] < torch.tensor([17, 5], device="cuda")[:, None]
-    qp, kp, vp = (_randn((2, 17, HEADS, 64), torch.bfloat16, gen).requires_grad_() for _ in range(3))
-    torch.library.opcheck(
-        torch.ops.lub_fast.padded_attention_fwd.default, (qp, kp, vp, mask, DROPOUT_P, SEED, OFFSET, 0.125)
-    )
+    q_positions, cu_q, cu_k = _sparse_layout()  # separate layouts with dropout rows
+    qs = _randn((sum(Q_COUNTS), HEADS, 64), torch.bfloat16, gen).requires_grad_()
+    ks, vs = (_randn((sum(K_LENGTHS), HEADS, 64), torch.bfloat16, gen).requires_grad_() for _ in range(2))
+    layout = (cu_q, cu_k, max(Q_COUNTS), max(K_LENGTHS), DROPOUT_P, SEED, OFFSET, 0.125, q_positions)
+    torch.library.opcheck(torch.ops.lub_fast.varlen_attention_fwd.default, (qs, ks, vs, *layout))
 
 
 def test_attention_cuda_compile_fullgraph():
@@ -244,7 +244,7 @@ def test_attention_cuda_compile_fullgraph():
     cu = _cu_seqlens(lengths)
 
     def fn(q, k, v):
-        return attention.varlen_attention(q, k, v, cu, max(lengths), DROPOUT_P, SEED, OFFSET)
+        return attention.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths), DROPOUT_P, SEED, OFFSET)
 
     eager_in, compiled_in = _leaf(q, k, v), _leaf(q, k, v)
     eager = fn(*eager_in)
@@ -270,9 +270,9 @@ def test_attention_cuda_fallback_routes_match_reference(monkeypatch, dtype, head
     q, k, v, dout = (_randn((sum(lengths), HEADS, head_dim), dtype, gen) for _ in range(4))
     assert attention.route_of(q) == route, attention.route_of(q)
     with pytest.warns(UserWarning, match=f"running route '{route}'"):
-        out = attention.varlen_attention(*_leaf(q, k, v), cu, 97)
+        out = attention.varlen_attention(*_leaf(q, k, v), cu, cu, 97, 97)
     qf, kf, vf = _leaf(q.float(), k.float(), v.float())
-    ref, _ = attention.varlen_attention_fwd_ref(qf, kf, vf, cu, 97, 0.0, 0, 0, head_dim**-0.5)
+    ref, _ = attention.varlen_attention_fwd_ref(qf, kf, vf, cu, cu, 97, 97, 0.0, 0, 0, head_dim**-0.5)
     tol = dict(atol=2e-3, rtol=2e-3) if dtype == torch.float32 else dict(atol=3e-2, rtol=3e-2)  # TF32 / 16-bit
     torch.testing.assert_close(out.float(), ref, **tol)
 
@@ -280,11 +280,11 @@ def test_attention_cuda_fallback_routes_match_reference(monkeypatch, dtype, head
 def test_attention_cuda_bad_cu_seqlens_raise():
     gen = torch.Generator(device="cuda").manual_seed(6)
     q = _randn((8, HEADS, 64), torch.bfloat16, gen)
-    for cu, match in (([0, 3, 9], "end at T=8"), ([0, 5, 3, 8], "non-decreasing"), ([2, 8], "start at 0")):
+    for cu, match in (([0, 3, 9], "end at Tq=8"), ([0, 5, 3, 8], "non-decreasing"), ([2, 8], "start at 0")):
         with pytest.raises(ValueError, match=match):
-            attention.varlen_attention(q, q, q, torch.tensor(cu, dtype=torch.int32, device="cuda"), 8)
-    with pytest.raises(ValueError, match="max_seqlen=4 < longest sequence 5"):
-        attention.varlen_attention(q, q, q, _cu_seqlens([5, 3]), 4)
+            attention.varlen_attention(q, q, q, cu_t := torch.tensor(cu, dtype=torch.int32, device="cuda"), cu_t, 8, 8)
+    with pytest.raises(ValueError, match="max_seqlen_q=4 < longest sequence 5"):
+        attention.varlen_attention(q, q, q, _cu_seqlens([5, 3]), _cu_seqlens([5, 3]), 4, 4)
 
 
 def test_attention_cuda_qkv_views_match_contiguous():
@@ -295,10 +295,10 @@ def test_attention_cuda_qkv_views_match_contiguous():
     qkv = _randn((sum(lengths), 3, HEADS, 64), torch.bfloat16, gen)
     dout = _randn((sum(lengths), HEADS, 64), torch.bfloat16, gen)
     (views,) = _leaf(qkv)
-    out = attention.varlen_attention(*views.unbind(1), cu, 64, DROPOUT_P, SEED, OFFSET)
+    out = attention.varlen_attention(*views.unbind(1), cu, cu, 64, 64, DROPOUT_P, SEED, OFFSET)
     out.backward(dout)
     dense = _leaf(*(t.contiguous() for t in qkv.unbind(1)))
-    expected = attention.varlen_attention(*dense, cu, 64, DROPOUT_P, SEED, OFFSET)
+    expected = attention.varlen_attention(*dense, cu, cu, 64, 64, DROPOUT_P, SEED, OFFSET)
     expected.backward(dout)
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
     torch.testing.assert_close(views.grad, torch.stack([t.grad for t in dense], dim=1), atol=2e-2, rtol=2e-2)
@@ -307,7 +307,7 @@ def test_attention_cuda_qkv_views_match_contiguous():
 def test_attention_cuda_backward_alerts_under_deterministic_algorithms():
     gen = torch.Generator(device="cuda").manual_seed(8)
     q, k, v = _leaf(*(_randn((40, HEADS, 64), torch.bfloat16, gen) for _ in range(3)))
-    out = attention.varlen_attention(q, k, v, _cu_seqlens([40]), 40)
+    out = attention.varlen_attention(q, k, v, _cu_seqlens([40]), _cu_seqlens([40]), 40, 40)
     torch.use_deterministic_algorithms(True)
     try:
         with pytest.raises(RuntimeError, match="lub_fast attention backward"):

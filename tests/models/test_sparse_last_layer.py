@@ -52,6 +52,33 @@ def test_sparse_last_layer_equals_full_outputs_and_gradients(family):
         torch.testing.assert_close(grads[1][name], grads[0][name], **TOL, msg=name)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sparse_last_layer_attention_dropout_equals_full(family):
+    """Training with attention dropout: the sparse last layer runs the full layer's counter-based
+    masks at its rows (same seed from torch's generator, offset 0, each query's position as its
+    dropout row), so outputs and gradients equal the full run's there."""
+    import dataclasses
+
+    config = dataclasses.replace(tiny(family), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.3)
+    torch.manual_seed(0)
+    model = MaskedLM(config).train()
+    ids, mask, positions = _batch(4)
+    outs, grads = [], []
+    for sparse in (False, True):
+        model.zero_grad()
+        torch.manual_seed(7)
+        out = model(ids, mask, masked_positions=positions, sparse_last_layer=sparse)
+        (out.logits.square().mean() + out.encoder.at(positions).sum()).backward()
+        outs.append(out.encoder.at(positions).detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outs[1], outs[0], **TOL)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], **TOL, msg=name)
+    with torch.no_grad():  # the masks matter: without dropout the states differ
+        plain = model.eval()(ids, mask, masked_positions=positions, sparse_last_layer=True).encoder.at(positions)
+    assert (plain - outs[1]).abs().max().item() > 1e-3
+
+
 @pytest.mark.parametrize("family", ["bert", "albert"])
 def test_sparse_last_layer_keeps_the_pooler(family):
     torch.manual_seed(0)

@@ -41,7 +41,8 @@ def _inputs(lengths, heads, dim, dtype, seed):
 
 
 def _args(lengths, dropout_p, dim, seed=1234, offset=56):
-    return (_cu_seqlens(lengths), max(lengths, default=0), dropout_p, seed, offset, dim**-0.5)
+    cu, longest = _cu_seqlens(lengths), max(lengths, default=0)
+    return (cu, cu, longest, longest, dropout_p, seed, offset, dim**-0.5)
 
 
 def _close(dtype):
@@ -64,6 +65,53 @@ def test_varlen_attention_cpu_kernel_matches_reference(dtype, dropout_p):
     for name, g, r in zip(("dq", "dk", "dv"), grads, grads_ref):
         assert g.dtype == dtype and g.shape == q.shape
         torch.testing.assert_close(g, r, **_close(dtype), msg=lambda m: f"{name}: {m}")
+
+
+def _separate_layouts(seed):
+    """Queries at some positions of each sequence (some keep none; one sequence has queries but no
+    keys), with their positions as the dropout rows, against keys over every position."""
+    gen = torch.Generator().manual_seed(seed)
+    k_lengths = [130, 0, 1, 97, 0, 9]
+    q_counts = [40, 0, 1, 97, 3, 0]
+    positions = [torch.randperm(max(n, c), generator=gen)[:c].sort().values for n, c in zip(k_lengths, q_counts)]
+    q_positions = torch.cat(positions).to(torch.int32)
+    cu_q, cu_k = _cu_seqlens(q_counts), _cu_seqlens(k_lengths)
+    return q_positions, cu_q, cu_k, max(q_counts), max(k_lengths)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_varlen_attention_cpu_kernel_separate_layouts_match_reference(dtype, dropout_p, with_positions):
+    q_positions, cu_q, cu_k, max_q, max_k = _separate_layouts(1)
+    heads, dim = 2, 16
+    gen = torch.Generator().manual_seed(2)
+    q, dout = (torch.randn(q_positions.numel(), heads, dim, generator=gen, dtype=dtype) for _ in range(2))
+    k, v = (torch.randn(int(cu_k[-1]), heads, dim, generator=gen, dtype=dtype) for _ in range(2))
+    args = (cu_q, cu_k, max_q, max_k, dropout_p, 2**40 + 1, 7, dim**-0.5, q_positions if with_positions else None)
+    out, lse = FWD(q, k, v, *args)
+    out_ref, lse_ref = varlen_attention_fwd_ref(q, k, v, *args)
+    torch.testing.assert_close(out, out_ref, **_close(dtype), msg=lambda m: f"out: {m}")
+    torch.testing.assert_close(lse, lse_ref, **_close(dtype), msg=lambda m: f"lse: {m}")
+    rows = slice(int(cu_q[4]), int(cu_q[5]))  # the queries of the sequence without keys
+    assert out[rows].abs().max().item() == 0.0 and torch.isinf(lse[:, rows]).all()
+    grads = BWD(dout, q, k, v, out_ref, lse_ref, *args)
+    grads_ref = varlen_attention_bwd_ref(dout, q, k, v, out_ref, lse_ref, *args)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, grads_ref):
+        torch.testing.assert_close(g, r, **_close(dtype), msg=lambda m, name=name: f"{name}: {m}")
+    keys = slice(int(cu_k[5]), int(cu_k[6]))  # the keys of the sequence without queries
+    assert grads[1][keys].abs().max().item() == 0.0 and grads[2][keys].abs().max().item() == 0.0
+
+
+def test_varlen_attention_cpu_kernel_separate_layouts_opcheck():
+    q_positions, cu_q, cu_k, max_q, max_k = _separate_layouts(3)
+    q = torch.randn(q_positions.numel(), 2, 8, requires_grad=True)
+    k, v = (torch.randn(int(cu_k[-1]), 2, 8, requires_grad=True) for _ in range(2))
+    args = (cu_q, cu_k, max_q, max_k, 0.2, 5, 1, 0.3, q_positions)
+    torch.library.opcheck(attention.varlen_attention_fwd, (q, k, v, *args))
+    out, lse = FWD(q.detach(), k.detach(), v.detach(), *args)
+    bwd_inputs = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse)
+    torch.library.opcheck(attention.varlen_attention_bwd, (*bwd_inputs, *args))
 
 
 def test_varlen_attention_cpu_kernel_random_lengths():
@@ -91,7 +139,7 @@ def test_varlen_attention_cpu_kernel_keep_mask_is_the_spec(dropout_p):
     eye = torch.eye(dim, dtype=torch.float64)
     pos = torch.cat([torch.arange(n) for n in lengths])
     one_hot = eye[pos][:, None, :].expand(-1, heads, -1).contiguous()
-    args = (cu, seqlen, dropout_p, seed, offset, dim**-0.5)
+    args = (cu, cu, seqlen, seqlen, dropout_p, seed, offset, dim**-0.5)
     out, lse = FWD(q, k, one_hot, *args)
     _, _, dv = BWD(one_hot, q, k, one_hot, out, lse, *args)
     keep = attention.dropout_keep_mask(seed, offset, len(lengths), heads, seqlen, dropout_p, "cpu")
@@ -169,7 +217,7 @@ def test_varlen_attention_cpu_kernel_gradcheck():
     q, k, v, _ = (t.requires_grad_() for t in _inputs(lengths, 2, 4, torch.float64, seed=3))
     cu = _cu_seqlens(lengths)
     assert torch.autograd.gradcheck(
-        lambda q, k, v: attention.varlen_attention(q, k, v, cu, 5, dropout_p=0.3, seed=7, offset=2),
+        lambda q, k, v: attention.varlen_attention(q, k, v, cu, cu, 5, 5, dropout_p=0.3, seed=7, offset=2),
         (q, k, v),
     )
 
@@ -192,23 +240,27 @@ def test_varlen_attention_cpu_kernel_rejects_bad_inputs():
         return torch.tensor(values, dtype=torch.int32)
 
     cases = [
-        ((q, k, v, bounds(0, 3, 4), 3, 0.0, 0, 0, scale), "end at T=5"),
-        ((q, k, v, bounds(0, 4, 3, 5), 4, 0.0, 0, 0, scale), r"cu_seqlens\[2\]=3 < cu_seqlens\[1\]=4"),
-        ((q, k, v, bounds(1, 5), 5, 0.0, 0, 0, scale), "start at 0"),
-        ((q, k, v, cu.long(), 3, 0.0, 0, 0, scale), "cu_seqlens must be int32"),
-        ((q, k, v, cu, 2, 0.0, 0, 0, scale), "max_seqlen=2 < longest sequence 3"),
-        ((q, k, v, cu, 3, 1.0, 0, 0, scale), r"dropout_p must be in \[0, 1\)"),
-        ((q, k, v, cu, 3, 0.1, -1, 0, scale), "seed must be"),
-        ((q, k, v, cu, 3, 0.1, 0, 2**32, scale), r"offset must be in \[0, 2\*\*32\)"),
-        ((q, k[:4], v, cu, 3, 0.0, 0, 0, scale), "k and v must have q's shape"),
-        ((q, k.double(), v, cu, 3, 0.0, 0, 0, scale), "share a floating dtype"),
-        ((q[0], k[0], v[0], cu, 3, 0.0, 0, 0, scale), r"q must be \[T, H, D\]"),
+        ((q, k, v, bounds(0, 3, 4), cu, 3, 3, 0.0, 0, 0, scale), "cu_seqlens_q must .* end at Tq=5"),
+        ((q, k, v, cu, bounds(0, 4, 3, 5), 3, 4, 0.0, 0, 0, scale), r"cu_seqlens_k\[2\]=3 < cu_seqlens_k\[1\]=4"),
+        ((q, k, v, bounds(1, 5), bounds(1, 5), 5, 5, 0.0, 0, 0, scale), "start at 0"),
+        ((q, k, v, cu.long(), cu, 3, 3, 0.0, 0, 0, scale), "cu_seqlens_q must be int32"),
+        ((q, k, v, cu, cu, 3, 2, 0.0, 0, 0, scale), "max_seqlen_k=2 < longest sequence 3"),
+        ((q, k, v, cu, bounds(0, 5), 3, 5, 0.0, 0, 0, scale), "B \\+ 1 entries each"),
+        ((q, k, v, cu, cu, 3, 3, 1.0, 0, 0, scale), r"dropout_p must be in \[0, 1\)"),
+        ((q, k, v, cu, cu, 3, 3, 0.1, -1, 0, scale), "seed must be"),
+        ((q, k, v, cu, cu, 3, 3, 0.1, 0, 2**32, scale), r"offset must be in \[0, 2\*\*32\)"),
+        ((q, k[:4], v, cu, cu, 3, 3, 0.0, 0, 0, scale), r"k, v \[Tk, H, D\]"),
+        ((q, k.double(), v, cu, cu, 3, 3, 0.0, 0, 0, scale), "share a floating dtype"),
+        ((q[0], k[0], v[0], cu, cu, 3, 3, 0.0, 0, 0, scale), r"q must be \[Tq, H, D\]"),
+        ((q, k, v, cu, cu, 3, 3, 0.0, 0, 0, scale, torch.zeros(4, dtype=torch.int32)),
+         r"q_positions must be int32 \[Tq\]"),
+        ((q, k, v, cu, cu, 3, 3, 0.0, 0, 0, scale, -torch.ones(5, dtype=torch.int32)), "q_positions must be >= 0"),
     ]
     for args, match in cases:
         with pytest.raises(ValueError, match=match):
             FWD(*args)
-    out, lse = FWD(q, k, v, cu, 3, 0.0, 0, 0, scale)
-    with pytest.raises(ValueError, match=r"lse must be a floating \[H, T\] = \[2, 5\]"):
-        BWD(dout, q, k, v, out, lse.t(), cu, 3, 0.0, 0, 0, scale)
+    out, lse = FWD(q, k, v, cu, cu, 3, 3, 0.0, 0, 0, scale)
+    with pytest.raises(ValueError, match=r"lse must be a floating \[H, Tq\] = \[2, 5\]"):
+        BWD(dout, q, k, v, out, lse.t(), cu, cu, 3, 3, 0.0, 0, 0, scale)
     with pytest.raises(ValueError, match="dout and out must have q's shape"):
-        BWD(dout[:4], q, k, v, out, lse, cu, 3, 0.0, 0, 0, scale)
+        BWD(dout[:4], q, k, v, out, lse, cu, cu, 3, 3, 0.0, 0, 0, scale)
