@@ -61,6 +61,10 @@ lub_fast.info`` prints it per device and dtype): the lub_fast kernel where it ta
 on CUDA PyTorch's own variable-length flash attention (fp16/bf16) or SDPA (fp32, TF32 where
 enabled), the materialising reference only for fp64 and on a CPU without the kernel. The PyTorch
 fallbacks draw their own dropout masks (``DROPOUT_EXACT``).
+
+(Over 500 lines because the op is one contract: its schema, the reference forward and backward
+with their counter-based dropout, fake and autograd registration, input checks and the routing to
+kernels and fallbacks must agree line for line, and a reader checks them side by side here.)
 """
 
 import math
