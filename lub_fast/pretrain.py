@@ -33,6 +33,11 @@ import os
 import sys
 from pathlib import Path
 
+# A training command is an application, so it may set process state: idle OpenMP threads sleep
+# instead of spinning (on a shared CPU a demo step took 3.8 s spinning, 0.46 s passive). It must be
+# set before torch loads; the user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 from lub_fast.config_cli import describe, resolve_config
