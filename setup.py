@@ -69,5 +69,23 @@ def _extensions():
     return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
+def _stamped(build_ext):
+    """``build_ext`` that records the csrc/ sources it built from (``lub_fast/_build_stamp.py``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_build_stamp", os.path.join(ROOT, "lub_fast", "_build_stamp.py"))
+    stamp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stamp)
+
+    class StampedBuildExt(build_ext):
+        def run(self):
+            super().run()
+            stamp.write_stamp(os.path.join(ROOT, "lub_fast"), os.path.join(ROOT, "csrc"))
+
+    return StampedBuildExt
+
+
 ext_modules, cmdclass = _extensions()
+if "build_ext" in cmdclass:
+    cmdclass["build_ext"] = _stamped(cmdclass["build_ext"])
 setup(ext_modules=ext_modules, cmdclass=cmdclass)

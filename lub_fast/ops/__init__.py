@@ -21,11 +21,18 @@ EXTENSION_ERRORS = {}
 
 def _load_extensions():
     import importlib
+    from pathlib import Path
+
+    from lub_fast._build_stamp import stale_reason
 
     disabled = os.environ.get("LUB_FAST_NO_EXT", "0") == "1"
+    stale = None if disabled else stale_reason(Path(__file__).resolve().parent.parent)
     for name in ("lub_fast._C", "lub_fast._C_cuda"):
         if disabled:
             EXTENSION_ERRORS[name] = "disabled by LUB_FAST_NO_EXT=1"
+            continue
+        if stale is not None:
+            EXTENSION_ERRORS[name] = stale
             continue
         try:
             importlib.import_module(name)
