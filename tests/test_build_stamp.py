@@ -26,7 +26,7 @@ def _checkout(tmp_path) -> Path:
 
 def _run(root: Path, *args):
     return subprocess.run([sys.executable, *args], cwd=root, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_build_stamp_unchanged_sources_load(tmp_path):
