@@ -259,24 +259,10 @@ def build_model(config: FinetuneConfig, head: Head) -> nn.Module:
     return model
 
 
-def export_tokenizer(model_dir: str, config) -> dict[str, bytes]:
-    """The tokenizer files that a fine-tuned export of ``model_dir`` carries: those beside it, and a
-    BERT ``tokenizer_config.json`` when it had none (``config``: its ``EncoderConfig``)."""
-    files = read_tokenizer_files(model_dir)
-    if not any(name in files for name in ("tokenizer_config.json", "tokenizer.json")):
-        settings = {
-            "tokenizer_class": "BertTokenizer",
-            "do_lower_case": True,
-            "tokenize_chinese_chars": True,
-            "model_max_length": config.max_position_embeddings,
-        }
-        files["tokenizer_config.json"] = (json.dumps(settings, indent=2) + "\n").encode()
-    return files
-
-
 def export_model(model: nn.Module, path: Path, labels: tuple | None = None, tokenizer: dict[str, bytes] | None = None) -> None:
-    """``model`` as an HF directory at ``path`` (``labels``: its ``id2label`` names; ``tokenizer``:
-    its tokenizer files, ``export_tokenizer``'s): written into a temporary directory, then swapped in."""
+    """``model`` as an HF directory at ``path`` (``labels``: its ``id2label`` names; ``tokenizer``: the
+    tokenizer files of the model it started from, which ``save_pretrained`` checks and completes):
+    written into a temporary directory, then swapped in."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer=tokenizer, labels=labels)
@@ -355,7 +341,7 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict | None:
     )
     head = task.head(train_data.labels)
     model = build_model(config, head)
-    tokenizer_files = export_tokenizer(config.model, model.config)
+    tokenizer_files = read_tokenizer_files(config.model)
     run_module = _Run(objective_for(model))
     best_dir = output / "best_model"
 
