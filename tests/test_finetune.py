@@ -6,6 +6,7 @@ SIGTERM, bad input, and layer-wise learning-rate decay reaching the optimizer.""
 import json
 import os
 import random
+import shutil
 import signal
 from pathlib import Path
 
@@ -27,8 +28,10 @@ from lub_fast.models import (
 from lub_fast.tasks.base import load_tokenizer, special_id
 from lub_fast.tasks.cmrc2018 import REPAIR_NO_VERBATIM, REPAIR_NOT_VERBATIM
 from lub_fast.tasks.metrics import cmrc2018_score
+from lub_fast.tasks.run import FinetuneData
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+OLD_CONFIG = Path(__file__).parent / "tasks" / "fixtures" / "finetune_093b1bc_config.json"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FAST = ["--train.device=cpu", "--train.log_every=1", "--finetune.eval_batch_size=32"]
 # a base checkpoint gets a new task head: hf.py says so, as it should
@@ -489,6 +492,26 @@ def test_finetune_one_spelling_per_option(tmp_path, capsys):
     assert main([*base, "--data.train=a.txt"]) == EXIT_USAGE
     assert "error: missing --data.dev" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_finetune_old_run_config_runs_and_is_rewritten_in_the_new_layout(tmp_path, monkeypatch, capsys):
+    """``--config parts/config.json --resume`` in a run directory of before the files moved to data
+    (tasks/fixtures/README.md; its files are relative to where it ran): the run reads the old keys,
+    trains, and its config.json is today's layout afterwards."""
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random(8)
+    rows = [f"{rng.randint(0, 1)}\t{_syn_sentence(rng, 12)}" for _ in range(64)]
+    _write("train.tsv", ["label\ttext_a", *rows[:48]])
+    _write("dev.tsv", ["label\ttext_a", *rows[48:]])
+    tiny_model("model", ["train.tsv", "dev.tsv"])
+    os.mkdir("parts")
+    shutil.copy(OLD_CONFIG, "parts/config.json")
+    assert main(["--config", "parts/config.json", "--resume"]) == 0
+    assert "parts/config.json: read the old top-level train_file as data.train" in capsys.readouterr().err
+    rewritten = load_config(FinetuneConfig, "parts/config.json")
+    data = FinetuneData(train="train.tsv", dev="dev.tsv", text_fields=("text_a",), label_field="label")
+    assert rewritten.data == data and rewritten.train.total_steps == 12, rewritten
+    assert json.loads(Path("parts/metrics.json").read_text())["examples"] == {"train": 48, "dev": 16}
 
 
 def test_finetune_layer_decay_reaches_the_optimizer(tmp_path):
