@@ -9,7 +9,8 @@ resume); tasks, readers, metrics and submission formats are ``lub_fast.tasks``. 
 the run is one field of ``FinetuneConfig`` with one spelling: ``--task``, ``--model``,
 ``--output``, and ``--SECTION.FIELD=VALUE`` for the sections ``data`` (the files and how to read
 them), ``finetune`` (the recipe) and ``train`` (the loop); ``--config output/config.json`` starts
-from a saved run's config. Prints the task, best step and dev/test metrics as one json line.
+from a saved run's config (also one written before the ``data`` section). Prints the task, best
+step and dev/test metrics as one json line.
 
 Exit status: 0 done; 2 bad arguments or data (one line naming the file and line); 143 stopped by
 SIGTERM after saving a checkpoint (continue with ``--resume``).
@@ -26,23 +27,23 @@ import sys
 # set before torch loads; the user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from lub_fast.config_cli import (
-    ConfigError,
-    apply_overrides,
-    describe,
-    load_config,
-    split_overrides,
-)
+from lub_fast.config_cli import ConfigError, apply_overrides, describe, split_overrides
 from lub_fast.errors import EXIT_CODES_HELP, run_command
 from lub_fast.lock import output_lock
 from lub_fast.tasks import TASKS
-from lub_fast.tasks.run import FinetuneConfig, default_config, finetune
+from lub_fast.tasks.run import (
+    MOVED_TO_DATA,
+    FinetuneConfig,
+    default_config,
+    finetune,
+    load_run_config,
+)
 from lub_fast.train import shutdown_distributed
 
 _DERIVED = ("train.total_steps", "train.warmup_steps", "train.eval_every")
 _SECTIONS = ("--data.", "--finetune.", "--train.")
 # the flags of earlier versions, now --data.FIELD: named in the error, so that an old command line says how to fix it
-_RENAMED = ("--train", "--dev", "--test", "--labels", "--text-fields", "--label-field", "--scheme", "--skip-bad")
+_RENAMED = tuple(f"--{name.replace('_', '-')}" for name in MOVED_TO_DATA.values())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,7 +93,7 @@ def resolve(argv) -> tuple[FinetuneConfig, str | None]:
     if derived:
         raise ConfigError(f"{derived[0]} is derived (from --finetune.epochs, warmup_ratio, eval_every); do not set it")
     if args.config:
-        config = load_config(FinetuneConfig, args.config)
+        config = load_run_config(args.config)
     elif args.task:
         config = default_config(args.task)
     else:

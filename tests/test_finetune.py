@@ -6,6 +6,7 @@ SIGTERM, bad input, and layer-wise learning-rate decay reaching the optimizer.""
 import json
 import os
 import random
+import shutil
 import signal
 from pathlib import Path
 
@@ -18,12 +19,19 @@ from lub_fast.config_cli import load_config
 from lub_fast.errors import EXIT_PREEMPTED, EXIT_USAGE
 from lub_fast.finetune import FinetuneConfig, main, resolve
 from lub_fast.logging_utils import read_metrics
-from lub_fast.models import EncoderConfig, EncoderModel, SequenceClassification, from_pretrained
+from lub_fast.models import (
+    EncoderConfig,
+    EncoderModel,
+    SequenceClassification,
+    from_pretrained,
+)
 from lub_fast.tasks.base import load_tokenizer, special_id
 from lub_fast.tasks.cmrc2018 import REPAIR_NO_VERBATIM, REPAIR_NOT_VERBATIM
 from lub_fast.tasks.metrics import cmrc2018_score
+from lub_fast.tasks.run import FinetuneData
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+OLD_CONFIG = Path(__file__).parent / "tasks" / "fixtures" / "finetune_093b1bc_config.json"
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 FAST = ["--train.device=cpu", "--train.log_every=1", "--finetune.eval_batch_size=32"]
 # a base checkpoint gets a new task head: hf.py says so, as it should
@@ -173,8 +181,24 @@ def test_finetune_classification_outputs_and_hf_export(tmp_path, real):
     assert max(r["accuracy"] for r in evals) == report["dev"]["accuracy"], (evals, report)
     config = json.loads((out / "best_model" / "config.json").read_text())
     assert config["id2label"] == {"0": "0", "1": "1"} and config["problem_type"] == "single_label_classification"
+    # a bare vocab.txt gets the tokenizer_config.json that every save_pretrained export of it gets
+    from_pretrained(model).save_pretrained(tmp_path / "saved", tokenizer=Path(model) / "vocab.txt")
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        assert (out / "best_model" / name).read_bytes() == (tmp_path / "saved" / name).read_bytes(), name
     texts = [tuple(line.split("\t")[:2]) for line in _lines(dev, 0, 6)]
     _hf_parity(out / "best_model", texts, "sequence")
+
+
+def _transformers_tokenizer(model_dir):
+    """``model_dir``'s vocab.txt replaced by what transformers 5 saves (tokenizer.json and
+    tokenizer_config.json, no vocab.txt); returns the saved files' bytes."""
+    import transformers
+
+    vocab = (Path(model_dir) / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    tokenizer = transformers.BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, model_max_length=256)
+    tokenizer.save_pretrained(model_dir)
+    (Path(model_dir) / "vocab.txt").unlink()
+    return {name: (Path(model_dir) / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json")}
 
 
 def test_finetune_regression_stsb(tmp_path):
@@ -186,6 +210,7 @@ def test_finetune_regression_stsb(tmp_path):
         rows = [f"{_syn_sentence(rng, 9)}\t{_syn_sentence(rng, 8)}\t{rng.randint(0, 5)}" for _ in range(160)]
         train, dev = _write(tmp_path / "train.tsv", rows[:120]), _write(tmp_path / "dev.tsv", rows[120:])
     model = tiny_model(tmp_path / "model", [train, dev])
+    tokenizer_files = _transformers_tokenizer(model)
     out = tmp_path / "out"
     code = _run("--task", "stsb", "--model", model, "--output", out, *_files(train, dev, dev),
                 "--finetune.epochs=1", "--finetune.batch_size=20", "--finetune.max_seq_len=64")  # fmt: skip
@@ -197,8 +222,27 @@ def test_finetune_regression_stsb(tmp_path):
     assert len(rows) == 40 and all(isinstance(r["label"], float) for r in rows), rows[:3]
     config = json.loads((out / "best_model" / "config.json").read_text())
     assert len(config["id2label"]) == 1 and config["problem_type"] == "regression", config
+    for name, data in tokenizer_files.items():  # the model's own tokenizer files travel as they are
+        assert (out / "best_model" / name).read_bytes() == data, name
     texts = [tuple(line.split("\t")[:2]) for line in _lines(dev, 0, 5)]
     _hf_parity(out / "best_model", texts, "sequence")
+    _hf_regression_pipeline(out / "best_model", texts)
+
+
+def _hf_regression_pipeline(best_dir, texts):
+    """transformers reads the export as a regression model, as its own save_pretrained writes one
+    (num_labels 1, problem_type "regression"), so text-classification gives the raw score, not a sigmoid."""
+    import transformers
+
+    hf_model = transformers.AutoModelForSequenceClassification.from_pretrained(best_dir).eval()
+    assert (hf_model.config.problem_type, hf_model.config.num_labels) == ("regression", 1), hf_model.config
+    classify = transformers.pipeline("text-classification", model=str(best_dir))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(best_dir)
+    for a, b in texts:
+        with torch.no_grad():
+            score = hf_model(**tokenizer(a, b, return_tensors="pt")).logits.item()
+        (result,) = classify([{"text": a, "text_pair": b}])
+        assert result["label"] == "LABEL_0" and abs(result["score"] - score) < 1e-5, (result, score)
 
 
 def _squad(docs):
@@ -448,6 +492,26 @@ def test_finetune_one_spelling_per_option(tmp_path, capsys):
     assert main([*base, "--data.train=a.txt"]) == EXIT_USAGE
     assert "error: missing --data.dev" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_finetune_old_run_config_runs_and_is_rewritten_in_the_new_layout(tmp_path, monkeypatch, capsys):
+    """``--config parts/config.json --resume`` in a run directory of before the files moved to data
+    (tasks/fixtures/README.md; its files are relative to where it ran): the run reads the old keys,
+    trains, and its config.json is today's layout afterwards."""
+    monkeypatch.chdir(tmp_path)
+    rng = random.Random(8)
+    rows = [f"{rng.randint(0, 1)}\t{_syn_sentence(rng, 12)}" for _ in range(64)]
+    _write("train.tsv", ["label\ttext_a", *rows[:48]])
+    _write("dev.tsv", ["label\ttext_a", *rows[48:]])
+    tiny_model("model", ["train.tsv", "dev.tsv"])
+    os.mkdir("parts")
+    shutil.copy(OLD_CONFIG, "parts/config.json")
+    assert main(["--config", "parts/config.json", "--resume"]) == 0
+    assert "parts/config.json: read the old top-level train_file as data.train" in capsys.readouterr().err
+    rewritten = load_config(FinetuneConfig, "parts/config.json")
+    data = FinetuneData(train="train.tsv", dev="dev.tsv", text_fields=("text_a",), label_field="label")
+    assert rewritten.data == data and rewritten.train.total_steps == 12, rewritten
+    assert json.loads(Path("parts/metrics.json").read_text())["examples"] == {"train": 48, "dev": 16}
 
 
 def test_finetune_layer_decay_reaches_the_optimizer(tmp_path):

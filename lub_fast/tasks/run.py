@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lub_fast.config_cli import ConfigError, check_fields, option, output_dir
+from lub_fast.config_cli import ConfigError, check_fields, from_dict, option, output_dir
 from lub_fast.errors import Preempted
 from lub_fast.models.load import from_pretrained, read_tokenizer_files
 from lub_fast.objectives.finetune import objective_for
@@ -136,6 +136,36 @@ def default_config(task: str) -> FinetuneConfig:
     spec = TASKS[task]
     options = FinetuneOptions(epochs=spec.epochs, batch_size=spec.batch_size, max_seq_len=spec.max_seq_len)
     return FinetuneConfig(task=task, finetune=options, train=TrainConfig(lr=spec.lr, keep_last=1))
+
+
+# The FinetuneConfig fields that moved into ``data`` after commit 093b1bc: old name -> FinetuneData field.
+# Their flags were the new field's name with dashes (--train, --text-fields).
+MOVED_TO_DATA = {"train_file": "train", "dev_file": "dev", "test_file": "test", "labels": "labels",
+                 "text_fields": "text_fields", "label_field": "label_field", "scheme": "scheme",
+                 "skip_bad": "skip_bad"}  # fmt: skip
+
+
+def load_run_config(path) -> FinetuneConfig:
+    """The ``FinetuneConfig`` of a run's ``config.json`` (``--config``), of today's layout or of one
+    written up to commit 093b1bc, whose top-level file keys (``MOVED_TO_DATA``) it moves under
+    ``data``, saying so in one line on stderr: they name the same settings, so such a run directory
+    resumes as it is."""
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read config {path}: {error}") from None
+    old = [key for key in MOVED_TO_DATA if isinstance(saved, dict) and key in saved]
+    if old and "data" in saved:
+        raise ConfigError(f"{path}: both data and the old top-level {', '.join(old)}: keep only data (data.train, ...)")
+    if old:
+        data = {MOVED_TO_DATA[key]: saved[key] for key in old}
+        saved = {key: value for key, value in saved.items() if key not in MOVED_TO_DATA} | {"data": data}
+        moved = ", ".join(f"{key} as data.{MOVED_TO_DATA[key]}" for key in old)
+        print(f"{path}: read the old top-level {moved} (the layout before the files moved to data)", file=sys.stderr)
+    try:
+        return from_dict(FinetuneConfig, saved)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
 
 
 def make_task(config: FinetuneConfig) -> Task:
@@ -259,24 +289,10 @@ def build_model(config: FinetuneConfig, head: Head) -> nn.Module:
     return model
 
 
-def export_tokenizer(model_dir: str, config) -> dict[str, bytes]:
-    """The tokenizer files that a fine-tuned export of ``model_dir`` carries: those beside it, and a
-    BERT ``tokenizer_config.json`` when it had none (``config``: its ``EncoderConfig``)."""
-    files = read_tokenizer_files(model_dir)
-    if not any(name in files for name in ("tokenizer_config.json", "tokenizer.json")):
-        settings = {
-            "tokenizer_class": "BertTokenizer",
-            "do_lower_case": True,
-            "tokenize_chinese_chars": True,
-            "model_max_length": config.max_position_embeddings,
-        }
-        files["tokenizer_config.json"] = (json.dumps(settings, indent=2) + "\n").encode()
-    return files
-
-
 def export_model(model: nn.Module, path: Path, labels: tuple | None = None, tokenizer: dict[str, bytes] | None = None) -> None:
-    """``model`` as an HF directory at ``path`` (``labels``: its ``id2label`` names; ``tokenizer``:
-    its tokenizer files, ``export_tokenizer``'s): written into a temporary directory, then swapped in."""
+    """``model`` as an HF directory at ``path`` (``labels``: its ``id2label`` names; ``tokenizer``: the
+    tokenizer files of the model it started from, which ``save_pretrained`` checks and completes):
+    written into a temporary directory, then swapped in."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, tokenizer=tokenizer, labels=labels)
@@ -355,7 +371,7 @@ def finetune(config: FinetuneConfig, resume: str | None = None) -> dict | None:
     )
     head = task.head(train_data.labels)
     model = build_model(config, head)
-    tokenizer_files = export_tokenizer(config.model, model.config)
+    tokenizer_files = read_tokenizer_files(config.model)
     run_module = _Run(objective_for(model))
     best_dir = output / "best_model"
 

@@ -2,6 +2,8 @@
 padding, and the epoch/rank/micro-batch order of the training rows (``lub_fast.tasks.run``)."""
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,16 @@ from lub_fast.config_cli import ConfigError, apply_overrides
 from lub_fast.tasks.classification import ClassificationTask, RegressionTask
 from lub_fast.tasks.cmrc2018 import SpanTask
 from lub_fast.tasks.ner import NerTask
-from lub_fast.tasks.run import collate, default_config, make_batches, make_task
+from lub_fast.tasks.run import (
+    FinetuneData,
+    collate,
+    default_config,
+    load_run_config,
+    make_batches,
+    make_task,
+)
+
+OLD_CONFIG = Path(__file__).parent / "fixtures" / "finetune_093b1bc_config.json"
 
 
 def _with(task, **data):
@@ -52,6 +63,29 @@ def test_run_data_section_takes_typed_overrides():
     assert text.data.text_fields == ("title", "body")
     with pytest.raises(ConfigError, match=r"data.scheme: 'bi' is not one of"):
         apply_overrides(default_config("ner"), ["data.scheme=bi"])
+
+
+def test_run_config_of_the_old_layout_loads_with_its_files_under_data(capsys):
+    """A config.json of before the files moved to data (fixtures/README.md) loads as the config that
+    the new spelling of its command line gives, and says so in one line."""
+    config = load_run_config(OLD_CONFIG)
+    data = FinetuneData(train="train.tsv", dev="dev.tsv", text_fields=("text_a",), label_field="label")
+    assert config.data == data, config.data
+    saved = json.loads(OLD_CONFIG.read_text())
+    assert (config.task, config.model, config.output) == ("classification", "model", "parts"), config
+    assert (config.finetune.epochs, config.finetune.max_seq_len, config.train.lr) == (2, 32, 1e-3), config
+    assert config.train.total_steps == saved["train"]["total_steps"] == 12, config.train
+    note = capsys.readouterr().err.splitlines()
+    assert len(note) == 1 and note[0].startswith(f"{OLD_CONFIG}: ") and "train_file as data.train" in note[0], note
+
+
+def test_run_config_with_old_and_new_file_keys_is_refused(tmp_path):
+    saved = json.loads(OLD_CONFIG.read_text())
+    saved["data"] = {"train": "other.tsv"}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=rf"^{path}: both data and the old top-level train_file, "):
+        load_run_config(path)
 
 
 def test_run_collate_pads_ids_with_0_and_labels_with_ignore():
