@@ -5,14 +5,9 @@
         SIGKILL this process as soon as optimizer step K is done (before its log record).
     python tests/pretrain_helpers.py --term-at-micro-step M -- PRETRAIN_ARGS...
         SIGTERM this process just before micro-batch M (0-based) runs: the loop saves after it.
-    python tests/pretrain_helpers.py --full-disk-at-save N -- PRETRAIN_ARGS...
-        torch.save of checkpoint save N (1-based) writes into a file whose every write fails with
-        ENOSPC, as a full disk's does: torch's own exception chain, ending in inline_container.cc.
 """
 
 import argparse
-import errno
-import io
 import os
 import signal
 import sys
@@ -23,19 +18,10 @@ from lub_fast import pretrain
 from lub_fast.train import _Loop
 
 
-class _FullDisk(io.RawIOBase):
-    def writable(self):
-        return True
-
-    def write(self, data):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--kill-after-step", type=int)
     parser.add_argument("--term-at-micro-step", type=int)
-    parser.add_argument("--full-disk-at-save", type=int)
     parser.add_argument("--threads", type=int, default=1)
     args, rest = parser.parse_known_args()
     torch.set_num_threads(args.threads)
@@ -56,16 +42,6 @@ def main() -> int:
         _Loop._optimizer_step = kill_after
     if args.term_at_micro_step is not None:
         _Loop._micro_step = term_at
-    if args.full_disk_at_save is not None:
-        save, saves = torch.save, []
-
-        def save_to_full_disk(obj, f, *rest, **kwargs):
-            saves.append(1)
-            if len(saves) != args.full_disk_at_save:
-                return save(obj, f, *rest, **kwargs)
-            return save(obj, _FullDisk(), *rest, **kwargs)
-
-        torch.save = save_to_full_disk
     return pretrain.main([a for a in rest if a != "--"])
 
 

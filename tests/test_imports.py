@@ -3,6 +3,7 @@ included): no module imports a command module, and no two modules import each ot
 through others."""
 
 import ast
+import functools
 from pathlib import Path
 
 import lub_fast
@@ -40,7 +41,9 @@ def _imports(path: Path, module: str, modules: set[str]) -> set[str]:
     return found
 
 
+@functools.cache
 def _graph() -> dict[str, set[str]]:
+    """Parsed once for the three tests: the source does not change during a run."""
     files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     modules = set(files)
     return {m: _imports(p, m, modules) for m, p in files.items()}

@@ -41,6 +41,10 @@ masked, labels = wwm_mask(ids, torch.ones_like(ids, dtype=torch.bool), torch.one
                           torch.arange(2), seed=1, max_predictions=4, mask_token_id=4, random_low=10, random_high=50)
 chosen = labels != -100
 print("WWM", int(chosen.sum()), bool(torch.equal(labels[chosen], ids[chosen]) and torch.equal(masked[~chosen], ids[~chosen])))
+# What ``python -m lub_fast.info`` runs, in this process that has seen the import warnings: one
+# interpreter start (torch and transformers imports) less than a second process.
+from lub_fast import info
+print("INFO_EXIT", info.main([]))
 """
 
 
@@ -49,8 +53,14 @@ def _run(env_extra, *args, cwd=None):
     return subprocess.run([sys.executable, *args], check=False, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
 
 
-def test_info_reports_versions_and_implementations():
-    result = _run({}, "-m", "lub_fast.info")
+@pytest.fixture(scope="module")
+def info_run():
+    """One ``python -m lub_fast.info`` in the suite's environment, read by the tests of its report."""
+    return _run({}, "-m", "lub_fast.info")
+
+
+def test_info_reports_versions_and_implementations(info_run):
+    result = info_run
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for name in ("lub_fast", "torch", "transformers", "tokenizers", "lub_fast._C"):
@@ -78,23 +88,23 @@ def test_info_reports_versions_and_implementations():
 def test_info_without_extension_falls_back_with_one_warning():
     result = _run({"LUB_FAST_NO_EXT": "1"}, "-c", SCRIPT)
     assert result.returncode == 0, result.stderr
-    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    keys = ("WARNINGS", "ATTENTION", "GELU", "WWM", "INFO_EXIT")
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith(keys))
     assert lines["WARNINGS"].startswith("1 ") and "reference" in lines["WARNINGS"], result.stdout
     assert lines["ATTENTION"] == "True True" and lines["GELU"] == "True", result.stdout
     # rate 0.15 of a row's 16 maskable tokens is 2; labels hold the original ids, the rest is unchanged
     assert lines["WWM"] == "4 True", result.stdout
-    info = _run({"LUB_FAST_NO_EXT": "1"}, "-m", "lub_fast.info")
-    assert info.returncode == 0, info.stderr
-    implementations = [l.split()[1:] for l in info.stdout.splitlines() if l.startswith("lub_fast::")]
-    assert implementations and all(impl == ["reference", "reference"] for impl in implementations), info.stdout
+    assert lines["INFO_EXIT"] == "0", result.stdout + result.stderr
+    implementations = [l.split()[1:] for l in result.stdout.splitlines() if l.startswith("lub_fast::")]
+    assert implementations and all(impl == ["reference", "reference"] for impl in implementations), result.stdout
 
 
 CPU_KERNELS = ("wwm_mask", "varlen_attention_fwd", "varlen_attention_bwd", "bias_gelu_fwd", "bias_gelu_bwd")
 
 
-def test_info_extension_registers_cpu_kernels(require_kernels):
+def test_info_extension_registers_cpu_kernels(require_kernels, info_run):
     require_kernels("cpu", *CPU_KERNELS)
-    result = _run({}, "-m", "lub_fast.info")
+    result = info_run
     assert result.returncode == 0, result.stderr
     cpu = {l.split()[0]: l.split()[1] for l in result.stdout.splitlines() if l.startswith("lub_fast::")}
     assert all(cpu[f"lub_fast::{op}"] == "kernel" for op in CPU_KERNELS), result.stdout
