@@ -5,7 +5,8 @@
 // Algorithm: FlashAttention-2 (Dao, arXiv:2307.08691). The forward streams key/value tiles past a
 // query tile with an online softmax and writes out and lse = log-sum-exp of the scaled scores;
 // the backward recomputes p = exp(s - lse) per (key tile, query tile), keeps dK and dV of its key
-// tile in registers and adds dQ into an fp32 buffer with atomics.
+// tile in registers and adds dQ into an fp32 buffer with atomics; with Layout::deterministic it
+// leaves dQ to a second pass over query tiles (FlashAttention-2's split of the work, no atomics).
 //
 // Mapping.
 // - Forward: one CTA per (query tile of kBlockM = 16 * kWarps rows, head, sequence); warp w owns
@@ -18,6 +19,14 @@
 //   D = rowsum(dO * O)) are double-buffered; dS^T goes through shared memory for dQ = dS K, which
 //   the warps split by (16-row query slab, head-dim columns) and add to dq_accum with fp32 atomics.
 //   A pre-kernel computes D, a post-kernel converts dq_accum * scale to the input dtype.
+// - Deterministic backward (Layout::deterministic): the key-tile kernel computes dK and dV only,
+//   and a dQ kernel mapped like the forward (one CTA per query tile of kBlockM = 16 * kWarps rows,
+//   warp w owning rows 16w .. 16w + 15) walks the key tiles of its sequence in order: S = Q K^T and
+//   dP = dO V^T, p = exp(s - lse) from the saved lse, dropout, dS, then dQ += dS K in registers,
+//   written once as dQ * scale in the input dtype. K and V tiles are double-buffered. Every output
+//   element is summed by one thread in a fixed order, so dq, dk and dv are bit-identical across
+//   runs; the dQ pass costs 3 of the backward's 5 matrix products again (recomputing S and dP)
+//   and a second Philox draw per probability, and needs no fp32 dQ buffer.
 // - Tensor cores: mma.sync.m16n8k16 (bf16/fp16 in, fp32 accumulate, sm_80+), operands via
 //   ldmatrix(.trans) from XOR-swizzled shared tiles (16-byte chunk c of row r stored at chunk
 //   c ^ (r & 7), c ^ ((r >> 1) & 3) for 4-chunk rows, c ^ ((r >> 2) & 1) for 2-chunk rows), so
@@ -36,8 +45,9 @@
 // of a sequence without keys get zeros and lse = +inf, keys of a sequence without queries zero
 // gradients. Accumulation: scores, softmax statistics, O,
 // dK, dV and dQ in fp32; P and dS are rounded to the input dtype for the tensor-core products, as
-// in FlashAttention. The backward's dQ atomics make dq's rounding order nondeterministic (the
-// registration raises under torch.use_deterministic_algorithms(True)). Host side: the dynamic
+// in FlashAttention. The default backward's dQ atomics make dq's rounding order vary between runs
+// (attention_cuda.cpp alerts under torch.use_deterministic_algorithms(True) if that path is asked
+// for); the deterministic backward has no atomics. Host side: the dynamic
 // shared-memory limit is raised once per kernel and device (cuda::reserve_dynamic_smem).
 #include "attention/attention_kernel.h"
 
@@ -73,7 +83,8 @@ struct Params {
   float* lse;
   const float* lse_in;
   const float* drow;
-  float* dq_accum;
+  float* dq_accum;  // atomic backward only
+  void* dq;         // deterministic backward only (the atomic one writes dq in its post-kernel)
   void* dk;
   void* dv;
   const int32_t* cu_seqlens_q;
@@ -389,8 +400,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 // ----------------------------------------------------------------------------------- backward
 
 // drow[row, head] = <dout, out> in fp32; D / 8 consecutive lanes per (row, head), 16 bytes each.
-// Each lane also zeroes its 8 elements of dq_accum (the same [rows, heads, D] index), so the main
-// kernel's atomics start from 0 without a separate memset.
+// Each lane also zeroes its 8 elements of dq_accum (the same [rows, heads, D] index) when there is
+// one (the atomic backward), so the main kernel's atomics start from 0 without a separate memset.
 template <typename T, int D>
 __global__ void attention_bwd_drow_kernel(const __grid_constant__ Params p, float* drow) {
   constexpr int kLanes = D / 8;
@@ -399,9 +410,11 @@ __global__ void attention_bwd_drow_kernel(const __grid_constant__ Params p, floa
   const bool valid = pair < p.rows_q * p.heads;
   float sum = 0.0f;
   if (valid) {
-    float4* dq = reinterpret_cast<float4*>(p.dq_accum + pair * D + c * 8);
-    dq[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    dq[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (p.dq_accum != nullptr) {
+      float4* dq = reinterpret_cast<float4*>(p.dq_accum + pair * D + c * 8);
+      dq[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      dq[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
     const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.dout) + pair * D + c * 8);
     const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + pair * D + c * 8);
     const uint32_t av[4] = {a.x, a.y, a.z, a.w};
@@ -449,7 +462,9 @@ __device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
 #endif
 }
 
-template <typename T, int D, int kBlockM, int kBlockN, int kWarps>
+// kAtomicDq: also dQ += dS K into dq_accum with atomics (the default backward); without, dK and dV
+// only (the deterministic backward, whose dQ is attention_bwd_dq_pass_kernel).
+template <typename T, int D, int kBlockM, int kBlockN, int kWarps, bool kAtomicDq>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_bwd_kernel(const __grid_constant__ Params p) {
   constexpr int kThreads = kWarps * 32;
@@ -465,8 +480,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   T* sV = sK + kBlockN * D;
   T* sQ = sV + kBlockN * D;         // [2][kBlockM * D]
   T* sdO = sQ + 2 * kBlockM * D;    // [2][kBlockM * D]
-  T* sdS = sdO + 2 * kBlockM * D;   // [kBlockN * kBlockM], dS^T
-  float* sLse = reinterpret_cast<float*>(sdS + kBlockN * kBlockM);  // [2][kBlockM], log2 units
+  T* sdS = sdO + 2 * kBlockM * D;   // [kBlockN * kBlockM], dS^T (kAtomicDq only)
+  float* sLse = reinterpret_cast<float*>(sdS + (kAtomicDq ? kBlockN * kBlockM : 0));  // [2][kBlockM], log2 units
   float* sDrow = sLse + 2 * kBlockM;                                  // [2][kBlockM]
   uint32_t* sRow = reinterpret_cast<uint32_t*>(sDrow + 2 * kBlockM);  // [2][kBlockM], dropout rows
 
@@ -614,12 +629,14 @@ __global__ void __launch_bounds__(kWarps * 32)
           Mma<T>::run(acc_dk[2 * dd], ads, bq[0], bq[1]);
           Mma<T>::run(acc_dk[2 * dd + 1], ads, bq[2], bq[3]);
         }
-        // dS^T rows (keys) g, g + 8 of the warp, columns (queries) 16kk + 2t (+8).
-        *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp, 16 * kk)) = ads[0];
-        *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp + 8, 16 * kk)) = ads[1];
-        *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp, 16 * kk + 8)) = ads[2];
-        *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp + 8, 16 * kk + 8)) = ads[3];
+        if (kAtomicDq) {  // dS^T rows (keys) g, g + 8 of the warp, columns (queries) 16kk + 2t (+8).
+          *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp, 16 * kk)) = ads[0];
+          *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp + 8, 16 * kk)) = ads[1];
+          *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp, 16 * kk + 8)) = ads[2];
+          *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp + 8, 16 * kk + 8)) = ads[3];
+        }
       }
+      if (!kAtomicDq) continue;
       __syncthreads();  // dS^T of all keys is in sdS
 
       // dQ[slab rows, warp's columns] += dS K over the tile's keys; A = dS from dS^T (transposed
@@ -683,6 +700,194 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// The deterministic backward's dQ: one CTA per (query tile, head, sequence), warp w owning query rows
+// 16w .. 16w + 15 (the forward's mapping), walking the sequence's key tiles in order. K(n + 1) and
+// V(n + 1) load into the other buffer while tile n computes. p, dropout and dS are those of
+// attention_bwd_kernel (the same expressions), so both backwards see the same rounded dS.
+template <typename T, int D, int kBlockM, int kBlockN, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 1)
+    attention_bwd_dq_pass_kernel(const __grid_constant__ Params p) {
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kNT = kBlockN / 8;  // score column tiles per warp
+  constexpr int kDT = D / 8;        // dQ column tiles per warp
+  static_assert(kBlockM == 16 * kWarps, "one 16-row query slab per warp");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ uint32_t sRow[kBlockM];  // the query tile's dropout rows
+  __shared__ Seq sSeq[2];             // as in the forward: in registers they would compete with dQ
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kBlockM * D;
+  T* sK = sdO + kBlockM * D;     // [2][kBlockN * D]
+  T* sV = sK + 2 * kBlockN * D;  // [2][kBlockN * D]
+
+  const int b = blockIdx.z;
+  const int h = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  if (tid == 0) {
+    sSeq[0] = sequence(p.cu_seqlens_q, b, p.rows_q);
+    sSeq[1] = sequence(p.cu_seqlens_k, b, p.rows_k);
+  }
+  __syncthreads();
+  const Seq& sq = sSeq[0];
+  const Seq& sk = sSeq[1];
+  const int64_t stride = static_cast<int64_t>(p.heads) * D;  // dout, dq
+  const int in_stride = p.qkv_stride;                         // q, k, v
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* dout = static_cast<const T*>(p.dout);
+  const int64_t lbase = h * p.rows_q + sq.row_base;
+  const uint32_t stream = static_cast<uint32_t>(b) * p.heads + h;
+  const int n_blocks = (sk.len + kBlockN - 1) / kBlockN;
+  const int offA = lane_off<D>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
+  const int offB = lane_off<D>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
+  const int offC = lane_off<D>(g, 2 * t);
+
+  auto load_kv = [&](int n_block, int buf) {
+    const int n0 = n_block * kBlockN;
+    const int64_t tile = (static_cast<int64_t>(sk.row_base) + n0) * in_stride + h * D;
+    load_tile<kBlockN, D, kThreads>(sK + buf * kBlockN * D, k + tile, in_stride, sk.len - n0, k);
+    load_tile<kBlockN, D, kThreads>(sV + buf * kBlockN * D, v + tile, in_stride, sk.len - n0, v);
+  };
+
+  for (int m_block = blockIdx.x; m_block * kBlockM < sq.len; m_block += gridDim.x) {
+    const int m0 = m_block * kBlockM;
+    const int64_t q_row = static_cast<int64_t>(sq.row_base) + m0;
+    load_tile<kBlockM, D, kThreads>(sQ, q + q_row * in_stride + h * D, in_stride, sq.len - m0, q);
+    load_tile<kBlockM, D, kThreads>(sdO, dout + q_row * stride + h * D, stride, sq.len - m0, dout);
+    if (n_blocks > 0) load_kv(0, 0);
+    cp_async_commit();
+    for (int i = tid; i < kBlockM; i += kThreads) {
+      sRow[i] = p.dropout && m0 + i < sq.len ? dropout_row(p, sq.row_base, m0 + i) : 0u;
+    }
+    // Rows g and g + 8 of the warp's slab: lse in log2 units (+inf past the end, so p = 0) and D.
+    float lse2[2];
+    float drow[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = m0 + 16 * warp + g + 8 * r;
+      lse2[r] = i < sq.len ? p.lse_in[lbase + i] * kLog2e : INFINITY;
+      drow[r] = i < sq.len ? p.drow[lbase + i] : 0.0f;
+    }
+
+    float acc_dq[kDT][4];
+#pragma unroll
+    for (int j = 0; j < kDT; ++j) acc_dq[j][0] = acc_dq[j][1] = acc_dq[j][2] = acc_dq[j][3] = 0.0f;
+
+    for (int n_block = 0; n_block < n_blocks; ++n_block) {
+      const int buf = n_block & 1;
+      const int n0 = n_block * kBlockN;
+      cp_async_wait_all();
+      __syncthreads();  // K(n), V(n) (and Q, dO, sRow) landed; every warp is done with tile n - 1
+      if (n_block + 1 < n_blocks) {
+        load_kv(n_block + 1, buf ^ 1);
+        cp_async_commit();
+      }
+      const T* bK = sK + buf * kBlockN * D;
+      const T* bV = sV + buf * kBlockN * D;
+
+      // S = Q K^T and dP = dO V^T for the warp's 16 queries and the tile's keys.
+      float s[kNT][4];
+      float dp[kNT][4];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
+      }
+#pragma unroll(D == 128 ? 1 : D / 16)  // as in the forward: unrolled at D = 128 it spills
+      for (int kk = 0; kk < D / 16; ++kk) {
+        const int a_off = at<D>(offA, 16 * warp, 16 * kk);
+        uint32_t aq[4];
+        uint32_t ao[4];
+        ldmatrix_x4(aq, sQ + a_off);
+        ldmatrix_x4(ao, sdO + a_off);
+#pragma unroll
+        for (int nn = 0; nn < kBlockN / 16; ++nn) {
+          const int b_off = at<D>(offB, 16 * nn, 16 * kk);
+          uint32_t bk[4];
+          uint32_t bv[4];
+          ldmatrix_x4(bk, bK + b_off);
+          ldmatrix_x4(bv, bV + b_off);
+          Mma<T>::run(s[2 * nn], aq, bk[0], bk[1]);
+          Mma<T>::run(s[2 * nn + 1], aq, bk[2], bk[3]);
+          Mma<T>::run(dp[2 * nn], ao, bv[0], bv[1]);
+          Mma<T>::run(dp[2 * nn + 1], ao, bv[2], bv[3]);
+        }
+      }
+
+      // p = exp(s - lse) (0 at keys past the end), dropout, dS = p * (dP_dropped - D), in s.
+      // Element e of tile j: query g + 8 (e / 2) of the warp's slab, key n0 + 8j + 2t + (e & 1).
+      const bool edge = n0 + kBlockN > sk.len;
+      const Draw draw = fwd_draw(lane);  // lane mapping: attention_dropout.h
+      const uint32_t row = sRow[16 * warp + draw.query];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        uint32_t mine = 0u;
+        uint32_t partner = 0u;
+        if (p.dropout) {
+          const uint32_t group = static_cast<uint32_t>((n0 + 8 * j) / 4 + draw.group);
+          mine = philox::keep_bits(philox_at(p, group, row, stream), p.threshold);
+          partner = __shfl_xor_sync(0xffffffffu, mine, 1);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool key_ok = !edge || n0 + 8 * j + 2 * t + (e & 1) < sk.len;
+          const float pv = key_ok ? exp2f(s[j][e] * p.scale_log2 - lse2[e / 2]) : 0.0f;
+          const bool keep = !p.dropout || fwd_keep(lane, e, mine, partner);
+          const float dpv = keep ? dp[j][e] * p.dropout_factor : 0.0f;
+          s[j][e] = pv * (dpv - drow[e / 2]);
+        }
+      }
+
+      // dQ += dS K: the dS accumulators of column tiles 2kk, 2kk + 1 are the A fragment of keys
+      // 16kk .. 16kk + 15; B = K through transposed ldmatrix (V's role in the forward's P V).
+#pragma unroll
+      for (int kk = 0; kk < kBlockN / 16; ++kk) {
+        const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dd = 0; dd < D / 16; ++dd) {
+          uint32_t bk[4];
+          ldmatrix_x4_trans(bk, bK + at<D>(offA, 16 * kk, 16 * dd));
+          Mma<T>::run(acc_dq[2 * dd], a, bk[0], bk[1]);
+          Mma<T>::run(acc_dq[2 * dd + 1], a, bk[2], bk[3]);
+        }
+      }
+    }
+
+    // Stage dQ * scale in the warp's own rows of sQ, then 16-byte stores. The wait and barrier
+    // cover a sequence without keys, whose Q and dO copies were never waited for.
+    cp_async_wait_all();
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kDT; ++j) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        *reinterpret_cast<uint32_t*>(sQ + at<D>(offC, 16 * warp + 8 * r, 8 * j)) =
+            pack2<T>(acc_dq[j][2 * r] * p.scale, acc_dq[j][2 * r + 1] * p.scale);
+      }
+    }
+    __syncwarp();
+    T* dq = static_cast<T*>(p.dq);
+#pragma unroll
+    for (int it = 0; it < 16 * kDT / 32; ++it) {
+      const int i = it * 32 + lane;
+      const int r = i / kDT;
+      const int c = (i % kDT) * 8;
+      const int row = m0 + 16 * warp + r;
+      if (row < sq.len) {
+        *reinterpret_cast<uint4*>(dq + (static_cast<int64_t>(sq.row_base) + row) * stride + h * D + c) =
+            *reinterpret_cast<const uint4*>(sQ + swz<D>(16 * warp + r, c));
+      }
+    }
+    __syncthreads();  // sQ, sdO and buffer 0 are reloaded by the next query tile
+  }
+}
+
 // --------------------------------------------------------------------------------- launchers
 
 template <int D>
@@ -690,27 +895,34 @@ struct Config;
 // Forward: 4 warps x 16 query rows, 64-key tiles. Backward: 16 keys per warp; the query tile
 // shrinks with D so that dK, dV (D fp32 per thread) plus S^T, dP^T (kBwdM fp32) fit in 255
 // registers without spills (ptxas -v, nvcc 13.0, registers at D = 32/64/128: sm_80 fwd 146/191/248,
-// bwd 215/243/255; sm_90a fwd 140/192/248, bwd 232/241/254). The forward's __launch_bounds__ has a
+// bwd 215/243/255; sm_90a fwd 140/192/248, bwd 232/241/254; the deterministic backward's dK/dV
+// kernel and dQ pass: sm_80 188/210/255 and 182/236/242, sm_90a 174/206/254 and 180/238/241). The
+// forward's __launch_bounds__ has a
 // minimum of 1 block per SM: without it ptxas held D = 64 at 168 registers and spilled once q, k, v
 // got their own row stride (contiguous copies had given 127/165/252 at 2-3 blocks per SM; whether
 // the lower occupancy costs more than the 3 copies it saves is for a GPU measurement). Separate
 // query and key layouts cost the forward at D = 128 its spill-free budget until the sequence
 // bounds moved to shared memory and its Q K^T loop stopped unrolling over D (a GPU measurement
 // should say what the rolled loop costs).
+// The deterministic backward's dQ pass: 4 warps x 16 query rows; its key tile holds S and dP (kDqN
+// fp32 per thread) next to dQ (D / 2), so it shrinks at D = 128.
 template <>
 struct Config<32> {
   static constexpr int kFwdWarps = 4, kFwdN = 64;
   static constexpr int kBwdWarps = 4, kBwdM = 64;
+  static constexpr int kDqWarps = 4, kDqN = 64;
 };
 template <>
 struct Config<64> {
   static constexpr int kFwdWarps = 4, kFwdN = 64;
   static constexpr int kBwdWarps = 4, kBwdM = 32;
+  static constexpr int kDqWarps = 4, kDqN = 64;
 };
 template <>
 struct Config<128> {
   static constexpr int kFwdWarps = 4, kFwdN = 64;
   static constexpr int kBwdWarps = 8, kBwdM = 16;
+  static constexpr int kDqWarps = 4, kDqN = 32;
 };
 
 Params make_params(const Layout& l) {
@@ -766,13 +978,24 @@ cudaError_t bwd(const Layout& l, Params p, float* drow, void* dq, cudaStream_t s
   const int64_t pairs = l.rows_q * l.heads;
   constexpr int kDrowThreads = 256;
   const int64_t drow_blocks = (pairs * (D / 8) + kDrowThreads - 1) / kDrowThreads;
-  if (drow_blocks > 0) {  // Tq = 0 (keys only): nothing to zero, no dq
+  if (drow_blocks > 0) {  // Tq = 0 (keys only): no D, nothing to zero, no dq
     attention_bwd_drow_kernel<T, D><<<static_cast<unsigned>(drow_blocks), kDrowThreads, 0, stream>>>(p, drow);
     LUB_FAST_CUDA_TRY(cudaGetLastError());
   }
   p.drow = drow;
-  const size_t smem = static_cast<size_t>(2 * kN * D + 4 * kM * D + kN * kM) * sizeof(T) + 6 * kM * sizeof(float);
-  LUB_FAST_CUDA_TRY(launch(attention_bwd_kernel<T, D, kM, kN, C::kBwdWarps>, tile_grid(l, l.max_seqlen_k, kN),
+  const size_t stats = 6 * kM * sizeof(float);  // lse, D and dropout rows of two query tiles
+  if (l.deterministic) {
+    const size_t smem = static_cast<size_t>(2 * kN * D + 4 * kM * D) * sizeof(T) + stats;
+    LUB_FAST_CUDA_TRY(launch(attention_bwd_kernel<T, D, kM, kN, C::kBwdWarps, false>,
+                             tile_grid(l, l.max_seqlen_k, kN), C::kBwdWarps * 32, smem, stream, p));
+    constexpr int kDqM = 16 * C::kDqWarps;
+    const size_t dq_smem = static_cast<size_t>(2 * kDqM * D + 4 * C::kDqN * D) * sizeof(T);
+    p.dq = dq;
+    return launch(attention_bwd_dq_pass_kernel<T, D, kDqM, C::kDqN, C::kDqWarps>, tile_grid(l, l.max_seqlen_q, kDqM),
+                  C::kDqWarps * 32, dq_smem, stream, p);
+  }
+  const size_t smem = static_cast<size_t>(2 * kN * D + 4 * kM * D + kN * kM) * sizeof(T) + stats;
+  LUB_FAST_CUDA_TRY(launch(attention_bwd_kernel<T, D, kM, kN, C::kBwdWarps, true>, tile_grid(l, l.max_seqlen_k, kN),
                            C::kBwdWarps * 32, smem, stream, p));
   const int64_t n8 = pairs * D / 8;
   const int64_t dq_blocks = (n8 + 255) / 256 < 4096 ? (n8 + 255) / 256 : 4096;
@@ -828,7 +1051,7 @@ cudaError_t attention_bwd(const Layout& layout, const void* dout, const void* q,
   p.out = out;
   p.dout = dout;
   p.lse_in = lse;
-  p.dq_accum = dq_accum;
+  p.dq_accum = layout.deterministic ? nullptr : dq_accum;
   p.dk = dk;
   p.dv = dv;
   return layout.dtype == DType::kBFloat16 ? bwd_dim<__nv_bfloat16>(layout, p, drow, dq, stream)

@@ -8,7 +8,8 @@ installed: benchmarks/gpu_wheels.sh carries them to the GPU machine). The CPU an
 recipe start from the same weights and mask the same tokens (masking runs in the CPU data pipeline),
 so their losses differ by the low precision only; ELECTRA's generator samples replacements from
 torch's RNG, which differs between devices, so its tolerance is wider. The lub_fast CUDA backward adds
-dq with atomics, so CUDA reruns agree within rounding, not bit for bit (no deterministic backward yet).
+dq with atomics by default, so CUDA reruns agree within rounding; under
+torch.use_deterministic_algorithms(True) it runs its deterministic backward and reruns agree bit for bit.
 """
 
 import json
@@ -258,6 +259,49 @@ for wrap in (False, True):
 dist.destroy_process_group()
 print(json.dumps({"plain": losses[False], "ddp": losses[True]}))
 """
+
+
+_DETERMINISTIC_SCRIPT = r"""
+import json
+import torch
+from lub_fast.models import EncoderConfig, MaskedLM
+
+torch.use_deterministic_algorithms(True)
+config = EncoderConfig.preset("bert", "tiny", vocab_size=500, hidden_size=128, num_attention_heads=2,
+                              intermediate_size=256, attention_probs_dropout_prob=0.1)
+gen = torch.Generator().manual_seed(0)
+ids = torch.randint(5, 500, (8, 48), generator=gen).cuda()
+mask = (torch.arange(48)[None, :] < torch.randint(1, 49, (8, 1), generator=gen)).long().cuda()
+labels = torch.randint(5, 500, ids.shape, generator=gen).cuda().masked_fill(mask == 0, -100)
+runs = []
+for _ in range(2):
+    torch.manual_seed(0)
+    model = MaskedLM(config).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(4):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids, mask).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    runs.append({"losses": losses, "weights": sum(p.double().sum().item() for p in model.parameters())})
+print(json.dumps(runs))
+"""
+
+
+def test_training_cuda_bit_identical_under_deterministic_algorithms(tmp_path):
+    """Two bf16 runs of 4 AdamW steps (dropout on) under torch.use_deterministic_algorithms(True): the same
+    losses and weights bit for bit (the attention backward without dq atomics; cuBLAS's fixed workspace)."""
+    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", _DETERMINISTIC_SCRIPT], check=False, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    first, second = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert first == second, f"reruns differ: {first} vs {second}"
 
 
 def _free_port():
