@@ -134,6 +134,22 @@ __device__ __forceinline__ int at(int lane, int row0, int col0) {
   return row0 * kCols + (lane ^ col0);
 }
 
+// This lane's ldmatrix row/column: pattern A for A operands and transposed B operands, pattern B
+// for non-transposed B operands (see the fragment notes in common/cuda_utils.cuh), C for its
+// accumulator element (g, 2t).
+template <int kCols>
+__device__ __forceinline__ int frag_a(int lane) {
+  return lane_off<kCols>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
+}
+template <int kCols>
+__device__ __forceinline__ int frag_b(int lane) {
+  return lane_off<kCols>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
+}
+template <int kCols>
+__device__ __forceinline__ int frag_c(int lane) {
+  return lane_off<kCols>(lane / 4, 2 * (lane % 4));
+}
+
 // cp.async of a [kRows, kCols] tile whose row r starts at src + r * stride; rows >= valid are
 // zero-filled without a global read (`base` is a valid address for those copies).
 template <int kRows, int kCols, int kThreads, typename T>
@@ -165,9 +181,100 @@ __device__ __forceinline__ Seq sequence(const int32_t* cu_seqlens, int b, int64_
   return Seq{start, ok ? end - start : 0};
 }
 
+// Sequence b's query rows into seqs[0] and key rows into seqs[1] (shared memory), for every thread
+// of the CTA on return.
+__device__ __forceinline__ void load_sequences(Seq* seqs, const Params& p, int b) {
+  if (threadIdx.x == 0) {
+    seqs[0] = sequence(p.cu_seqlens_q, b, p.rows_q);
+    seqs[1] = sequence(p.cu_seqlens_k, b, p.rows_k);
+  }
+  __syncthreads();
+}
+
 // Dropout row counter of query i of a sequence whose first query row is row_base.
 __device__ __forceinline__ uint32_t dropout_row(const Params& p, int row_base, int i) {
   return static_cast<uint32_t>(p.q_positions != nullptr ? p.q_positions[static_cast<int64_t>(row_base) + i] : i);
+}
+
+// The dropout rows of the query tile starting at row m0 of sequence sq (0 past its end or without
+// dropout), into rows[kBlockM] in shared memory.
+template <int kBlockM, int kThreads>
+__device__ __forceinline__ void load_dropout_rows(uint32_t* rows, const Params& p, const Seq& sq, int m0) {
+  for (int i = static_cast<int>(threadIdx.x); i < kBlockM; i += kThreads) {
+    rows[i] = p.dropout && m0 + i < sq.len ? dropout_row(p, sq.row_base, m0 + i) : 0u;
+  }
+}
+
+// 16-byte stores of a warp's 16 staged rows (tile rows 16 warp .. 16 warp + 15 of a swizzled
+// [*, D] tile) to rows first .. first + 15 of dst (row stride `stride`); rows >= len are not written.
+template <int D, typename T>
+__device__ __forceinline__ void store_warp_rows(T* dst, int64_t stride, const T* tile, int warp, int lane, int first,
+                                                int len) {
+  constexpr int kDT = D / 8;
+#pragma unroll
+  for (int it = 0; it < 16 * kDT / 32; ++it) {
+    const int i = it * 32 + lane;
+    const int r = i / kDT;
+    const int c = (i % kDT) * 8;
+    if (first + r < len) {
+      *reinterpret_cast<uint4*>(dst + (first + r) * stride + c) =
+          *reinterpret_cast<const uint4*>(tile + swz<D>(16 * warp + r, c));
+    }
+  }
+}
+
+// acc += P B for one warp: P its 16 x kBlockN fp32 accumulator tiles p (rounded to T, they are the A
+// fragments: tiles 2kk, 2kk + 1 hold columns 16kk .. 16kk + 15), B rows 0 .. kBlockN - 1 of the
+// swizzled [*, D] tile `tile` through transposed ldmatrix (offA = frag_a<D>(lane)).
+template <typename T, int D, int kBlockN>
+__device__ __forceinline__ void mma_p_tile(float (&acc)[D / 8][4], const float (&p)[kBlockN / 8][4], const T* tile,
+                                           int offA) {
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    const uint32_t a[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
+                           pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+    for (int dd = 0; dd < D / 16; ++dd) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, tile + at<D>(offA, 16 * kk, 16 * dd));
+      Mma<T>::run(acc[2 * dd], a, b[0], b[1]);
+      Mma<T>::run(acc[2 * dd + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// s = A1 B1^T and t = A2 B2^T for one warp in one loop over D: A rows 16 warp .. 16 warp + 15 of
+// the swizzled [*, D] tiles a1, a2 (offA = frag_a<D>(lane)), B rows 0 .. kCols - 1 of b1, b2 (offB =
+// frag_b<D>(lane)); s and t are the warp's [16, kCols] fp32 accumulator tiles. Rolled at D = 128:
+// unrolled it preloads too many fragments and spills.
+template <typename T, int D, int kCols>
+__device__ __forceinline__ void mma_two_abt(float (&s)[kCols / 8][4], float (&t)[kCols / 8][4], const T* a1,
+                                            const T* a2, const T* b1, const T* b2, int warp, int offA, int offB) {
+#pragma unroll
+  for (int j = 0; j < kCols / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] = t[j][e] = 0.0f;
+  }
+#pragma unroll(D == 128 ? 1 : D / 16)
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int a_off = at<D>(offA, 16 * warp, 16 * kk);
+    uint32_t x1[4];
+    uint32_t x2[4];
+    ldmatrix_x4(x1, a1 + a_off);
+    ldmatrix_x4(x2, a2 + a_off);
+#pragma unroll
+    for (int nn = 0; nn < kCols / 16; ++nn) {
+      const int b_off = at<D>(offB, 16 * nn, 16 * kk);
+      uint32_t y1[4];
+      uint32_t y2[4];
+      ldmatrix_x4(y1, b1 + b_off);
+      ldmatrix_x4(y2, b2 + b_off);
+      Mma<T>::run(s[2 * nn], x1, y1[0], y1[1]);
+      Mma<T>::run(s[2 * nn + 1], x1, y1[2], y1[3]);
+      Mma<T>::run(t[2 * nn], x2, y2[0], y2[1]);
+      Mma<T>::run(t[2 * nn + 1], x2, y2[2], y2[3]);
+    }
+  }
 }
 
 __device__ __forceinline__ philox::Words philox_at(const Params& p, uint32_t group, uint32_t row,
@@ -200,11 +307,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const int lane = tid % 32;
   const int g = lane / 4;
   const int t = lane % 4;
-  if (tid == 0) {
-    sSeq[0] = sequence(p.cu_seqlens_q, b, p.rows_q);
-    sSeq[1] = sequence(p.cu_seqlens_k, b, p.rows_k);
-  }
-  __syncthreads();
+  load_sequences(sSeq, p, b);
   const Seq& sq = sSeq[0];
   const Seq& sk = sSeq[1];
   const int64_t stride = static_cast<int64_t>(p.heads) * D;
@@ -218,11 +321,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const int in_stride = p.qkv_stride;
   const uint32_t stream = static_cast<uint32_t>(b) * p.heads + h;
   const int n_blocks = (sk.len + kBlockN - 1) / kBlockN;
-  // ldmatrix row/column of this lane: pattern A for A operands and transposed B operands, pattern
-  // B for non-transposed B operands (see the fragment notes in common/cuda_utils.cuh).
-  const int offA = lane_off<D>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
-  const int offB = lane_off<D>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
-  const int offC = lane_off<D>(g, 2 * t);  // accumulator element (g, 2t)
+  const int offA = frag_a<D>(lane);
+  const int offB = frag_b<D>(lane);
+  const int offC = frag_c<D>(lane);
 
   for (int m_block = blockIdx.x; m_block * kBlockM < sq.len; m_block += gridDim.x) {
     const int m0 = m_block * kBlockM;
@@ -233,9 +334,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     cp_async_commit();
     // Read after the first __syncthreads of the key loop; the previous tile's readers are past the
     // one at the end of the tile loop.
-    for (int i = tid; i < kBlockM; i += kThreads) {
-      sRow[i] = p.dropout && m0 + i < sq.len ? dropout_row(p, sq.row_base, m0 + i) : 0u;
-    }
+    load_dropout_rows<kBlockM, kThreads>(sRow, p, sq, m0);
 
     float acc_o[kDT][4];
 #pragma unroll
@@ -339,21 +438,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
         }
       }
 
-      // O += P V(n): the score accumulators of column tiles 2kk, 2kk + 1 are the A fragment of keys
-      // 16kk .. 16kk + 15.
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-        for (int dd = 0; dd < D / 16; ++dd) {
-          uint32_t bv[4];
-          ldmatrix_x4_trans(bv, sV + at<D>(offA, 16 * kk, 16 * dd));
-          Mma<T>::run(acc_o[2 * dd], a, bv[0], bv[1]);
-          Mma<T>::run(acc_o[2 * dd + 1], a, bv[2], bv[3]);
-        }
-      }
+      mma_p_tile<T, D, kBlockN>(acc_o, s, sV, offA);  // O += P V(n)
     }
 
     // Finalise rows g and g + 8: quad-reduce the sums, normalise, write lse and stage O in sQ (the
@@ -381,18 +466,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       }
     }
     __syncwarp();
-    T* o = static_cast<T*>(p.o);
-#pragma unroll
-    for (int it = 0; it < 16 * kDT / 32; ++it) {
-      const int i = it * 32 + lane;
-      const int r = i / kDT;
-      const int c = (i % kDT) * 8;
-      const int row = m0 + 16 * warp + r;
-      if (row < sq.len) {
-        *reinterpret_cast<uint4*>(o + (static_cast<int64_t>(sq.row_base) + row) * stride + h * D + c) =
-            *reinterpret_cast<const uint4*>(sQ + swz<D>(16 * warp + r, c));
-      }
-    }
+    store_warp_rows<D>(static_cast<T*>(p.o) + static_cast<int64_t>(sq.row_base) * stride + h * D, stride, sQ, warp,
+                       lane, m0 + 16 * warp, sq.len);
     __syncthreads();  // sQ and sK are reloaded by the next query tile
   }
 }
@@ -507,11 +582,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t lbase = h * p.rows_q + sq.row_base;
   const uint32_t stream = static_cast<uint32_t>(b) * p.heads + h;
   const int m_blocks = (sq.len + kBlockM - 1) / kBlockM;
-  const int offA = lane_off<D>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
-  const int offB = lane_off<D>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
-  const int offC = lane_off<D>(g, 2 * t);
-  const int offS = lane_off<kBlockM>(g, 2 * t);                                              // dS^T store
-  const int offSB = lane_off<kBlockM>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);  // dS load
+  const int offA = frag_a<D>(lane);
+  const int offB = frag_b<D>(lane);
+  const int offC = frag_c<D>(lane);
+  const int offS = frag_c<kBlockM>(lane);   // dS^T store
+  const int offSB = frag_b<kBlockM>(lane);  // dS load
 
   auto load_query_tile = [&](int m_block, int buf) {
     const int m0 = m_block * kBlockM;
@@ -559,31 +634,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys and the tile's kBlockM queries.
       float s[kMT][4];
       float dp[kMT][4];
-#pragma unroll
-      for (int j = 0; j < kMT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
-      }
-#pragma unroll(D == 128 ? 1 : D / 16)  // unrolled at D = 128, it preloads too many fragments and spills
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const int a_off = at<D>(offA, 16 * warp, 16 * kk);
-        uint32_t ak[4];
-        uint32_t av[4];
-        ldmatrix_x4(ak, sK + a_off);
-        ldmatrix_x4(av, sV + a_off);
-#pragma unroll
-        for (int nn = 0; nn < kBlockM / 16; ++nn) {
-          const int b_off = at<D>(offB, 16 * nn, 16 * kk);
-          uint32_t bq[4];
-          uint32_t bo[4];
-          ldmatrix_x4(bq, bQ + b_off);
-          ldmatrix_x4(bo, bdO + b_off);
-          Mma<T>::run(s[2 * nn], ak, bq[0], bq[1]);
-          Mma<T>::run(s[2 * nn + 1], ak, bq[2], bq[3]);
-          Mma<T>::run(dp[2 * nn], av, bo[0], bo[1]);
-          Mma<T>::run(dp[2 * nn + 1], av, bo[2], bo[3]);
-        }
-      }
+      mma_two_abt<T, D, kBlockM>(s, dp, sK, sV, bQ, bdO, warp, offA, offB);
 
       // p = exp(s - lse) (0 at keys past the end; lse = +inf at queries past the end), dropout,
       // dS = p * (dP_dropped - D). Element e of tile j: key g + 8 (e / 2), query 8j + 2t + (e & 1).
@@ -726,11 +777,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const int lane = tid % 32;
   const int g = lane / 4;
   const int t = lane % 4;
-  if (tid == 0) {
-    sSeq[0] = sequence(p.cu_seqlens_q, b, p.rows_q);
-    sSeq[1] = sequence(p.cu_seqlens_k, b, p.rows_k);
-  }
-  __syncthreads();
+  load_sequences(sSeq, p, b);
   const Seq& sq = sSeq[0];
   const Seq& sk = sSeq[1];
   const int64_t stride = static_cast<int64_t>(p.heads) * D;  // dout, dq
@@ -742,9 +789,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const int64_t lbase = h * p.rows_q + sq.row_base;
   const uint32_t stream = static_cast<uint32_t>(b) * p.heads + h;
   const int n_blocks = (sk.len + kBlockN - 1) / kBlockN;
-  const int offA = lane_off<D>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
-  const int offB = lane_off<D>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
-  const int offC = lane_off<D>(g, 2 * t);
+  const int offA = frag_a<D>(lane);
+  const int offB = frag_b<D>(lane);
+  const int offC = frag_c<D>(lane);
 
   auto load_kv = [&](int n_block, int buf) {
     const int n0 = n_block * kBlockN;
@@ -760,9 +807,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     load_tile<kBlockM, D, kThreads>(sdO, dout + q_row * stride + h * D, stride, sq.len - m0, dout);
     if (n_blocks > 0) load_kv(0, 0);
     cp_async_commit();
-    for (int i = tid; i < kBlockM; i += kThreads) {
-      sRow[i] = p.dropout && m0 + i < sq.len ? dropout_row(p, sq.row_base, m0 + i) : 0u;
-    }
+    load_dropout_rows<kBlockM, kThreads>(sRow, p, sq, m0);
     // Rows g and g + 8 of the warp's slab: lse in log2 units (+inf past the end, so p = 0) and D.
     float lse2[2];
     float drow[2];
@@ -792,31 +837,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       // S = Q K^T and dP = dO V^T for the warp's 16 queries and the tile's keys.
       float s[kNT][4];
       float dp[kNT][4];
-#pragma unroll
-      for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
-      }
-#pragma unroll(D == 128 ? 1 : D / 16)  // as in the forward: unrolled at D = 128 it spills
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const int a_off = at<D>(offA, 16 * warp, 16 * kk);
-        uint32_t aq[4];
-        uint32_t ao[4];
-        ldmatrix_x4(aq, sQ + a_off);
-        ldmatrix_x4(ao, sdO + a_off);
-#pragma unroll
-        for (int nn = 0; nn < kBlockN / 16; ++nn) {
-          const int b_off = at<D>(offB, 16 * nn, 16 * kk);
-          uint32_t bk[4];
-          uint32_t bv[4];
-          ldmatrix_x4(bk, bK + b_off);
-          ldmatrix_x4(bv, bV + b_off);
-          Mma<T>::run(s[2 * nn], aq, bk[0], bk[1]);
-          Mma<T>::run(s[2 * nn + 1], aq, bk[2], bk[3]);
-          Mma<T>::run(dp[2 * nn], ao, bv[0], bv[1]);
-          Mma<T>::run(dp[2 * nn + 1], ao, bv[2], bv[3]);
-        }
-      }
+      mma_two_abt<T, D, kBlockN>(s, dp, sQ, sdO, bK, bV, warp, offA, offB);
 
       // p = exp(s - lse) (0 at keys past the end), dropout, dS = p * (dP_dropped - D), in s.
       // Element e of tile j: query g + 8 (e / 2) of the warp's slab, key n0 + 8j + 2t + (e & 1).
@@ -842,21 +863,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
         }
       }
 
-      // dQ += dS K: the dS accumulators of column tiles 2kk, 2kk + 1 are the A fragment of keys
-      // 16kk .. 16kk + 15; B = K through transposed ldmatrix (V's role in the forward's P V).
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-        for (int dd = 0; dd < D / 16; ++dd) {
-          uint32_t bk[4];
-          ldmatrix_x4_trans(bk, bK + at<D>(offA, 16 * kk, 16 * dd));
-          Mma<T>::run(acc_dq[2 * dd], a, bk[0], bk[1]);
-          Mma<T>::run(acc_dq[2 * dd + 1], a, bk[2], bk[3]);
-        }
-      }
+      mma_p_tile<T, D, kBlockN>(acc_dq, s, bK, offA);  // dQ += dS K (K in V's role in the forward)
     }
 
     // Stage dQ * scale in the warp's own rows of sQ, then 16-byte stores. The wait and barrier
@@ -872,18 +879,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       }
     }
     __syncwarp();
-    T* dq = static_cast<T*>(p.dq);
-#pragma unroll
-    for (int it = 0; it < 16 * kDT / 32; ++it) {
-      const int i = it * 32 + lane;
-      const int r = i / kDT;
-      const int c = (i % kDT) * 8;
-      const int row = m0 + 16 * warp + r;
-      if (row < sq.len) {
-        *reinterpret_cast<uint4*>(dq + (static_cast<int64_t>(sq.row_base) + row) * stride + h * D + c) =
-            *reinterpret_cast<const uint4*>(sQ + swz<D>(16 * warp + r, c));
-      }
-    }
+    store_warp_rows<D>(static_cast<T*>(p.dq) + static_cast<int64_t>(sq.row_base) * stride + h * D, stride, sQ, warp,
+                       lane, m0 + 16 * warp, sq.len);
     __syncthreads();  // sQ, sdO and buffer 0 are reloaded by the next query tile
   }
 }

@@ -227,68 +227,52 @@ def test_hf_parity_cuda_fp32_and_bf16(family, tmp_path):
 
 # ------------------------------------------------------------------------------- DDP and resume
 
-_DDP_SCRIPT = r"""
-import json, sys
+# A tiny MaskedLM trained a few bf16 AdamW steps on one fixed random batch, for the scripts below.
+_TINY_MLM = r"""
+import json
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from lub_fast.models import EncoderConfig, MaskedLM
 
-dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
-config = EncoderConfig.preset("bert", "tiny", vocab_size=500, hidden_size=128, num_attention_heads=2,
-                              intermediate_size=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-gen = torch.Generator().manual_seed(0)
-ids = torch.randint(5, 500, (8, 48), generator=gen).cuda()
-mask = (torch.arange(48)[None, :] < torch.randint(1, 49, (8, 1), generator=gen)).long().cuda()
-labels = torch.randint(5, 500, ids.shape, generator=gen).cuda().masked_fill(mask == 0, -100)
-losses = {}
-for wrap in (False, True):
+
+def train(wrap, attention_dropout, steps=4):
+    # (losses, sum of the weights) after `steps` steps of the model that wrap(model) runs
+    config = EncoderConfig.preset("bert", "tiny", vocab_size=500, hidden_size=128, num_attention_heads=2,
+                                  intermediate_size=256, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=attention_dropout)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 500, (8, 48), generator=gen).cuda()
+    mask = (torch.arange(48)[None, :] < torch.randint(1, 49, (8, 1), generator=gen)).long().cuda()
+    labels = torch.randint(5, 500, ids.shape, generator=gen).cuda().masked_fill(mask == 0, -100)
     torch.manual_seed(0)
     model = MaskedLM(config).cuda()
-    runner = DistributedDataParallel(model, device_ids=[0]) if wrap else model
+    runner = wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses[wrap] = []
-    for _ in range(4):
+    losses = []
+    for _ in range(steps):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = runner(ids, mask).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses[wrap].append(loss.item())
-dist.destroy_process_group()
-print(json.dumps({"plain": losses[False], "ddp": losses[True]}))
+        losses.append(loss.item())
+    return losses, sum(p.double().sum().item() for p in model.parameters())
 """
 
+_DDP_SCRIPT = _TINY_MLM + r"""
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-_DETERMINISTIC_SCRIPT = r"""
-import json
-import torch
-from lub_fast.models import EncoderConfig, MaskedLM
+dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+plain, _ = train(lambda model: model, 0.0)
+ddp, _ = train(lambda model: DistributedDataParallel(model, device_ids=[0]), 0.0)
+dist.destroy_process_group()
+print(json.dumps({"plain": plain, "ddp": ddp}))
+"""
 
+_DETERMINISTIC_SCRIPT = _TINY_MLM + r"""
 torch.use_deterministic_algorithms(True)
-config = EncoderConfig.preset("bert", "tiny", vocab_size=500, hidden_size=128, num_attention_heads=2,
-                              intermediate_size=256, attention_probs_dropout_prob=0.1)
-gen = torch.Generator().manual_seed(0)
-ids = torch.randint(5, 500, (8, 48), generator=gen).cuda()
-mask = (torch.arange(48)[None, :] < torch.randint(1, 49, (8, 1), generator=gen)).long().cuda()
-labels = torch.randint(5, 500, ids.shape, generator=gen).cuda().masked_fill(mask == 0, -100)
-runs = []
-for _ in range(2):
-    torch.manual_seed(0)
-    model = MaskedLM(config).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(4):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = model(ids, mask).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    runs.append({"losses": losses, "weights": sum(p.double().sum().item() for p in model.parameters())})
-print(json.dumps(runs))
+print(json.dumps([train(lambda model: model, 0.1) for _ in range(2)]))
 """
 
 
