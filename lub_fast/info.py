@@ -84,9 +84,30 @@ def attention_routes(head_dims=(64, 128, 96)):
         f"dropout: {' and '.join(exact)} follow lub_fast's counter-based masks (CPU and GPU drop the same "
         "probabilities); torch_varlen and sdpa draw torch's own"
     )
+    lines.append("")
+    lines.extend(attention_backwards(cpu, cuda))
+    return lines
+
+
+def attention_backwards(cpu, cuda, head_dim=64):
+    """The table of ``lub_fast.ops.attention.backward_route`` per device and dtype at ``head_dim``, by
+    default and under ``torch.use_deterministic_algorithms(True)``; ``cpu``, ``cuda``: ``Built``."""
+    import torch
+
+    from lub_fast.ops import attention
+
+    switch = "use_deterministic_algorithms(True)"
+    lines = [f"{'backward D=' + str(head_dim):<16}{'default':<22}{switch}"]
+    for device, built in (("cpu", cpu), ("cuda", cuda)):
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            route = attention.attention_route(device, dtype, head_dim, built)
+            default, switched = (attention.backward_route(device, route, d) for d in (False, True))
+            lines.append(f"{device + ' ' + name:<16}{default:<22}{switched}")
     lines.append(
-        "reproducibility: the lub_fast CUDA backward adds dq with fp32 atomics (rounding order varies between "
-        "runs); under torch.use_deterministic_algorithms(True) it raises (warns with warn_only=True)"
+        "reproducibility: lub_fast_atomic_dq adds dq over key tiles with fp32 atomics (its last bits vary between "
+        "runs); under torch.use_deterministic_algorithms(True) the CUDA kernel runs lub_fast_dq_pass (no atomics: "
+        "bit-identical runs, about 1.4x the backward's matrix FLOPs); lub_fast_cpu and reference are deterministic "
+        "either way; torch (torch_varlen, sdpa) follows the switch itself"
     )
     return lines
 

@@ -8,7 +8,9 @@
 // atomic counter (dynamic scheduling: balanced for any mix of lengths and on busy cores). A task
 // owns query rows cu_seqlens_q[b] .. cu_seqlens_q[b + 1] of head h in out, lse and dq, and key rows
 // cu_seqlens_k[b] .. cu_seqlens_k[b + 1] in dk and dv, so no two threads write the same memory and
-// the result does not depend on the thread count or on which thread runs what. Nothing is padded:
+// the result does not depend on the thread count or on which thread runs what: the backward is
+// deterministic (bit-identical across runs) whatever its `deterministic` argument says, with no
+// atomics and each task's query blocks summed in order. Nothing is padded:
 // a task of Lq queries and Lk keys costs O(Lq Lk D). Queries of a sequence without keys keep the
 // initial zeros (out, dq) and lse = +inf; keys of a sequence without queries zero dk, dv.
 //
@@ -335,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
     int64_t max_seqlen_k, double dropout_p, int64_t seed, int64_t offset, double scale,
-    const std::optional<at::Tensor>& q_positions) {
+    const std::optional<at::Tensor>& q_positions, bool /*deterministic: this backward always is*/) {
   const char* op = "varlen_attention_bwd";
   Layout layout = check_inputs(op, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                seed, offset, q_positions);

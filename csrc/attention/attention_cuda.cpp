@@ -3,7 +3,7 @@
 // registration live in lub_fast/ops/attention.py; inputs these kernels do not handle (fp32/fp64,
 // other head dims) are routed elsewhere by attention.attention_route() in Python, which also checks
 // cu_seqlens_q and cu_seqlens_k before any call. q (and k, v together) views with one row stride
-// are read in place.
+// are read in place. The backward's `deterministic` selects the kernels' backward without atomics.
 #include <ATen/Context.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -175,29 +175,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> varlen_attention_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q,
     const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double dropout_p, int64_t seed,
-    int64_t offset, double scale, const std::optional<at::Tensor>& q_positions) {
+    int64_t offset, double scale, const std::optional<at::Tensor>& q_positions, bool deterministic) {
   constexpr const char* op = "varlen_attention_bwd";
   check_floats(op, q_in, k_in, v_in);
   check_like(op, "dout", dout_in, q_in);
   check_like(op, "out", out_in, q_in);
   check_lse(op, lse_in, {q_in.size(1), q_in.size(0)}, q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  at::globalContext().alertNotDeterministic(
-      "lub_fast attention backward on CUDA (dq is summed over key tiles with fp32 atomics)");
+  if (!deterministic) {  // attention.py passes deterministic=True under torch.use_deterministic_algorithms
+    at::globalContext().alertNotDeterministic(
+        "lub_fast attention backward on CUDA with deterministic=False (dq is summed over key tiles with fp32 "
+        "atomics)");
+  }
   Call c = make_call(op, q_in, k_in, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed, offset,
                      scale, q_positions);
   const at::Tensor dout = dense(dout_in);
   const auto [q, k, v, row_stride] = qkv_inputs(q_in, k_in, v_in);
   c.layout.qkv_stride = row_stride;
+  c.layout.deterministic = deterministic;
   const at::Tensor out = dense(out_in);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor drow = at::empty(lse.sizes(), lse.options());
-  at::Tensor dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));  // zeroed by the drow kernel
+  at::Tensor dq_accum;  // the atomic backward's, zeroed by the drow kernel; the deterministic one has none
+  if (!deterministic) dq_accum = at::empty(q.sizes(), q.options().dtype(at::kFloat));
   at::Tensor dq = at::empty(q.sizes(), q.options());  // contiguous, whatever q's strides
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   check_cuda(ac::attention_bwd(c.layout, dout.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                               lse.data_ptr<float>(), drow.data_ptr<float>(), dq_accum.data_ptr<float>(),
+                               lse.data_ptr<float>(), drow.data_ptr<float>(),
+                               deterministic ? nullptr : dq_accum.data_ptr<float>(),
                                dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
                                c10::cuda::getCurrentCUDAStream(q.device().index()).stream()),
              op);

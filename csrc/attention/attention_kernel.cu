@@ -5,7 +5,8 @@
 // Algorithm: FlashAttention-2 (Dao, arXiv:2307.08691). The forward streams key/value tiles past a
 // query tile with an online softmax and writes out and lse = log-sum-exp of the scaled scores;
 // the backward recomputes p = exp(s - lse) per (key tile, query tile), keeps dK and dV of its key
-// tile in registers and adds dQ into an fp32 buffer with atomics.
+// tile in registers and adds dQ into an fp32 buffer with atomics; with Layout::deterministic it
+// leaves dQ to a second pass over query tiles (FlashAttention-2's split of the work, no atomics).
 //
 // Mapping.
 // - Forward: one CTA per (query tile of kBlockM = 16 * kWarps rows, head, sequence); warp w owns
@@ -18,6 +19,14 @@
 //   D = rowsum(dO * O)) are double-buffered; dS^T goes through shared memory for dQ = dS K, which
 //   the warps split by (16-row query slab, head-dim columns) and add to dq_accum with fp32 atomics.
 //   A pre-kernel computes D, a post-kernel converts dq_accum * scale to the input dtype.
+// - Deterministic backward (Layout::deterministic): the key-tile kernel computes dK and dV only,
+//   and a dQ kernel mapped like the forward (one CTA per query tile of kBlockM = 16 * kWarps rows,
+//   warp w owning rows 16w .. 16w + 15) walks the key tiles of its sequence in order: S = Q K^T and
+//   dP = dO V^T, p = exp(s - lse) from the saved lse, dropout, dS, then dQ += dS K in registers,
+//   written once as dQ * scale in the input dtype. K and V tiles are double-buffered. Every output
+//   element is summed by one thread in a fixed order, so dq, dk and dv are bit-identical across
+//   runs; the dQ pass costs 3 of the backward's 5 matrix products again (recomputing S and dP)
+//   and a second Philox draw per probability, and needs no fp32 dQ buffer.
 // - Tensor cores: mma.sync.m16n8k16 (bf16/fp16 in, fp32 accumulate, sm_80+), operands via
 //   ldmatrix(.trans) from XOR-swizzled shared tiles (16-byte chunk c of row r stored at chunk
 //   c ^ (r & 7), c ^ ((r >> 1) & 3) for 4-chunk rows, c ^ ((r >> 2) & 1) for 2-chunk rows), so
@@ -36,8 +45,9 @@
 // of a sequence without keys get zeros and lse = +inf, keys of a sequence without queries zero
 // gradients. Accumulation: scores, softmax statistics, O,
 // dK, dV and dQ in fp32; P and dS are rounded to the input dtype for the tensor-core products, as
-// in FlashAttention. The backward's dQ atomics make dq's rounding order nondeterministic (the
-// registration raises under torch.use_deterministic_algorithms(True)). Host side: the dynamic
+// in FlashAttention. The default backward's dQ atomics make dq's rounding order vary between runs
+// (attention_cuda.cpp alerts under torch.use_deterministic_algorithms(True) if that path is asked
+// for); the deterministic backward has no atomics. Host side: the dynamic
 // shared-memory limit is raised once per kernel and device (cuda::reserve_dynamic_smem).
 #include "attention/attention_kernel.h"
 
@@ -73,7 +83,8 @@ struct Params {
   float* lse;
   const float* lse_in;
   const float* drow;
-  float* dq_accum;
+  float* dq_accum;  // atomic backward only
+  void* dq;         // deterministic backward only (the atomic one writes dq in its post-kernel)
   void* dk;
   void* dv;
   const int32_t* cu_seqlens_q;
@@ -123,6 +134,22 @@ __device__ __forceinline__ int at(int lane, int row0, int col0) {
   return row0 * kCols + (lane ^ col0);
 }
 
+// This lane's ldmatrix row/column: pattern A for A operands and transposed B operands, pattern B
+// for non-transposed B operands (see the fragment notes in common/cuda_utils.cuh), C for its
+// accumulator element (g, 2t).
+template <int kCols>
+__device__ __forceinline__ int frag_a(int lane) {
+  return lane_off<kCols>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
+}
+template <int kCols>
+__device__ __forceinline__ int frag_b(int lane) {
+  return lane_off<kCols>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
+}
+template <int kCols>
+__device__ __forceinline__ int frag_c(int lane) {
+  return lane_off<kCols>(lane / 4, 2 * (lane % 4));
+}
+
 // cp.async of a [kRows, kCols] tile whose row r starts at src + r * stride; rows >= valid are
 // zero-filled without a global read (`base` is a valid address for those copies).
 template <int kRows, int kCols, int kThreads, typename T>
@@ -154,9 +181,100 @@ __device__ __forceinline__ Seq sequence(const int32_t* cu_seqlens, int b, int64_
   return Seq{start, ok ? end - start : 0};
 }
 
+// Sequence b's query rows into seqs[0] and key rows into seqs[1] (shared memory), for every thread
+// of the CTA on return.
+__device__ __forceinline__ void load_sequences(Seq* seqs, const Params& p, int b) {
+  if (threadIdx.x == 0) {
+    seqs[0] = sequence(p.cu_seqlens_q, b, p.rows_q);
+    seqs[1] = sequence(p.cu_seqlens_k, b, p.rows_k);
+  }
+  __syncthreads();
+}
+
 // Dropout row counter of query i of a sequence whose first query row is row_base.
 __device__ __forceinline__ uint32_t dropout_row(const Params& p, int row_base, int i) {
   return static_cast<uint32_t>(p.q_positions != nullptr ? p.q_positions[static_cast<int64_t>(row_base) + i] : i);
+}
+
+// The dropout rows of the query tile starting at row m0 of sequence sq (0 past its end or without
+// dropout), into rows[kBlockM] in shared memory.
+template <int kBlockM, int kThreads>
+__device__ __forceinline__ void load_dropout_rows(uint32_t* rows, const Params& p, const Seq& sq, int m0) {
+  for (int i = static_cast<int>(threadIdx.x); i < kBlockM; i += kThreads) {
+    rows[i] = p.dropout && m0 + i < sq.len ? dropout_row(p, sq.row_base, m0 + i) : 0u;
+  }
+}
+
+// 16-byte stores of a warp's 16 staged rows (tile rows 16 warp .. 16 warp + 15 of a swizzled
+// [*, D] tile) to rows first .. first + 15 of dst (row stride `stride`); rows >= len are not written.
+template <int D, typename T>
+__device__ __forceinline__ void store_warp_rows(T* dst, int64_t stride, const T* tile, int warp, int lane, int first,
+                                                int len) {
+  constexpr int kDT = D / 8;
+#pragma unroll
+  for (int it = 0; it < 16 * kDT / 32; ++it) {
+    const int i = it * 32 + lane;
+    const int r = i / kDT;
+    const int c = (i % kDT) * 8;
+    if (first + r < len) {
+      *reinterpret_cast<uint4*>(dst + (first + r) * stride + c) =
+          *reinterpret_cast<const uint4*>(tile + swz<D>(16 * warp + r, c));
+    }
+  }
+}
+
+// acc += P B for one warp: P its 16 x kBlockN fp32 accumulator tiles p (rounded to T, they are the A
+// fragments: tiles 2kk, 2kk + 1 hold columns 16kk .. 16kk + 15), B rows 0 .. kBlockN - 1 of the
+// swizzled [*, D] tile `tile` through transposed ldmatrix (offA = frag_a<D>(lane)).
+template <typename T, int D, int kBlockN>
+__device__ __forceinline__ void mma_p_tile(float (&acc)[D / 8][4], const float (&p)[kBlockN / 8][4], const T* tile,
+                                           int offA) {
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    const uint32_t a[4] = {pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
+                           pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+    for (int dd = 0; dd < D / 16; ++dd) {
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, tile + at<D>(offA, 16 * kk, 16 * dd));
+      Mma<T>::run(acc[2 * dd], a, b[0], b[1]);
+      Mma<T>::run(acc[2 * dd + 1], a, b[2], b[3]);
+    }
+  }
+}
+
+// s = A1 B1^T and t = A2 B2^T for one warp in one loop over D: A rows 16 warp .. 16 warp + 15 of
+// the swizzled [*, D] tiles a1, a2 (offA = frag_a<D>(lane)), B rows 0 .. kCols - 1 of b1, b2 (offB =
+// frag_b<D>(lane)); s and t are the warp's [16, kCols] fp32 accumulator tiles. Rolled at D = 128:
+// unrolled it preloads too many fragments and spills.
+template <typename T, int D, int kCols>
+__device__ __forceinline__ void mma_two_abt(float (&s)[kCols / 8][4], float (&t)[kCols / 8][4], const T* a1,
+                                            const T* a2, const T* b1, const T* b2, int warp, int offA, int offB) {
+#pragma unroll
+  for (int j = 0; j < kCols / 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[j][e] = t[j][e] = 0.0f;
+  }
+#pragma unroll(D == 128 ? 1 : D / 16)
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int a_off = at<D>(offA, 16 * warp, 16 * kk);
+    uint32_t x1[4];
+    uint32_t x2[4];
+    ldmatrix_x4(x1, a1 + a_off);
+    ldmatrix_x4(x2, a2 + a_off);
+#pragma unroll
+    for (int nn = 0; nn < kCols / 16; ++nn) {
+      const int b_off = at<D>(offB, 16 * nn, 16 * kk);
+      uint32_t y1[4];
+      uint32_t y2[4];
+      ldmatrix_x4(y1, b1 + b_off);
+      ldmatrix_x4(y2, b2 + b_off);
+      Mma<T>::run(s[2 * nn], x1, y1[0], y1[1]);
+      Mma<T>::run(s[2 * nn + 1], x1, y1[2], y1[3]);
+      Mma<T>::run(t[2 * nn], x2, y2[0], y2[1]);
+      Mma<T>::run(t[2 * nn + 1], x2, y2[2], y2[3]);
+    }
+  }
 }
 
 __device__ __forceinline__ philox::Words philox_at(const Params& p, uint32_t group, uint32_t row,
@@ -189,11 +307,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const int lane = tid % 32;
   const int g = lane / 4;
   const int t = lane % 4;
-  if (tid == 0) {
-    sSeq[0] = sequence(p.cu_seqlens_q, b, p.rows_q);
-    sSeq[1] = sequence(p.cu_seqlens_k, b, p.rows_k);
-  }
-  __syncthreads();
+  load_sequences(sSeq, p, b);
   const Seq& sq = sSeq[0];
   const Seq& sk = sSeq[1];
   const int64_t stride = static_cast<int64_t>(p.heads) * D;
@@ -207,11 +321,9 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
   const int in_stride = p.qkv_stride;
   const uint32_t stream = static_cast<uint32_t>(b) * p.heads + h;
   const int n_blocks = (sk.len + kBlockN - 1) / kBlockN;
-  // ldmatrix row/column of this lane: pattern A for A operands and transposed B operands, pattern
-  // B for non-transposed B operands (see the fragment notes in common/cuda_utils.cuh).
-  const int offA = lane_off<D>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
-  const int offB = lane_off<D>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
-  const int offC = lane_off<D>(g, 2 * t);  // accumulator element (g, 2t)
+  const int offA = frag_a<D>(lane);
+  const int offB = frag_b<D>(lane);
+  const int offC = frag_c<D>(lane);
 
   for (int m_block = blockIdx.x; m_block * kBlockM < sq.len; m_block += gridDim.x) {
     const int m0 = m_block * kBlockM;
@@ -222,9 +334,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
     cp_async_commit();
     // Read after the first __syncthreads of the key loop; the previous tile's readers are past the
     // one at the end of the tile loop.
-    for (int i = tid; i < kBlockM; i += kThreads) {
-      sRow[i] = p.dropout && m0 + i < sq.len ? dropout_row(p, sq.row_base, m0 + i) : 0u;
-    }
+    load_dropout_rows<kBlockM, kThreads>(sRow, p, sq, m0);
 
     float acc_o[kDT][4];
 #pragma unroll
@@ -328,21 +438,7 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
         }
       }
 
-      // O += P V(n): the score accumulators of column tiles 2kk, 2kk + 1 are the A fragment of keys
-      // 16kk .. 16kk + 15.
-#pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                               pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                               pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-        for (int dd = 0; dd < D / 16; ++dd) {
-          uint32_t bv[4];
-          ldmatrix_x4_trans(bv, sV + at<D>(offA, 16 * kk, 16 * dd));
-          Mma<T>::run(acc_o[2 * dd], a, bv[0], bv[1]);
-          Mma<T>::run(acc_o[2 * dd + 1], a, bv[2], bv[3]);
-        }
-      }
+      mma_p_tile<T, D, kBlockN>(acc_o, s, sV, offA);  // O += P V(n)
     }
 
     // Finalise rows g and g + 8: quad-reduce the sums, normalise, write lse and stage O in sQ (the
@@ -370,18 +466,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
       }
     }
     __syncwarp();
-    T* o = static_cast<T*>(p.o);
-#pragma unroll
-    for (int it = 0; it < 16 * kDT / 32; ++it) {
-      const int i = it * 32 + lane;
-      const int r = i / kDT;
-      const int c = (i % kDT) * 8;
-      const int row = m0 + 16 * warp + r;
-      if (row < sq.len) {
-        *reinterpret_cast<uint4*>(o + (static_cast<int64_t>(sq.row_base) + row) * stride + h * D + c) =
-            *reinterpret_cast<const uint4*>(sQ + swz<D>(16 * warp + r, c));
-      }
-    }
+    store_warp_rows<D>(static_cast<T*>(p.o) + static_cast<int64_t>(sq.row_base) * stride + h * D, stride, sQ, warp,
+                       lane, m0 + 16 * warp, sq.len);
     __syncthreads();  // sQ and sK are reloaded by the next query tile
   }
 }
@@ -389,8 +475,8 @@ __global__ void __launch_bounds__(kWarps * 32, 1)
 // ----------------------------------------------------------------------------------- backward
 
 // drow[row, head] = <dout, out> in fp32; D / 8 consecutive lanes per (row, head), 16 bytes each.
-// Each lane also zeroes its 8 elements of dq_accum (the same [rows, heads, D] index), so the main
-// kernel's atomics start from 0 without a separate memset.
+// Each lane also zeroes its 8 elements of dq_accum (the same [rows, heads, D] index) when there is
+// one (the atomic backward), so the main kernel's atomics start from 0 without a separate memset.
 template <typename T, int D>
 __global__ void attention_bwd_drow_kernel(const __grid_constant__ Params p, float* drow) {
   constexpr int kLanes = D / 8;
@@ -399,9 +485,11 @@ __global__ void attention_bwd_drow_kernel(const __grid_constant__ Params p, floa
   const bool valid = pair < p.rows_q * p.heads;
   float sum = 0.0f;
   if (valid) {
-    float4* dq = reinterpret_cast<float4*>(p.dq_accum + pair * D + c * 8);
-    dq[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    dq[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    if (p.dq_accum != nullptr) {
+      float4* dq = reinterpret_cast<float4*>(p.dq_accum + pair * D + c * 8);
+      dq[0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      dq[1] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    }
     const uint4 a = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.dout) + pair * D + c * 8);
     const uint4 o = *reinterpret_cast<const uint4*>(static_cast<const T*>(p.out) + pair * D + c * 8);
     const uint32_t av[4] = {a.x, a.y, a.z, a.w};
@@ -449,7 +537,9 @@ __device__ __forceinline__ void atomic_add2(float* dst, float x, float y) {
 #endif
 }
 
-template <typename T, int D, int kBlockM, int kBlockN, int kWarps>
+// kAtomicDq: also dQ += dS K into dq_accum with atomics (the default backward); without, dK and dV
+// only (the deterministic backward, whose dQ is attention_bwd_dq_pass_kernel).
+template <typename T, int D, int kBlockM, int kBlockN, int kWarps, bool kAtomicDq>
 __global__ void __launch_bounds__(kWarps * 32)
     attention_bwd_kernel(const __grid_constant__ Params p) {
   constexpr int kThreads = kWarps * 32;
@@ -465,8 +555,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   T* sV = sK + kBlockN * D;
   T* sQ = sV + kBlockN * D;         // [2][kBlockM * D]
   T* sdO = sQ + 2 * kBlockM * D;    // [2][kBlockM * D]
-  T* sdS = sdO + 2 * kBlockM * D;   // [kBlockN * kBlockM], dS^T
-  float* sLse = reinterpret_cast<float*>(sdS + kBlockN * kBlockM);  // [2][kBlockM], log2 units
+  T* sdS = sdO + 2 * kBlockM * D;   // [kBlockN * kBlockM], dS^T (kAtomicDq only)
+  float* sLse = reinterpret_cast<float*>(sdS + (kAtomicDq ? kBlockN * kBlockM : 0));  // [2][kBlockM], log2 units
   float* sDrow = sLse + 2 * kBlockM;                                  // [2][kBlockM]
   uint32_t* sRow = reinterpret_cast<uint32_t*>(sDrow + 2 * kBlockM);  // [2][kBlockM], dropout rows
 
@@ -492,11 +582,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t lbase = h * p.rows_q + sq.row_base;
   const uint32_t stream = static_cast<uint32_t>(b) * p.heads + h;
   const int m_blocks = (sq.len + kBlockM - 1) / kBlockM;
-  const int offA = lane_off<D>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
-  const int offB = lane_off<D>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
-  const int offC = lane_off<D>(g, 2 * t);
-  const int offS = lane_off<kBlockM>(g, 2 * t);                                              // dS^T store
-  const int offSB = lane_off<kBlockM>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);  // dS load
+  const int offA = frag_a<D>(lane);
+  const int offB = frag_b<D>(lane);
+  const int offC = frag_c<D>(lane);
+  const int offS = frag_c<kBlockM>(lane);   // dS^T store
+  const int offSB = frag_b<kBlockM>(lane);  // dS load
 
   auto load_query_tile = [&](int m_block, int buf) {
     const int m0 = m_block * kBlockM;
@@ -544,31 +634,7 @@ __global__ void __launch_bounds__(kWarps * 32)
       // S^T = K Q^T and dP^T = V dO^T for the warp's 16 keys and the tile's kBlockM queries.
       float s[kMT][4];
       float dp[kMT][4];
-#pragma unroll
-      for (int j = 0; j < kMT; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
-      }
-#pragma unroll(D == 128 ? 1 : D / 16)  // unrolled at D = 128, it preloads too many fragments and spills
-      for (int kk = 0; kk < D / 16; ++kk) {
-        const int a_off = at<D>(offA, 16 * warp, 16 * kk);
-        uint32_t ak[4];
-        uint32_t av[4];
-        ldmatrix_x4(ak, sK + a_off);
-        ldmatrix_x4(av, sV + a_off);
-#pragma unroll
-        for (int nn = 0; nn < kBlockM / 16; ++nn) {
-          const int b_off = at<D>(offB, 16 * nn, 16 * kk);
-          uint32_t bq[4];
-          uint32_t bo[4];
-          ldmatrix_x4(bq, bQ + b_off);
-          ldmatrix_x4(bo, bdO + b_off);
-          Mma<T>::run(s[2 * nn], ak, bq[0], bq[1]);
-          Mma<T>::run(s[2 * nn + 1], ak, bq[2], bq[3]);
-          Mma<T>::run(dp[2 * nn], av, bo[0], bo[1]);
-          Mma<T>::run(dp[2 * nn + 1], av, bo[2], bo[3]);
-        }
-      }
+      mma_two_abt<T, D, kBlockM>(s, dp, sK, sV, bQ, bdO, warp, offA, offB);
 
       // p = exp(s - lse) (0 at keys past the end; lse = +inf at queries past the end), dropout,
       // dS = p * (dP_dropped - D). Element e of tile j: key g + 8 (e / 2), query 8j + 2t + (e & 1).
@@ -614,12 +680,14 @@ __global__ void __launch_bounds__(kWarps * 32)
           Mma<T>::run(acc_dk[2 * dd], ads, bq[0], bq[1]);
           Mma<T>::run(acc_dk[2 * dd + 1], ads, bq[2], bq[3]);
         }
-        // dS^T rows (keys) g, g + 8 of the warp, columns (queries) 16kk + 2t (+8).
-        *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp, 16 * kk)) = ads[0];
-        *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp + 8, 16 * kk)) = ads[1];
-        *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp, 16 * kk + 8)) = ads[2];
-        *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp + 8, 16 * kk + 8)) = ads[3];
+        if (kAtomicDq) {  // dS^T rows (keys) g, g + 8 of the warp, columns (queries) 16kk + 2t (+8).
+          *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp, 16 * kk)) = ads[0];
+          *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp + 8, 16 * kk)) = ads[1];
+          *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp, 16 * kk + 8)) = ads[2];
+          *reinterpret_cast<uint32_t*>(sdS + at<kBlockM>(offS, 16 * warp + 8, 16 * kk + 8)) = ads[3];
+        }
       }
+      if (!kAtomicDq) continue;
       __syncthreads();  // dS^T of all keys is in sdS
 
       // dQ[slab rows, warp's columns] += dS K over the tile's keys; A = dS from dS^T (transposed
@@ -683,6 +751,140 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
 }
 
+// The deterministic backward's dQ: one CTA per (query tile, head, sequence), warp w owning query rows
+// 16w .. 16w + 15 (the forward's mapping), walking the sequence's key tiles in order. K(n + 1) and
+// V(n + 1) load into the other buffer while tile n computes. p, dropout and dS are those of
+// attention_bwd_kernel (the same expressions), so both backwards see the same rounded dS.
+template <typename T, int D, int kBlockM, int kBlockN, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 1)
+    attention_bwd_dq_pass_kernel(const __grid_constant__ Params p) {
+  constexpr int kThreads = kWarps * 32;
+  constexpr int kNT = kBlockN / 8;  // score column tiles per warp
+  constexpr int kDT = D / 8;        // dQ column tiles per warp
+  static_assert(kBlockM == 16 * kWarps, "one 16-row query slab per warp");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ uint32_t sRow[kBlockM];  // the query tile's dropout rows
+  __shared__ Seq sSeq[2];             // as in the forward: in registers they would compete with dQ
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sdO = sQ + kBlockM * D;
+  T* sK = sdO + kBlockM * D;     // [2][kBlockN * D]
+  T* sV = sK + 2 * kBlockN * D;  // [2][kBlockN * D]
+
+  const int b = blockIdx.z;
+  const int h = blockIdx.y;
+  const int tid = threadIdx.x;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+  const int g = lane / 4;
+  const int t = lane % 4;
+  load_sequences(sSeq, p, b);
+  const Seq& sq = sSeq[0];
+  const Seq& sk = sSeq[1];
+  const int64_t stride = static_cast<int64_t>(p.heads) * D;  // dout, dq
+  const int in_stride = p.qkv_stride;                         // q, k, v
+  const T* q = static_cast<const T*>(p.q);
+  const T* k = static_cast<const T*>(p.k);
+  const T* v = static_cast<const T*>(p.v);
+  const T* dout = static_cast<const T*>(p.dout);
+  const int64_t lbase = h * p.rows_q + sq.row_base;
+  const uint32_t stream = static_cast<uint32_t>(b) * p.heads + h;
+  const int n_blocks = (sk.len + kBlockN - 1) / kBlockN;
+  const int offA = frag_a<D>(lane);
+  const int offB = frag_b<D>(lane);
+  const int offC = frag_c<D>(lane);
+
+  auto load_kv = [&](int n_block, int buf) {
+    const int n0 = n_block * kBlockN;
+    const int64_t tile = (static_cast<int64_t>(sk.row_base) + n0) * in_stride + h * D;
+    load_tile<kBlockN, D, kThreads>(sK + buf * kBlockN * D, k + tile, in_stride, sk.len - n0, k);
+    load_tile<kBlockN, D, kThreads>(sV + buf * kBlockN * D, v + tile, in_stride, sk.len - n0, v);
+  };
+
+  for (int m_block = blockIdx.x; m_block * kBlockM < sq.len; m_block += gridDim.x) {
+    const int m0 = m_block * kBlockM;
+    const int64_t q_row = static_cast<int64_t>(sq.row_base) + m0;
+    load_tile<kBlockM, D, kThreads>(sQ, q + q_row * in_stride + h * D, in_stride, sq.len - m0, q);
+    load_tile<kBlockM, D, kThreads>(sdO, dout + q_row * stride + h * D, stride, sq.len - m0, dout);
+    if (n_blocks > 0) load_kv(0, 0);
+    cp_async_commit();
+    load_dropout_rows<kBlockM, kThreads>(sRow, p, sq, m0);
+    // Rows g and g + 8 of the warp's slab: lse in log2 units (+inf past the end, so p = 0) and D.
+    float lse2[2];
+    float drow[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int i = m0 + 16 * warp + g + 8 * r;
+      lse2[r] = i < sq.len ? p.lse_in[lbase + i] * kLog2e : INFINITY;
+      drow[r] = i < sq.len ? p.drow[lbase + i] : 0.0f;
+    }
+
+    float acc_dq[kDT][4];
+#pragma unroll
+    for (int j = 0; j < kDT; ++j) acc_dq[j][0] = acc_dq[j][1] = acc_dq[j][2] = acc_dq[j][3] = 0.0f;
+
+    for (int n_block = 0; n_block < n_blocks; ++n_block) {
+      const int buf = n_block & 1;
+      const int n0 = n_block * kBlockN;
+      cp_async_wait_all();
+      __syncthreads();  // K(n), V(n) (and Q, dO, sRow) landed; every warp is done with tile n - 1
+      if (n_block + 1 < n_blocks) {
+        load_kv(n_block + 1, buf ^ 1);
+        cp_async_commit();
+      }
+      const T* bK = sK + buf * kBlockN * D;
+      const T* bV = sV + buf * kBlockN * D;
+
+      // S = Q K^T and dP = dO V^T for the warp's 16 queries and the tile's keys.
+      float s[kNT][4];
+      float dp[kNT][4];
+      mma_two_abt<T, D, kBlockN>(s, dp, sQ, sdO, bK, bV, warp, offA, offB);
+
+      // p = exp(s - lse) (0 at keys past the end), dropout, dS = p * (dP_dropped - D), in s.
+      // Element e of tile j: query g + 8 (e / 2) of the warp's slab, key n0 + 8j + 2t + (e & 1).
+      const bool edge = n0 + kBlockN > sk.len;
+      const Draw draw = fwd_draw(lane);  // lane mapping: attention_dropout.h
+      const uint32_t row = sRow[16 * warp + draw.query];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        uint32_t mine = 0u;
+        uint32_t partner = 0u;
+        if (p.dropout) {
+          const uint32_t group = static_cast<uint32_t>((n0 + 8 * j) / 4 + draw.group);
+          mine = philox::keep_bits(philox_at(p, group, row, stream), p.threshold);
+          partner = __shfl_xor_sync(0xffffffffu, mine, 1);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool key_ok = !edge || n0 + 8 * j + 2 * t + (e & 1) < sk.len;
+          const float pv = key_ok ? exp2f(s[j][e] * p.scale_log2 - lse2[e / 2]) : 0.0f;
+          const bool keep = !p.dropout || fwd_keep(lane, e, mine, partner);
+          const float dpv = keep ? dp[j][e] * p.dropout_factor : 0.0f;
+          s[j][e] = pv * (dpv - drow[e / 2]);
+        }
+      }
+
+      mma_p_tile<T, D, kBlockN>(acc_dq, s, bK, offA);  // dQ += dS K (K in V's role in the forward)
+    }
+
+    // Stage dQ * scale in the warp's own rows of sQ, then 16-byte stores. The wait and barrier
+    // cover a sequence without keys, whose Q and dO copies were never waited for.
+    cp_async_wait_all();
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kDT; ++j) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        *reinterpret_cast<uint32_t*>(sQ + at<D>(offC, 16 * warp + 8 * r, 8 * j)) =
+            pack2<T>(acc_dq[j][2 * r] * p.scale, acc_dq[j][2 * r + 1] * p.scale);
+      }
+    }
+    __syncwarp();
+    store_warp_rows<D>(static_cast<T*>(p.dq) + static_cast<int64_t>(sq.row_base) * stride + h * D, stride, sQ, warp,
+                       lane, m0 + 16 * warp, sq.len);
+    __syncthreads();  // sQ, sdO and buffer 0 are reloaded by the next query tile
+  }
+}
+
 // --------------------------------------------------------------------------------- launchers
 
 template <int D>
@@ -690,27 +892,34 @@ struct Config;
 // Forward: 4 warps x 16 query rows, 64-key tiles. Backward: 16 keys per warp; the query tile
 // shrinks with D so that dK, dV (D fp32 per thread) plus S^T, dP^T (kBwdM fp32) fit in 255
 // registers without spills (ptxas -v, nvcc 13.0, registers at D = 32/64/128: sm_80 fwd 146/191/248,
-// bwd 215/243/255; sm_90a fwd 140/192/248, bwd 232/241/254). The forward's __launch_bounds__ has a
+// bwd 215/243/255; sm_90a fwd 140/192/248, bwd 232/241/254; the deterministic backward's dK/dV
+// kernel and dQ pass: sm_80 188/210/255 and 182/236/242, sm_90a 174/206/254 and 180/238/241). The
+// forward's __launch_bounds__ has a
 // minimum of 1 block per SM: without it ptxas held D = 64 at 168 registers and spilled once q, k, v
 // got their own row stride (contiguous copies had given 127/165/252 at 2-3 blocks per SM; whether
 // the lower occupancy costs more than the 3 copies it saves is for a GPU measurement). Separate
 // query and key layouts cost the forward at D = 128 its spill-free budget until the sequence
 // bounds moved to shared memory and its Q K^T loop stopped unrolling over D (a GPU measurement
 // should say what the rolled loop costs).
+// The deterministic backward's dQ pass: 4 warps x 16 query rows; its key tile holds S and dP (kDqN
+// fp32 per thread) next to dQ (D / 2), so it shrinks at D = 128.
 template <>
 struct Config<32> {
   static constexpr int kFwdWarps = 4, kFwdN = 64;
   static constexpr int kBwdWarps = 4, kBwdM = 64;
+  static constexpr int kDqWarps = 4, kDqN = 64;
 };
 template <>
 struct Config<64> {
   static constexpr int kFwdWarps = 4, kFwdN = 64;
   static constexpr int kBwdWarps = 4, kBwdM = 32;
+  static constexpr int kDqWarps = 4, kDqN = 64;
 };
 template <>
 struct Config<128> {
   static constexpr int kFwdWarps = 4, kFwdN = 64;
   static constexpr int kBwdWarps = 8, kBwdM = 16;
+  static constexpr int kDqWarps = 4, kDqN = 32;
 };
 
 Params make_params(const Layout& l) {
@@ -766,13 +975,24 @@ cudaError_t bwd(const Layout& l, Params p, float* drow, void* dq, cudaStream_t s
   const int64_t pairs = l.rows_q * l.heads;
   constexpr int kDrowThreads = 256;
   const int64_t drow_blocks = (pairs * (D / 8) + kDrowThreads - 1) / kDrowThreads;
-  if (drow_blocks > 0) {  // Tq = 0 (keys only): nothing to zero, no dq
+  if (drow_blocks > 0) {  // Tq = 0 (keys only): no D, nothing to zero, no dq
     attention_bwd_drow_kernel<T, D><<<static_cast<unsigned>(drow_blocks), kDrowThreads, 0, stream>>>(p, drow);
     LUB_FAST_CUDA_TRY(cudaGetLastError());
   }
   p.drow = drow;
-  const size_t smem = static_cast<size_t>(2 * kN * D + 4 * kM * D + kN * kM) * sizeof(T) + 6 * kM * sizeof(float);
-  LUB_FAST_CUDA_TRY(launch(attention_bwd_kernel<T, D, kM, kN, C::kBwdWarps>, tile_grid(l, l.max_seqlen_k, kN),
+  const size_t stats = 6 * kM * sizeof(float);  // lse, D and dropout rows of two query tiles
+  if (l.deterministic) {
+    const size_t smem = static_cast<size_t>(2 * kN * D + 4 * kM * D) * sizeof(T) + stats;
+    LUB_FAST_CUDA_TRY(launch(attention_bwd_kernel<T, D, kM, kN, C::kBwdWarps, false>,
+                             tile_grid(l, l.max_seqlen_k, kN), C::kBwdWarps * 32, smem, stream, p));
+    constexpr int kDqM = 16 * C::kDqWarps;
+    const size_t dq_smem = static_cast<size_t>(2 * kDqM * D + 4 * C::kDqN * D) * sizeof(T);
+    p.dq = dq;
+    return launch(attention_bwd_dq_pass_kernel<T, D, kDqM, C::kDqN, C::kDqWarps>, tile_grid(l, l.max_seqlen_q, kDqM),
+                  C::kDqWarps * 32, dq_smem, stream, p);
+  }
+  const size_t smem = static_cast<size_t>(2 * kN * D + 4 * kM * D + kN * kM) * sizeof(T) + stats;
+  LUB_FAST_CUDA_TRY(launch(attention_bwd_kernel<T, D, kM, kN, C::kBwdWarps, true>, tile_grid(l, l.max_seqlen_k, kN),
                            C::kBwdWarps * 32, smem, stream, p));
   const int64_t n8 = pairs * D / 8;
   const int64_t dq_blocks = (n8 + 255) / 256 < 4096 ? (n8 + 255) / 256 : 4096;
@@ -828,7 +1048,7 @@ cudaError_t attention_bwd(const Layout& layout, const void* dout, const void* q,
   p.out = out;
   p.dout = dout;
   p.lse_in = lse;
-  p.dq_accum = dq_accum;
+  p.dq_accum = layout.deterministic ? nullptr : dq_accum;
   p.dk = dk;
   p.dv = dv;
   return layout.dtype == DType::kBFloat16 ? bwd_dim<__nv_bfloat16>(layout, p, drow, dq, stream)

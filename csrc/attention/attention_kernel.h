@@ -46,6 +46,9 @@ struct Layout {
   double dropout_p = 0.0;
   uint64_t seed = 0;
   uint32_t offset = 0;
+  // Backward without atomics: bit-identical dq, dk, dv across runs (attention_kernel.cu, "Deterministic
+  // backward"); else dQ is summed over key tiles with fp32 atomics in a varying order.
+  bool deterministic = false;
 };
 
 // out [Tq, heads, D], lse [heads, Tq].
@@ -53,7 +56,8 @@ cudaError_t attention_fwd(const Layout& layout, const void* q, const void* k, co
                           float* lse, cudaStream_t stream);
 
 // Workspace: drow with lse's shape (fp32), dq_accum fp32 [Tq, heads, D], 16-byte aligned, any
-// contents (the first kernel zeroes it). Writes dq [Tq, heads, D] and dk, dv [Tk, heads, D] entirely.
+// contents (the first kernel zeroes it); dq_accum is unused (may be null) when layout.deterministic.
+// Writes dq [Tq, heads, D] and dk, dv [Tk, heads, D] entirely.
 cudaError_t attention_bwd(const Layout& layout, const void* dout, const void* q, const void* k,
                           const void* v, const void* out, const float* lse, float* drow,
                           float* dq_accum, void* dq, void* dk, void* dv, cudaStream_t stream);

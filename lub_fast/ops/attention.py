@@ -22,7 +22,9 @@ Ops (namespace ``lub_fast``), ``Tq`` / ``Tk`` query / key tokens, ``H`` heads, `
   (fp64 for fp64 inputs). A query whose sequence has no key gets zeros and ``lse = +inf`` (so a
   recompute gives probabilities ``exp(s - lse) = 0`` and zero gradients, never NaN).
 - ``varlen_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-  max_seqlen_k, dropout_p, seed, offset, scale, q_positions) -> (dq, dk, dv)``.
+  max_seqlen_k, dropout_p, seed, offset, scale, q_positions, deterministic=False) -> (dq, dk, dv)``.
+  ``deterministic`` asks for gradients that are bit-identical across runs (Reproducibility, below);
+  the autograd backward passes ``torch.are_deterministic_algorithms_enabled()``.
 
 Math, per sequence ``b`` and head ``h``, with ``i`` the query and ``j`` the key local positions
 (position inside the query / key sequence)::
@@ -61,6 +63,14 @@ lub_fast.info`` prints it per device and dtype): the lub_fast kernel where it ta
 on CUDA PyTorch's own variable-length flash attention (fp16/bf16) or SDPA (fp32, TF32 where
 enabled), the materialising reference only for fp64 and on a CPU without the kernel. The PyTorch
 fallbacks draw their own dropout masks (``DROPOUT_EXACT``).
+
+Reproducibility of the backward (``backward_route``; ``info`` prints it): the CPU kernel is
+deterministic whatever ``deterministic`` says (one thread per (sequence, head) task, query blocks
+summed in order, no atomics: bit-identical across runs and thread counts), and so is the reference.
+The CUDA kernel by default adds dq over key tiles with fp32 atomics, whose order varies between runs
+(dq differs in the last bits; dk, dv do not); with ``deterministic=True`` it computes dk, dv per key
+tile and dq in a second pass per query tile that walks the key tiles in order (no atomics,
+bit-identical across runs on one GPU and build), at about 1.4x the backward's matrix FLOPs.
 
 (Over 500 lines because the op is one contract: its schema, the reference forward and backward
 with their counter-based dropout, fake and autograd registration, input checks and the routing to
@@ -303,7 +313,9 @@ def varlen_attention_bwd(
     offset: int,
     scale: float,
     q_positions: Tensor | None = None,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    # The reference has no atomics: deterministic either way.
     return varlen_attention_bwd_ref(
         dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed, offset,
         scale, q_positions,
@@ -312,7 +324,7 @@ def varlen_attention_bwd(
 
 @varlen_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, seed, offset,
-      scale, q_positions=None):
+      scale, q_positions=None, deterministic=False):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -326,7 +338,8 @@ def _varlen_setup_context(ctx, inputs, output):
 
 def _varlen_backward(ctx, dout, _dlse):
     q, k, v, cu_q, cu_k, out, lse, q_positions = ctx.saved_tensors
-    dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, q_positions)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    dq, dk, dv = varlen_attention_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args, q_positions, deterministic)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -386,6 +399,37 @@ def attention_route(device_type: str, dtype: torch.dtype, head_dim: int, built: 
         if built.torch_flash and head_dim % 8 == 0 and head_dim <= TORCH_FLASH_MAX_HEAD_DIM:
             return "torch_varlen"
     return "sdpa"
+
+
+BACKWARDS = ("lub_fast_atomic_dq", "lub_fast_dq_pass", "lub_fast_cpu", "reference", "torch")
+
+# Whether a backward's dq, dk, dv are bit-identical across runs of the same inputs; None: torch's own
+# backward, which follows torch.use_deterministic_algorithms itself (its deterministic kernel, or an
+# error where it has none).
+BACKWARD_DETERMINISTIC = {
+    "lub_fast_atomic_dq": False, "lub_fast_dq_pass": True, "lub_fast_cpu": True, "reference": True, "torch": None,
+}  # fmt: skip
+
+
+def backward_route(device_type: str, route: str, deterministic: bool) -> str:
+    """The backward that runs after forward route ``route`` (``attention_route``) on ``device_type``,
+    with ``deterministic`` = ``torch.are_deterministic_algorithms_enabled()`` (what the autograd
+    backward passes to ``lub_fast::varlen_attention_bwd``):
+
+    - ``lub_fast_atomic_dq``: the CUDA kernel's default, dq summed over key tiles with fp32 atomics.
+    - ``lub_fast_dq_pass``: the CUDA kernel under the switch: dk, dv per key tile and dq in a second
+      pass per query tile, no atomics.
+    - ``lub_fast_cpu``: the CPU kernel, deterministic either way.
+    - ``reference``: autograd of the reference (PyTorch ops, no atomics of ours).
+    - ``torch``: torch's own backward of ``torch_varlen`` and ``sdpa``, which reads the switch itself.
+
+    Pure: tests pass any combination.
+    """
+    if route == "lub_fast":
+        if device_type == "cpu":
+            return "lub_fast_cpu"
+        return "lub_fast_dq_pass" if deterministic else "lub_fast_atomic_dq"
+    return "reference" if route == "reference" else "torch"
 
 
 @torch.compiler.assume_constant_result
@@ -640,7 +684,9 @@ def varlen_attention(
     and ``reference`` routes, with torch's own masks on the others (``attention_route``,
     ``DROPOUT_EXACT``); ``q_positions`` (int32 ``[Tq]``, or None for each query's position in its query
     sequence) is each query's position in the full sequence, so that a subset of queries draws the
-    masks those queries have in self-attention; ``scale`` defaults to ``D ** -0.5``.
+    masks those queries have in self-attention; ``scale`` defaults to ``D ** -0.5``. Under
+    ``torch.use_deterministic_algorithms(True)`` the lub_fast CUDA kernel's backward runs without
+    atomics (``backward_route``), so its gradients are bit-identical run after run.
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, dropout_p, seed, offset, q_positions)
     layouts = [(cu_seqlens_q, max_seqlen_q, q.shape[0], "q")]

@@ -4,7 +4,8 @@
 (benchmarks/gpu_run.sh does this). Covers: varlen attention fwd/bwd for head dims 32/64/128, bf16
 and fp16, with and without dropout, lengths 1, 97, 0, 130, q, k, v contiguous and as views of one
 [T, 3, H, D] tensor, and separate query/key layouts with dropout rows (queries at some positions,
-one sequence with queries but no keys, one with keys but no queries); bias+GELU fwd/bwd on the
+one sequence with queries but no keys, one with keys but no queries), each backward both with dq
+atomics and deterministic (the dK/dV kernel without dq and the dQ pass); bias+GELU fwd/bwd on the
 vector and the scalar path. Exits non-zero when a kernel is missing or an output is not finite.
 """
 
@@ -35,17 +36,24 @@ def main():
                 q, k, v, do = (torch.randn(sum(lengths), 2, dim, generator=gen, device="cuda").to(dtype) for _ in range(4))
                 args = (cu, cu, 130, 130, p, 5, 3, dim**-0.5)
                 out, lse = torch.ops.lub_fast.varlen_attention_fwd(q, k, v, *args)
-                outputs += [out, lse, *torch.ops.lub_fast.varlen_attention_bwd(do, q, k, v, out, lse, *args)]
+                outputs += [out, lse]
+                for deterministic in (False, True):
+                    outputs += torch.ops.lub_fast.varlen_attention_bwd(do, q, k, v, out, lse, *args, None, deterministic)
                 # q, k, v as views of one [T, 3, H, D] projection (read in place with its row stride)
                 qkv = torch.randn(sum(lengths), 3, 2, dim, generator=gen, device="cuda").to(dtype)
                 out, lse = torch.ops.lub_fast.varlen_attention_fwd(*qkv.unbind(1), *args)
-                outputs += [out, lse, *torch.ops.lub_fast.varlen_attention_bwd(do, *qkv.unbind(1), out, lse, *args)]
+                outputs += [out, lse]
+                for deterministic in (False, True):
+                    outputs += torch.ops.lub_fast.varlen_attention_bwd(
+                        do, *qkv.unbind(1), out, lse, *args, None, deterministic
+                    )
             q, do = (torch.randn(sum(counts), 2, dim, generator=gen, device="cuda").to(dtype) for _ in range(2))
             k, v = (torch.randn(sum(key_lengths), 2, dim, generator=gen, device="cuda").to(dtype) for _ in range(2))
             args = (cu_q, cu_k, 40, 130, 0.1, 5, 3, dim**-0.5, q_positions)
             out, lse = torch.ops.lub_fast.varlen_attention_fwd(q, k, v, *args)
             outputs += [out, lse.masked_fill(torch.isinf(lse), 0.0)]
-            outputs += torch.ops.lub_fast.varlen_attention_bwd(do, q, k, v, out, lse, *args)
+            for deterministic in (False, True):
+                outputs += torch.ops.lub_fast.varlen_attention_bwd(do, q, k, v, out, lse, *args, deterministic)
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for n in (3072, 1001):  # vector path, scalar path
             x, g = (torch.randn(37, n, generator=gen, device="cuda").to(dtype) for _ in range(2))

@@ -4,7 +4,10 @@ Parity rule (STYLE.md): for bf16/fp16 the kernel's max error against the fp32 re
 2x that of the same attention computed by PyTorch in the low precision, for the output and every
 gradient; odd lengths (1, 97, 513), an empty sequence, head dims 32/64/128, self-attention and separate
 query/key layouts with dropout rows. Dropout masks are checked bit for bit, opcheck and
-torch.compile(fullgraph=True) run on the CUDA ops.
+torch.compile(fullgraph=True) run on the CUDA ops. The deterministic backward (``deterministic=True``,
+what autograd asks for under torch.use_deterministic_algorithms(True)) meets the same parity rule,
+gives bit-identical gradients run after run, the default backward's dk and dv bit for bit and its dq
+within rounding.
 """
 
 import math
@@ -304,13 +307,81 @@ def test_attention_cuda_qkv_views_match_contiguous():
     torch.testing.assert_close(views.grad, torch.stack([t.grad for t in dense], dim=1), atol=2e-2, rtol=2e-2)
 
 
-def test_attention_cuda_backward_alerts_under_deterministic_algorithms():
+def _backward(inputs, args, deterministic):
+    """(dq, dk, dv) of ``varlen_attention_bwd`` for ``inputs = (q, k, v, dout)`` after the forward."""
+    q, k, v, dout = inputs
+    out, lse = torch.ops.lub_fast.varlen_attention_fwd(q, k, v, *args)
+    return torch.ops.lub_fast.varlen_attention_bwd(dout, q, k, v, out, lse, *args, deterministic=deterministic)
+
+
+def _assert_equal(names, got, want, what):
+    for name, a, b in zip(names, got, want):
+        assert torch.equal(a, b), (
+            f"{name}: {what} differs at {(a != b).sum().item()} of {a.numel()} entries, by up to "
+            f"{(a.float() - b.float()).abs().max().item():.3e}"
+        )
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, DROPOUT_P])
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_attention_cuda_deterministic_backward_parity(dtype, dim, dropout_p):
+    """The deterministic backward: within 2x of PyTorch in the low precision like the default one, and
+    bit-identical over runs (each run after the other's allocations, on other memory)."""
+    gen = torch.Generator(device="cuda").manual_seed(300 + dim)
+    total = sum(LENGTHS)
+    q, k, v, dout = (_randn((total, HEADS, dim), dtype, gen) for _ in range(4))
+    cu, max_seqlen, scale = _cu_seqlens(LENGTHS), max(LENGTHS), dim**-0.5
+    args = (cu, cu, max_seqlen, max_seqlen, dropout_p, SEED, OFFSET, scale)
+    first = _backward((q, k, v, dout), args, True)
+    runs = [_backward((q, k, v, dout), args, True) for _ in range(3)]
+
+    ref_in = _leaf(q.float(), k.float(), v.float())
+    attention.varlen_attention_fwd_ref(*ref_in, *args)[0].backward(dout.float())
+    lowp_in = _leaf(q, k, v)
+    _lowp_varlen(*lowp_in, LENGTHS, dropout_p, scale).backward(dout)
+    _assert_within_2x(dtype, ("dq", "dk", "dv"), first, [t.grad for t in ref_in], [t.grad for t in lowp_in])
+    for run in runs:
+        _assert_equal(("dq", "dk", "dv"), run, first, "a rerun of the deterministic backward")
+
+
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_varlen_attention_cuda_deterministic_matches_atomic(dtype, dim):
+    """dk, dv come from the same key-tile code in both backwards (bit for bit); dq sums the same fp32
+    products in another order (close). Separate layouts with dropout rows, queries without keys."""
+    gen = torch.Generator(device="cuda").manual_seed(400 + dim)
+    q_positions, cu_q, cu_k = _sparse_layout()
+    k, v = (_randn((sum(K_LENGTHS), HEADS, dim), dtype, gen) for _ in range(2))
+    q, dout = (_randn((sum(Q_COUNTS), HEADS, dim), dtype, gen) for _ in range(2))
+    args = (cu_q, cu_k, max(Q_COUNTS), max(K_LENGTHS), DROPOUT_P, SEED, OFFSET, dim**-0.5, q_positions)
+    atomic = _backward((q, k, v, dout), args, False)
+    exact = _backward((q, k, v, dout), args, True)
+    _assert_equal(("dk", "dv"), exact[1:], atomic[1:], "the deterministic backward vs the atomic one")
+    torch.testing.assert_close(exact[0], atomic[0], atol=2e-2, rtol=2e-2)
+    keyless = torch.tensor([K_LENGTHS[b] for b, c in enumerate(Q_COUNTS) for _ in range(c)], device="cuda") == 0
+    assert (exact[0][keyless] == 0).all(), "dq of queries without keys"
+
+
+def test_attention_cuda_backward_under_deterministic_algorithms():
+    """Under the switch autograd runs the deterministic backward (no error, bit-identical reruns, what
+    the op gives with deterministic=True); the atomic backward asked for directly still raises."""
     gen = torch.Generator(device="cuda").manual_seed(8)
-    q, k, v = _leaf(*(_randn((40, HEADS, 64), torch.bfloat16, gen) for _ in range(3)))
-    out = attention.varlen_attention(q, k, v, _cu_seqlens([40]), _cu_seqlens([40]), 40, 40)
+    lengths = [40, 0, 200]
+    cu = _cu_seqlens(lengths)
+    q, k, v, dout = (_randn((sum(lengths), HEADS, 64), torch.bfloat16, gen) for _ in range(4))
+    args = (cu, cu, 200, 200, DROPOUT_P, SEED, OFFSET, 0.125)
+    assert attention.backward_route("cuda", attention.route_of(q), True) == "lub_fast_dq_pass"
+    grads = []
     torch.use_deterministic_algorithms(True)
     try:
-        with pytest.raises(RuntimeError, match="lub_fast attention backward"):
-            out.sum().backward()
+        for _ in range(2):
+            leaves = _leaf(q, k, v)
+            attention.varlen_attention(*leaves, cu, cu, 200, 200, DROPOUT_P, SEED, OFFSET, 0.125).backward(dout)
+            grads.append([t.grad for t in leaves])
+        with pytest.raises(RuntimeError, match="lub_fast attention backward on CUDA with deterministic=False"):
+            _backward((q, k, v, dout), args, False)
     finally:
         torch.use_deterministic_algorithms(False)
+    _assert_equal(("dq", "dk", "dv"), grads[1], grads[0], "a rerun under the switch")
+    _assert_equal(("dq", "dk", "dv"), grads[0], _backward((q, k, v, dout), args, True), "autograd vs the op")

@@ -8,7 +8,8 @@ installed: benchmarks/gpu_wheels.sh carries them to the GPU machine). The CPU an
 recipe start from the same weights and mask the same tokens (masking runs in the CPU data pipeline),
 so their losses differ by the low precision only; ELECTRA's generator samples replacements from
 torch's RNG, which differs between devices, so its tolerance is wider. The lub_fast CUDA backward adds
-dq with atomics, so CUDA reruns agree within rounding, not bit for bit (no deterministic backward yet).
+dq with atomics by default, so CUDA reruns agree within rounding; under
+torch.use_deterministic_algorithms(True) it runs its deterministic backward and reruns agree bit for bit.
 """
 
 import json
@@ -226,38 +227,65 @@ def test_hf_parity_cuda_fp32_and_bf16(family, tmp_path):
 
 # ------------------------------------------------------------------------------- DDP and resume
 
-_DDP_SCRIPT = r"""
-import json, sys
+# A tiny MaskedLM trained a few bf16 AdamW steps on one fixed random batch, for the scripts below.
+_TINY_MLM = r"""
+import json
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from lub_fast.models import EncoderConfig, MaskedLM
 
-dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
-config = EncoderConfig.preset("bert", "tiny", vocab_size=500, hidden_size=128, num_attention_heads=2,
-                              intermediate_size=256, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-gen = torch.Generator().manual_seed(0)
-ids = torch.randint(5, 500, (8, 48), generator=gen).cuda()
-mask = (torch.arange(48)[None, :] < torch.randint(1, 49, (8, 1), generator=gen)).long().cuda()
-labels = torch.randint(5, 500, ids.shape, generator=gen).cuda().masked_fill(mask == 0, -100)
-losses = {}
-for wrap in (False, True):
+
+def train(wrap, attention_dropout, steps=4):
+    # (losses, sum of the weights) after `steps` steps of the model that wrap(model) runs
+    config = EncoderConfig.preset("bert", "tiny", vocab_size=500, hidden_size=128, num_attention_heads=2,
+                                  intermediate_size=256, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=attention_dropout)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 500, (8, 48), generator=gen).cuda()
+    mask = (torch.arange(48)[None, :] < torch.randint(1, 49, (8, 1), generator=gen)).long().cuda()
+    labels = torch.randint(5, 500, ids.shape, generator=gen).cuda().masked_fill(mask == 0, -100)
     torch.manual_seed(0)
     model = MaskedLM(config).cuda()
-    runner = DistributedDataParallel(model, device_ids=[0]) if wrap else model
+    runner = wrap(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses[wrap] = []
-    for _ in range(4):
+    losses = []
+    for _ in range(steps):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             logits = runner(ids, mask).logits
         loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses[wrap].append(loss.item())
-dist.destroy_process_group()
-print(json.dumps({"plain": losses[False], "ddp": losses[True]}))
+        losses.append(loss.item())
+    return losses, sum(p.double().sum().item() for p in model.parameters())
 """
+
+_DDP_SCRIPT = _TINY_MLM + r"""
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+plain, _ = train(lambda model: model, 0.0)
+ddp, _ = train(lambda model: DistributedDataParallel(model, device_ids=[0]), 0.0)
+dist.destroy_process_group()
+print(json.dumps({"plain": plain, "ddp": ddp}))
+"""
+
+_DETERMINISTIC_SCRIPT = _TINY_MLM + r"""
+torch.use_deterministic_algorithms(True)
+print(json.dumps([train(lambda model: model, 0.1) for _ in range(2)]))
+"""
+
+
+def test_training_cuda_bit_identical_under_deterministic_algorithms(tmp_path):
+    """Two bf16 runs of 4 AdamW steps (dropout on) under torch.use_deterministic_algorithms(True): the same
+    losses and weights bit for bit (the attention backward without dq atomics; cuBLAS's fixed workspace)."""
+    env = {**os.environ, "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", _DETERMINISTIC_SCRIPT], check=False, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env=env)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    first, second = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert first == second, f"reruns differ: {first} vs {second}"
 
 
 def _free_port():

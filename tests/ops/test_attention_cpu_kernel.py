@@ -187,6 +187,25 @@ def test_varlen_attention_cpu_kernel_thread_count_invariant():
         assert torch.equal(a, b), f"{name} differs between 1 and 2 threads by {(a - b).abs().max().item()}"
 
 
+def test_varlen_attention_cpu_kernel_backward_deterministic_under_the_switch():
+    """The CPU backward has no atomics: under torch.use_deterministic_algorithms(True) autograd asks for
+    the deterministic backward and gets bit-for-bit the gradients of the default call, run after run."""
+    q, k, v, dout = _inputs(LENGTHS, 2, 32, torch.float32, seed=11)
+    args = _args(LENGTHS, 0.1, 32)
+    out, lse = FWD(q, k, v, *args)
+    default = BWD(dout, q, k, v, out, lse, *args)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [BWD(dout, q, k, v, out, lse, *args, None, True) for _ in range(2)]
+        FWD(*leaves, *args)[0].backward(dout)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for name, a, b, c, g in zip("qkv", default, *runs, (t.grad for t in leaves)):
+        for label, x in (("second run", c), ("deterministic=True", b), ("autograd", g)):
+            assert torch.equal(a, x), f"d{name}: {label} differs by {(a - x).abs().max().item()}"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_varlen_attention_cpu_kernel_low_precision(dtype):
     # kernel error vs the fp32 reference <= 2x the error of the reference run in `dtype`

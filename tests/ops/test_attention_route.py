@@ -59,6 +59,67 @@ def test_attention_route_cuda_fp32_never_materialises(built, head_dim):
     assert route == "sdpa", (head_dim, built, route)
 
 
+@pytest.mark.parametrize(
+    "device, route, deterministic, expected",
+    [
+        ("cuda", "lub_fast", False, "lub_fast_atomic_dq"),  # the default stays the atomic kernel
+        ("cuda", "lub_fast", True, "lub_fast_dq_pass"),
+        ("cpu", "lub_fast", False, "lub_fast_cpu"),
+        ("cpu", "lub_fast", True, "lub_fast_cpu"),
+        ("cpu", "reference", True, "reference"),
+        ("cuda", "reference", False, "reference"),
+        ("cuda", "torch_varlen", True, "torch"),
+        ("cuda", "sdpa", False, "torch"),
+    ],
+)
+def test_backward_route_table(device, route, deterministic, expected):
+    assert attention.backward_route(device, route, deterministic) == expected
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("built", [NOTHING, KERNEL, FLASH, BOTH])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_backward_route_under_the_switch_never_atomic(device, built, dtype):
+    """Under torch.use_deterministic_algorithms(True) no route ends in a backward of ours with atomics."""
+    route = attention_route(device, dtype, 64, built)
+    backward = attention.backward_route(device, route, True)
+    assert backward in attention.BACKWARDS and attention.BACKWARD_DETERMINISTIC[backward] is not False, (
+        route, backward,
+    )
+
+
+def test_backward_route_determinism_is_declared():
+    assert set(attention.BACKWARD_DETERMINISTIC) == set(attention.BACKWARDS)
+    assert [b for b in attention.BACKWARDS if attention.BACKWARD_DETERMINISTIC[b] is False] == ["lub_fast_atomic_dq"]
+
+
+def test_info_prints_the_backward_of_each_device():
+    from lub_fast import info
+
+    rows = {" ".join(line.split()[:2]): line.split()[2:] for line in info.attention_backwards(KERNEL, BOTH)[1:-1]}
+    assert rows == {
+        "cpu fp32": ["lub_fast_cpu", "lub_fast_cpu"], "cpu bf16": ["lub_fast_cpu", "lub_fast_cpu"],
+        "cuda fp32": ["torch", "torch"], "cuda bf16": ["lub_fast_atomic_dq", "lub_fast_dq_pass"],
+    }, rows  # fmt: skip
+
+
+@pytest.mark.parametrize("switch", [False, True])
+def test_varlen_attention_backward_follows_the_deterministic_switch(monkeypatch, switch):
+    """The autograd backward passes torch.are_deterministic_algorithms_enabled() to the backward op."""
+    seen = []
+    real = attention.varlen_attention_bwd
+    monkeypatch.setattr(attention, "varlen_attention_bwd", lambda *a: seen.append(a[-1]) or real(*a))
+    q, k, v = _qkv(LENGTHS, torch.float32)
+    cu, longest = _cu_seqlens(LENGTHS), max(LENGTHS)
+    out = varlen_attention(q, k, v, cu, cu, longest, longest, 0.1, 3, 4)
+    torch.use_deterministic_algorithms(switch)
+    try:
+        out.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen == [switch], seen
+
+
 def test_attention_route_dropout_exactness_is_declared():
     assert set(attention.DROPOUT_EXACT) == set(attention.ROUTES)
     assert [r for r in attention.ROUTES if attention.DROPOUT_EXACT[r]] == ["lub_fast", "reference"]
