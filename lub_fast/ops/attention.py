@@ -401,11 +401,9 @@ def attention_route(device_type: str, dtype: torch.dtype, head_dim: int, built: 
     return "sdpa"
 
 
-BACKWARDS = ("lub_fast_atomic_dq", "lub_fast_dq_pass", "lub_fast_cpu", "reference", "torch")
-
-# Whether a backward's dq, dk, dv are bit-identical across runs of the same inputs; None: torch's own
-# backward, which follows torch.use_deterministic_algorithms itself (its deterministic kernel, or an
-# error where it has none).
+# The backwards ``backward_route`` names, each with whether its dq, dk, dv are bit-identical across
+# runs of the same inputs; None: torch's own backward, which follows torch.use_deterministic_algorithms
+# itself (its deterministic kernel, or an error where it has none).
 BACKWARD_DETERMINISTIC = {
     "lub_fast_atomic_dq": False, "lub_fast_dq_pass": True, "lub_fast_cpu": True, "reference": True, "torch": None,
 }  # fmt: skip
