@@ -509,6 +509,22 @@ def test_pretrain_raw_text_is_prepared_with_heldout_split(data, tmp_path):
     assert (out / "hf" / "vocab.txt").read_bytes() == (out / "data" / "train" / "vocab.txt").read_bytes()
 
 
+def test_model_initializer_range_sets_the_initial_weight_std_and_reaches_the_export(tmp_path):
+    from lub_fast.recipes import ModelSection, PretrainConfig, build_objective
+
+    stds = {}
+    for value in (None, 0.1):
+        cfg = PretrainConfig(recipe="roberta", model=ModelSection(size="tiny", initializer_range=value))
+        torch.manual_seed(0)
+        objective, config = build_objective(cfg, 500, {"pad": 0})
+        weights = [m.weight for m in objective.modules() if isinstance(m, torch.nn.Linear)]
+        stds[value] = float(torch.cat([w.detach().flatten() for w in weights]).std())
+        assert config.to_hf()["initializer_range"] == (0.02 if value is None else value)
+    assert abs(stds[None] - 0.02) < 0.001 and abs(stds[0.1] - 0.1) < 0.005, stds
+    with pytest.raises(Exception, match="initializer_range"):
+        ModelSection(size="tiny", initializer_range=0.0)
+
+
 def test_pretrain_demo_exports_a_model_transformers_loads(tmp_path, monkeypatch, capsys):
     import transformers
 
