@@ -509,7 +509,7 @@ def test_pretrain_raw_text_is_prepared_with_heldout_split(data, tmp_path):
     assert (out / "hf" / "vocab.txt").read_bytes() == (out / "data" / "train" / "vocab.txt").read_bytes()
 
 
-def test_model_initializer_range_sets_the_initial_weight_std_and_reaches_the_export(tmp_path):
+def test_model_initializer_range_sets_the_initial_weight_std_and_reaches_the_export():
     from lub_fast.recipes import ModelSection, PretrainConfig, build_objective
 
     stds = {}

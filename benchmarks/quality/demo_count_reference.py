@@ -18,7 +18,7 @@ import dataclasses
 
 from lub_fast.data.collator import MaskingCollator
 from lub_fast.data.dataset import PretrainDataset
-from lub_fast.data.loader import _Collate, _Examples, masking_config
+from lub_fast.data.loader import eval_batches, masking_config
 from lub_fast.demo import prepare_demo_data
 from lub_fast.pretrain import eval_dataset
 from lub_fast.recipes import demo_config
@@ -37,10 +37,9 @@ def main():
     train = PretrainDataset(list(cfg.data.data), rank=0, world_size=1, verify_checksums=False, **common)
     masking = masking_config(train, cfg.mask_mode, cfg.masking, cfg.data.seed, cfg.data.max_seq_len)
     held = eval_dataset(list(cfg.data.eval_data), common, verify_checksums=False)
-    collate = _Collate(MaskingCollator(dataclasses.replace(masking, seed=cfg.data.seed + 1)))
-    examples, size = _Examples(held), cfg.data.batch_size
-    n = min(cfg.data.eval_batches * size, len(held))
-    batches = [collate([examples[(0, i)] for i in range(j, min(j + size, n))]) for j in range(0, n, size)]
+    collator = MaskingCollator(dataclasses.replace(masking, seed=cfg.data.seed + 1))
+    batches = eval_batches(held, collator, cfg.data.batch_size, cfg.data.eval_batches)
+    n = sum(len(batch["input_ids"]) for batch in batches)
 
     both = collections.defaultdict(collections.Counter)
     after = collections.defaultdict(collections.Counter)

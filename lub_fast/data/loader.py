@@ -107,14 +107,20 @@ def make_batches(dataset, collator, batch_size: int, num_workers: int):
     return batches
 
 
-def make_eval_fn(dataset, collator, batch_size: int, num_batches: int):
-    """Held-out metrics of an objective (MLM loss, masked-token accuracy, ...), each weighted by the
-    batch's masked tokens, over the first ``num_batches`` fixed micro-batches of ``dataset``."""
+def eval_batches(dataset, collator, batch_size: int, num_batches: int) -> list[dict]:
+    """The first ``num_batches`` micro-batches of ``dataset`` (epoch 0), masked by ``collator``:
+    the fixed held-out batches an evaluation scores."""
     n = min(num_batches * batch_size, len(dataset))
     keys = [(0, i) for i in range(n)]
     examples = _Examples(dataset)
     collate = _Collate(collator)
-    fixed = [collate([examples[k] for k in keys[i : i + batch_size]]) for i in range(0, n, batch_size)]
+    return [collate([examples[k] for k in keys[i : i + batch_size]]) for i in range(0, n, batch_size)]
+
+
+def make_eval_fn(dataset, collator, batch_size: int, num_batches: int):
+    """Held-out metrics of an objective (MLM loss, masked-token accuracy, ...), each weighted by the
+    batch's masked tokens, over the first ``num_batches`` fixed micro-batches of ``dataset``."""
+    fixed = eval_batches(dataset, collator, batch_size, num_batches)
 
     def eval_fn(objective):
         device = next(objective.parameters()).device
