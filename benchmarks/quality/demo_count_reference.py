@@ -7,6 +7,11 @@ neighbours, else after the visible left neighbour, else before the visible right
 frequent token. It tells how much of the accuracy purely local context gives under each masking.
 
     python benchmarks/quality/demo_count_reference.py [--mode whole_word|token] [--max-seq-len 32]
+        [--model runs/demo-*/hf]
+
+With ``--model`` (a demo's HF export) it also scores that model on the same masked batches, loaded
+with transformers' ``AutoModelForMaskedLM``: how the demo's WWM-trained model does under either
+masking, next to the reference.
 
 Prepares the demo cache first if it is missing (``$LUB_FAST_CACHE/demo``). Pure Python: about
 3 minutes on one core.
@@ -24,10 +29,27 @@ from lub_fast.pretrain import eval_dataset
 from lub_fast.recipes import demo_config
 
 
+def model_accuracy(path: str, batches) -> float:
+    """Masked-token accuracy of the HF export at ``path`` on ``batches`` (arg-max at labelled positions)."""
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(path).eval()
+    hits = total = 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            keep = batch["labels"] != -100
+            hits += int((logits.argmax(-1)[keep] == batch["labels"][keep]).sum())
+            total += int(keep.sum())
+    return hits / max(total, 1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["whole_word", "token"], default="whole_word")
     parser.add_argument("--max-seq-len", type=int, default=None, help="default: the demo's")
+    parser.add_argument("--model", default=None, help="an HF export to score on the same batches")
     args = parser.parse_args()
     cfg = demo_config()
     data = cfg.data if args.max_seq_len is None else dataclasses.replace(cfg.data, max_seq_len=args.max_seq_len)
@@ -40,6 +62,8 @@ def main():
     collator = MaskingCollator(dataclasses.replace(masking, seed=cfg.data.seed + 1))
     batches = eval_batches(held, collator, cfg.data.batch_size, cfg.data.eval_batches)
     n = sum(len(batch["input_ids"]) for batch in batches)
+    if args.model:
+        print(f"{cfg.mask_mode} masking, {cfg.data.max_seq_len} tokens: {args.model} {model_accuracy(args.model, batches):.3f}")
 
     both = collections.defaultdict(collections.Counter)
     after = collections.defaultdict(collections.Counter)
