@@ -48,7 +48,6 @@ class PretrainError(UsageError, ValueError):
 class ModelSection(ShapeSection):
     size: Literal["tiny", "small", "base", "large"] = option("base", "size preset of the recipe's family")
     max_position_embeddings: int | None = option(None, "override the preset's maximum positions", ge=1)
-    initializer_range: float | None = option(None, "override the preset's initial weight std (BERT: 0.02)", gt=0)
 
 
 @dataclass(frozen=True)

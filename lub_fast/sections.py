@@ -47,6 +47,7 @@ class ShapeSection:
     embedding_size: int | None = option(None, "factorized embedding size (ALBERT, ELECTRA)", ge=1)
     hidden_dropout_prob: float | None = option(None, "override the preset's hidden dropout", ge=0, lt=1)
     attention_probs_dropout_prob: float | None = option(None, "override the preset's attention dropout", ge=0, lt=1)
+    initializer_range: float | None = option(None, "override the preset's initial weight std (BERT: 0.02)", gt=0)
 
     def __post_init__(self):
         check_fields(self)

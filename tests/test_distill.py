@@ -399,3 +399,21 @@ def test_distill_command_sigterm_exits_143_and_resume_finishes(shards, random_te
     assert not (out / "hf").exists() and list((out / "checkpoints").iterdir())
     assert distill.main([*argv, "--resume"]) == 0
     assert (out / "hf" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("std", [0.02, 0.3])
+def test_student_initializer_range_sets_the_random_students_weight_std(std):
+    """``--student.initializer_range`` (the quality study gives it the pretrained variants' init std)."""
+    from types import SimpleNamespace
+
+    from lub_fast.distillation import build_student
+
+    teacher = EncoderConfig.preset("bert", "tiny", vocab_size=500, hidden_size=64, num_attention_heads=2,
+                                   intermediate_size=128, max_position_embeddings=64)
+    section = StudentSection(model="tiny", init="random", hidden_size=64, num_attention_heads=2, intermediate_size=128,
+                             initializer_range=std)
+    student, how = build_student(SimpleNamespace(student=section, train=SimpleNamespace(seed=0)), teacher, None)
+    assert how == "random initialisation" and student.config.initializer_range == std, (how, student.config)
+    weights = [p for n, p in student.named_parameters() if n.endswith("weight") and p.dim() == 2 and "embeddings" not in n]
+    measured = torch.cat([w.detach().flatten() for w in weights]).std().item()
+    assert abs(measured - std) < 0.1 * std, (measured, std)

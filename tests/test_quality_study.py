@@ -41,8 +41,11 @@ def test_quality_study_budget_equal_across_variants(study, name, tmp_path):
         assert budget == reference, f"{name}: {variant} budget {budget} != wwm {reference}"
     m, p = scale.model, scale.pretrain
     expected = {"num_hidden_layers": m.layers, "hidden_size": m.hidden, "num_attention_heads": m.heads,
-                "intermediate_size": m.intermediate, "embedding_size": m.hidden, "total_steps": p.steps,
+                "intermediate_size": m.intermediate, "embedding_size": m.hidden, "initializer_range": m.init_std,
+                "total_steps": p.steps,
                 "batch_size": p.batch_size, "max_seq_len": p.max_seq_len}
+    if m.dropout is not None:
+        expected.update(hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout)
     for key, value in expected.items():
         assert reference[key] == str(value), f"{name}: {key} = {reference[key]}, scale says {value}"
     # step 1 of the distillation caches exactly the micro-batches the student trains on
@@ -100,6 +103,37 @@ def test_quality_study_task_splits_deterministic_and_disjoint(study, task, tmp_p
     assert not parts["train"] & parts["select"], f"{len(parts['train'] & parts['select'])} shared train/select items"
 
 
+@pytest.mark.skipif(not (SHARED / "lcqmc").is_dir(), reason="needs <repo>/../shared/data")
+@pytest.mark.parametrize("task", ["chnsenticorp", "lcqmc", "ner", "cmrc2018"])
+def test_quality_study_low_resource_split_is_a_prefix_of_train(study, task, tmp_path):
+    budget = study.TaskBudget(train=120, select=30, test=50, max_seq_len=64, epochs=1, low_train=40)
+    counts = study.build_task_splits(task, budget, tmp_path)
+    suffix = study._SUFFIX[task]
+    train, low = ((tmp_path / f"{s}.{suffix}").read_text(encoding="utf-8") for s in ("train", "train-low"))
+    if task == "cmrc2018":  # whole documents, at least 40 questions
+        train_docs, low_docs = (json.loads(t)["data"] for t in (train, low))
+        assert low_docs == train_docs[:len(low_docs)] and len(low_docs) < len(train_docs), (len(low_docs), len(train_docs))
+        assert counts["train-low"] >= 40 and counts["train-low"] < counts["train"], counts
+    else:
+        assert counts["train-low"] == 40 and counts["train"] == 120, counts
+        assert train.startswith(low) and len(low) < len(train)
+    scale = study.scale_config("cpu")
+    low_cmd = study.finetune_command(task, scale, tmp_path, tmp_path, tmp_path / "o", 0, "low")
+    std_cmd = study.finetune_command(task, scale, tmp_path, tmp_path, tmp_path / "o", 0)
+    differing = [(a, b) for a, b in zip(low_cmd, std_cmd) if a != b]
+    assert differing == [(f"--data.train={tmp_path / f'train-low.{suffix}'}", f"--data.train={tmp_path / f'train.{suffix}'}")], differing
+
+
+def test_quality_study_cpu_scale_has_a_low_resource_setting(study):
+    cpu = study.scale_config("cpu")
+    low = {t: b.low_train for t, b in cpu.finetune.tasks.items() if b.low_train is not None}
+    assert len(low) >= 3 and all(500 <= n <= 2000 for n in low.values()), low
+    for task, n in low.items():
+        train = cpu.finetune.tasks[task].train
+        assert train is None or n < train, (task, n, train)
+        assert study.settings(cpu, task) == ("standard", "low")
+
+
 @pytest.mark.skipif(not (SHARED / "cmrc2018").is_dir(), reason="needs <repo>/../shared/data")
 def test_quality_study_cmrc_splits_whole_documents(study, tmp_path):
     budget = study.TaskBudget(train=50, select=20, test=None, max_seq_len=128, epochs=1)
@@ -128,7 +162,7 @@ _SCORES = {
 _METRIC = {"chnsenticorp": "accuracy", "lcqmc": "accuracy", "cmrc2018": "f1", "ner": "entity_f1"}
 
 
-def _fake_study(study, root: Path, variants=_SCORES):
+def _fake_study(study, root: Path, variants=_SCORES, low=None):
     s = study.Study(study.scale_config("cpu"), root)
     for variant, tasks in variants.items():
         steps = 0 if variant == "random" else 1200
@@ -147,6 +181,14 @@ def _fake_study(study, root: Path, variants=_SCORES):
                 record = {"task": task, "best_step": 10, "dev": metric, "test": metric}
                 (out / "metrics.json").write_text(json.dumps(record))
                 s.marker(f"finetune-{variant}-{task}-seed{seed}").write_text(json.dumps({"command": "x", "wall_s": 20.0}))
+    for variant, tasks in (low or {}).items():
+        for task, values in tasks.items():
+            for seed, value in enumerate(values):
+                out, name = s.finetune_run(variant, task, "low", seed)
+                out.mkdir(parents=True)
+                metric = {_METRIC[task]: value}
+                (out / "metrics.json").write_text(json.dumps({"task": task, "best_step": 5, "dev": metric, "test": metric}))
+                s.marker(name).write_text(json.dumps({"command": "x", "wall_s": 10.0}))
     return s
 
 
@@ -191,3 +233,21 @@ def test_quality_study_compare_says_no_clear_difference(study):
             for v, xs in (("wwm", [0.50, 0.60, 0.40]), ("char_mlm", [0.52, 0.42, 0.47])) for i, x in enumerate(xs)]
     (line,) = study.compare(runs, "wwm", "char_mlm")
     assert line.startswith("PD NER F1: +3.0") and line.endswith("no clear difference"), line
+
+
+def test_quality_study_report_has_the_low_resource_table(study, tmp_path):
+    low = {"random": {"chnsenticorp": [0.50, 0.51, 0.52], "ner": [0.0, 0.01, 0.02]},
+           "wwm": {"chnsenticorp": [0.70, 0.71, 0.72], "ner": [0.20, 0.21, 0.22]}}
+    s = _fake_study(study, tmp_path, low=low)
+    text = study.report(s, "python benchmarks/quality/run_study.py --scale cpu --output X").read_text(encoding="utf-8")
+    standard, _, low_part = text.partition("## Low-resource fine-tuning")
+    assert low_part, text
+    # the standard table is unchanged by the low runs; the low table has only the tasks that ran low
+    assert "| 81.0 ± 1.0 | 66.0 ± 1.0 | 14.0 ± 2.0 | 52.0 ± 2.0 | 53.2 |" in standard, standard
+    assert "| variant | ChnSentiCorp acc | PD NER F1 | mean |" in low_part, low_part
+    assert "| (c) whole-word MLM | 71.0 ± 1.0 | 21.0 ± 1.0 | 46.0 |" in low_part, low_part
+    assert "ChnSentiCorp acc: +20.0" in low_part and "better" in low_part, low_part
+    assert "first 500 examples of chnsenticorp" in low_part, low_part
+    assert "| 0.300 |" in standard, "held-out masked-token accuracy of pretraining"
+    results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
+    assert sum(r["setting"] == "low" for r in results["finetune"]) == 12, results["finetune"]

@@ -60,6 +60,8 @@ from timing import describe_revision, git_revision
 
 SHARED = REPO.parent / "shared" / "data"
 STAGES = ("pretrain", "finetune", "report")
+SETTINGS = ("standard", "low")  # fine-tuning on the task's train split, and on its first low_train examples
+SETTING_TITLES = {"standard": "fine-tuned on the train split", "low": "low-resource fine-tuning"}
 BASE_VARIANTS = ("random", "char_mlm", "wwm", "ngram_sop", "electra")
 VARIANTS = BASE_VARIANTS + ("distilled",)
 TEACHER_CANDIDATES = ("char_mlm", "wwm", "ngram_sop")
@@ -88,6 +90,8 @@ class ModelShape:
     heads: int
     intermediate: int
     max_positions: int
+    init_std: float = 0.02  # initial weight std (BERT's 0.02)
+    dropout: float | None = None  # hidden and attention dropout of pretraining (None: the preset's 0.1)
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,9 @@ class TaskBudget:
     test: int | None  # scored examples (None: the whole official evaluation file)
     max_seq_len: int  # CMRC: doc_stride = max_seq_len // 2, max_query_len = max_seq_len // 4
     epochs: int
+    # the low-resource setting: the first ``low_train`` examples (CMRC: questions, whole documents)
+    # of ``train``; None: the task has no low-resource run
+    low_train: int | None = None
 
 
 @dataclass(frozen=True)
@@ -139,23 +146,25 @@ SCALES = {
         PretrainBudget(steps=30, batch_size=16, max_seq_len=64, lr=1e-3, warmup_steps=5, vocab_size=3000,
                        corpus_docs=200, eval_batches=2),
         FinetuneBudget(seeds=1, batch_size=16, lr=1e-3, tasks={
-            "chnsenticorp": TaskBudget(train=160, select=32, test=96, max_seq_len=64, epochs=1),
+            "chnsenticorp": TaskBudget(train=160, select=32, test=96, max_seq_len=64, epochs=1, low_train=48),
             "lcqmc": TaskBudget(train=160, select=32, test=96, max_seq_len=64, epochs=1),
             "cmrc2018": TaskBudget(train=40, select=20, test=None, max_seq_len=128, epochs=1),
-            "ner": TaskBudget(train=160, select=32, test=96, max_seq_len=64, epochs=1),
+            "ner": TaskBudget(train=160, select=32, test=96, max_seq_len=64, epochs=1, low_train=48),
         }),
         device="cpu", precision="fp32",
     ),
     "cpu": Scale(
         "cpu",
-        ModelShape(layers=2, hidden=128, heads=2, intermediate=512, max_positions=128),
-        PretrainBudget(steps=1200, batch_size=32, max_seq_len=128, lr=1e-3, warmup_steps=100, vocab_size=8000,
+        # issue 18's demo screen (benchmarks/results/2026-12-02-demo-recipe-cpu.md): short sequences,
+        # large batches, lr 2e-3, init std 0.05 and no dropout leave the unigram plateau sooner
+        ModelShape(layers=2, hidden=128, heads=2, intermediate=512, max_positions=128, init_std=0.05, dropout=0.0),
+        PretrainBudget(steps=1500, batch_size=64, max_seq_len=64, lr=2e-3, warmup_steps=100, vocab_size=8000,
                        corpus_docs=None, eval_batches=8),
         FinetuneBudget(seeds=3, batch_size=32, lr=1e-3, tasks={
-            "chnsenticorp": TaskBudget(train=800, select=300, test=None, max_seq_len=128, epochs=3),
-            "lcqmc": TaskBudget(train=3000, select=300, test=2000, max_seq_len=128, epochs=3),
+            "chnsenticorp": TaskBudget(train=1500, select=300, test=None, max_seq_len=128, epochs=3, low_train=500),
+            "lcqmc": TaskBudget(train=3000, select=300, test=2000, max_seq_len=64, epochs=3, low_train=500),
             "cmrc2018": TaskBudget(train=250, select=100, test=None, max_seq_len=128, epochs=2),
-            "ner": TaskBudget(train=None, select=300, test=500, max_seq_len=128, epochs=3),
+            "ner": TaskBudget(train=None, select=300, test=500, max_seq_len=128, epochs=3, low_train=500),
         }),
         device="cpu", precision="fp32",
     ),
@@ -215,7 +224,10 @@ def _shape_flags(prefix: str, shape: ModelShape) -> list[str]:
         f"--{prefix}.num_attention_heads={shape.heads}",
         f"--{prefix}.intermediate_size={shape.intermediate}",
         f"--{prefix}.embedding_size={shape.hidden}",
+        f"--{prefix}.initializer_range={shape.init_std}",
     ]
+    if shape.dropout is not None:
+        flags += [f"--{prefix}.hidden_dropout_prob={shape.dropout}", f"--{prefix}.attention_probs_dropout_prob={shape.dropout}"]
     return flags + ([f"--model.max_position_embeddings={shape.max_positions}"] if prefix == "model" else [])
 
 
@@ -264,6 +276,7 @@ def distill_commands(teacher: str, scale: Scale, data: Path, cache: Path, run_di
 
 
 _BUDGET_KEYS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "embedding_size",
+                "initializer_range", "hidden_dropout_prob", "attention_probs_dropout_prob",
                 "batch_size", "max_seq_len", "total_steps", "lr", "warmup_steps", "weight_decay", "max_grad_norm",
                 "schedule", "max_predictions", "precision")
 
@@ -280,13 +293,16 @@ def budget_of(argv: list[str]) -> dict:
     return found
 
 
-def finetune_command(task: str, scale: Scale, model: Path, split_dir: Path, out: Path, seed: int) -> list[str]:
-    """``python -m lub_fast.finetune`` argv of one (variant, task, seed) run."""
+def finetune_command(task: str, scale: Scale, model: Path, split_dir: Path, out: Path, seed: int,
+                     setting: str = "standard") -> list[str]:
+    """``python -m lub_fast.finetune`` argv of one (variant, task, seed) run of ``setting``
+    (``SETTINGS``: the low-resource one trains on ``train-low.*``, the rest is the same)."""
     f, t = scale.finetune, scale.finetune.tasks[task]
-    suffix = {"chnsenticorp": "tsv", "lcqmc": "txt", "cmrc2018": "json", "ner": "txt"}[task]
+    suffix = _SUFFIX[task]
+    train = f"train-low.{suffix}" if setting == "low" else f"train.{suffix}"
     return [
         sys.executable, "-m", "lub_fast.finetune", "--task", task, "--model", str(model),
-        f"--data.train={split_dir / f'train.{suffix}'}", f"--data.dev={split_dir / f'select.{suffix}'}",
+        f"--data.train={split_dir / train}", f"--data.dev={split_dir / f'select.{suffix}'}",
         f"--data.test={split_dir / f'test.{suffix}'}", "--output", str(out),
         f"--train.seed={seed}", f"--train.lr={f.lr}", f"--finetune.epochs={t.epochs}",
         f"--finetune.batch_size={f.batch_size}", f"--finetune.max_seq_len={t.max_seq_len}",
@@ -294,6 +310,15 @@ def finetune_command(task: str, scale: Scale, model: Path, split_dir: Path, out:
         f"--train.device={scale.device}", f"--train.precision={scale.precision}",
     ] + ([f"--finetune.doc_stride={t.max_seq_len // 2}", f"--finetune.max_query_len={t.max_seq_len // 4}"]
          if task == "cmrc2018" else [])
+
+
+_SUFFIX = {"chnsenticorp": "tsv", "lcqmc": "txt", "cmrc2018": "json", "ner": "txt"}
+
+
+def settings(scale: Scale, task: str) -> tuple[str, ...]:
+    """The fine-tuning settings ``task`` runs in: ``standard`` and, when its budget has
+    ``low_train``, ``low``."""
+    return ("standard", "low") if scale.finetune.tasks[task].low_train is not None else ("standard",)
 
 
 def model_dir(run_dir: Path, variant: str) -> Path:
@@ -397,9 +422,12 @@ def build_task_splits(task: str, budget: TaskBudget, out: Path) -> dict:
         order = _permutation(len(pool), task)
         select, start = _take(pool, order, start, budget.select)
         train, _ = _take(pool, order, start, budget.train)
-        for split, header, rows in (("train", head, train), ("select", head, select), ("test", test_head, test)):
-            _write_lines(out / f"{split}.{suffix}", header + rows)
-            counts[split] = len(rows)
+        low = train[:budget.low_train] if budget.low_train is not None else None
+        for split, header, rows in (("train", head, train), ("select", head, select), ("test", test_head, test),
+                                    ("train-low", head, low)):
+            if rows is not None:
+                _write_lines(out / f"{split}.{suffix}", header + rows)
+                counts[split] = len(rows)
     elif task == "cmrc2018":
         trial = json.loads((SHARED / "cmrc2018" / "cmrc2018_trial.json").read_text(encoding="utf-8"))
         docs = trial["data"]
@@ -413,7 +441,17 @@ def build_task_splits(task: str, budget: TaskBudget, out: Path) -> dict:
                 break
             train.append(docs[i])
             total += n
-        for split, part in (("train", train), ("select", select)):
+        low = None
+        if budget.low_train is not None:
+            low, total = [], 0
+            for doc in train:
+                if total >= budget.low_train:
+                    break
+                low.append(doc)
+                total += sum(len(p["qas"]) for p in doc["paragraphs"])
+        for split, part in (("train", train), ("select", select), ("train-low", low)):
+            if part is None:
+                continue
             document = {"version": trial["version"], "data": part}
             (out / f"{split}.json").write_text(json.dumps(document, ensure_ascii=False), encoding="utf-8")
             counts[split] = sum(len(p["qas"]) for d in part for p in d["paragraphs"])
@@ -427,7 +465,10 @@ def build_task_splits(task: str, budget: TaskBudget, out: Path) -> dict:
         test, start = _take(sentences, order, 0, budget.test)
         select, start = _take(sentences, order, start, budget.select)
         train, _ = _take(sentences, order, start, budget.train)
-        for split, part in (("train", train), ("select", select), ("test", test)):
+        low = train[:budget.low_train] if budget.low_train is not None else None
+        for split, part in (("train", train), ("select", select), ("test", test), ("train-low", low)):
+            if part is None:
+                continue
             (out / f"{split}.txt").write_text("\n\n".join(s.strip("\n") for s in part) + "\n", encoding="utf-8")
             counts[split] = len(part)
     else:
@@ -554,28 +595,38 @@ class Study:
         if not self.marker(f"pretrain-{variant}").exists():
             return
         model = model_dir(self.out / "pretrain" / variant, variant)
-        for task in self.scale.finetune.tasks:
-            for seed in range(self.scale.finetune.seeds):
-                out = self.out / "finetune" / variant / task / f"seed{seed}"
-                name = f"finetune-{variant}-{task}-seed{seed}"
-                if not self.marker(name).exists():
-                    shutil.rmtree(out, ignore_errors=True)
-                argv = finetune_command(task, self.scale, model, self.task_dir(task), out, seed)
-                if self.step(name, argv) is not None:
-                    for bulky in ("checkpoints", "best_model"):
-                        shutil.rmtree(out / bulky, ignore_errors=True)
+        for setting in SETTINGS:
+            for task in self.scale.finetune.tasks:
+                if setting not in settings(self.scale, task):
+                    continue
+                for seed in range(self.scale.finetune.seeds):
+                    out, name = self.finetune_run(variant, task, setting, seed)
+                    if not self.marker(name).exists():
+                        shutil.rmtree(out, ignore_errors=True)
+                    argv = finetune_command(task, self.scale, model, self.task_dir(task), out, seed, setting)
+                    if self.step(name, argv) is not None:
+                        for bulky in ("checkpoints", "best_model"):
+                            shutil.rmtree(out / bulky, ignore_errors=True)
+
+    def finetune_run(self, variant: str, task: str, setting: str, seed: int) -> tuple[Path, str]:
+        """Output directory and marker name of one fine-tuning run."""
+        suffix = "" if setting == "standard" else f"-{setting}"
+        return (self.out / "finetune" / variant / f"{task}{suffix}" / f"seed{seed}",
+                f"finetune-{variant}-{task}{suffix}-seed{seed}")
 
     def finetune_results(self) -> list[dict]:
-        """Every finished fine-tuning run: variant, task, seed, the test and select metrics, wall seconds."""
+        """Every finished fine-tuning run: variant, task, setting, seed, the test and select metrics,
+        wall seconds."""
         runs = []
         for variant in VARIANTS:
             for task in self.scale.finetune.tasks:
-                for seed in range(self.scale.finetune.seeds):
-                    marker = self.marker(f"finetune-{variant}-{task}-seed{seed}")
-                    metrics = self.out / "finetune" / variant / task / f"seed{seed}" / "metrics.json"
+                for setting, seed in ((st, k) for st in settings(self.scale, task) for k in range(self.scale.finetune.seeds)):
+                    out, name = self.finetune_run(variant, task, setting, seed)
+                    marker, metrics = self.marker(name), out / "metrics.json"
                     if marker.exists() and metrics.exists():
                         m = json.loads(metrics.read_text(encoding="utf-8"))
-                        runs.append({"variant": variant, "task": task, "seed": seed, "test": m.get("test", {}),
+                        runs.append({"variant": variant, "task": task, "setting": setting, "seed": seed,
+                                     "test": m.get("test", {}),
                                      "select": m.get("dev", {}), "best_step": m.get("best_step"),
                                      "examples": m.get("examples"), "wall_s": json.loads(marker.read_text())["wall_s"]})
         return runs
@@ -621,21 +672,24 @@ def choose_teacher(runs: list[dict]) -> str | None:
 # -------------------------------------------------------------------------------------- report
 
 
-def table_rows(runs: list[dict]) -> dict:
+def table_rows(runs: list[dict], setting: str = "standard") -> dict:
     """variant -> {task: (mean, std, n) of the test metric in percent, "mean": mean over the tasks
-    (``None`` unless every task has a value)}. std is the sample standard deviation (0 for n = 1)."""
+    (``None`` unless every task has a value)}, over the runs of ``setting`` (a run without one is
+    ``standard``). std is the sample standard deviation (0 for n = 1)."""
     rows = {}
+    runs = [r for r in runs if r.get("setting", "standard") == setting]
+    tasks = [t for t in TASKS if any(r["task"] == t.name for r in runs)]
     for variant in VARIANTS:
         cells = {}
-        for task in TASKS:
+        for task in tasks:
             values = [r["test"][task.metric] * task.percent for r in runs
                       if r["variant"] == variant and r["task"] == task.name and task.metric in r["test"]]
             if values:
                 std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
                 cells[task.name] = (float(np.mean(values)), std, len(values))
         if cells:
-            complete = all(t.name in cells for t in TASKS)
-            cells["mean"] = float(np.mean([cells[t.name][0] for t in TASKS])) if complete else None
+            complete = all(t.name in cells for t in tasks)
+            cells["mean"] = float(np.mean([cells[t.name][0] for t in tasks])) if complete else None
             rows[variant] = cells
     return rows
 
@@ -647,30 +701,46 @@ def _cell(value) -> str:
     return f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
 
 
-def markdown_table(runs: list[dict], pretrain: dict) -> str:
-    """Rows: variants; columns: each task's test metric (mean ± std over seeds, percent), their
-    mean, and the pretraining cost (steps, real tokens, wall seconds)."""
-    rows = table_rows(runs)
-    head = ["variant"] + [t.title for t in TASKS] + ["mean", "pretrain steps", "tokens", "wall s"]
+def _heldout_cell(entry: dict) -> str:
+    """Held-out masked-token accuracy and loss of a pretraining run (ELECTRA: its generator's)."""
+    heldout = entry.get("heldout") or {}
+    acc = next((heldout[k] for k in ("mlm_acc", "gen_acc") if k in heldout), None)
+    loss = next((heldout[k] for k in ("mlm_loss", "gen_loss") if k in heldout), None)
+    if acc is None:
+        return "n/a"
+    return f"{acc:.3f}" + (f" / {loss:.2f}" if loss is not None else "")
+
+
+def markdown_table(runs: list[dict], pretrain: dict | None, setting: str = "standard") -> str:
+    """Rows: variants; columns: each task's test metric in ``setting`` (mean ± std over seeds,
+    percent), their mean, and with ``pretrain`` the pretraining cost (steps, real tokens, wall
+    seconds) and held-out masked-token accuracy / loss."""
+    rows = table_rows(runs, setting)
+    tasks = [t for t in TASKS if any(t.name in cells for cells in rows.values())] or list(TASKS)
+    head = ["variant"] + [t.title for t in tasks] + ["mean"]
+    if pretrain is not None:
+        head += ["pretrain steps", "tokens", "wall s", "held-out MLM acc / loss"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant in VARIANTS:
         cells = rows.get(variant, {})
-        cost = pretrain.get(variant)
-        if cost is None:
-            cost_cells = ["not run"] * 3
-        else:
-            wall = cost["wall_s"] + cost.get("teacher_cache_wall_s", 0.0)
-            cost_cells = [str(cost["steps"]), f"{cost['tokens']:,}", f"{wall:.0f}"]
+        cost_cells = []
+        if pretrain is not None:
+            cost = pretrain.get(variant)
+            if cost is None:
+                cost_cells = ["not run"] * 4
+            else:
+                wall = cost["wall_s"] + cost.get("teacher_cache_wall_s", 0.0)
+                cost_cells = [str(cost["steps"]), f"{cost['tokens']:,}", f"{wall:.0f}", _heldout_cell(cost)]
         mean = cells.get("mean")
-        lines.append("| " + " | ".join([LABELS[variant]] + [_cell(cells.get(t.name)) for t in TASKS]
+        lines.append("| " + " | ".join([LABELS[variant]] + [_cell(cells.get(t.name)) for t in tasks]
                                       + ["n/a" if mean is None else f"{mean:.1f}"] + cost_cells) + " |")
     return "\n".join(lines)
 
 
-def compare(runs: list[dict], a: str, b: str) -> list[str]:
-    """One line per task: mean of ``a`` minus mean of ``b`` and whether it exceeds twice its
-    standard error (seeds of fine-tuning only; one pretraining run per variant)."""
-    rows = table_rows(runs)
+def compare(runs: list[dict], a: str, b: str, setting: str = "standard") -> list[str]:
+    """One line per task of ``setting``: mean of ``a`` minus mean of ``b`` and whether it exceeds
+    twice its standard error (seeds of fine-tuning only; one pretraining run per variant)."""
+    rows = table_rows(runs, setting)
     if a not in rows or b not in rows:
         return [f"{LABELS[a]} vs {LABELS[b]}: not both run"]
     lines = []
@@ -686,6 +756,27 @@ def compare(runs: list[dict], a: str, b: str) -> list[str]:
     return lines
 
 
+COMPARISONS = (
+    ("wwm", "random", "Pretrained vs random init ((c) − (a))"),
+    ("wwm", "char_mlm", "Whole-word vs character masking ((c) − (b))"),
+    ("ngram_sop", "wwm", "n-gram masking + SOP vs whole-word MLM ((d) − (c))"),
+    ("electra", "wwm", "ELECTRA vs whole-word MLM at equal steps ((e) − (c))"),
+)
+
+
+def comparisons(runs: list[dict], setting: str) -> list[str]:
+    """The report's paired comparisons (``COMPARISONS``, and the distilled student vs its teacher's
+    variant: the same shape trained on the same data without a teacher) of ``setting``, as markdown lines."""
+    lines, teacher = [], choose_teacher(runs)
+    pairs = list(COMPARISONS)
+    if teacher is not None:
+        pairs.append(("distilled", teacher, f"Distilled student vs the same model trained without the teacher "
+                                            f"((f) − {LABELS[teacher].split()[0]})"))
+    for a, b, title in pairs:
+        lines += [f"{title}, per task:", "", *[f"- {line}" for line in compare(runs, a, b, setting)], ""]
+    return lines
+
+
 def budget_line(pretrain: dict) -> str:
     """Whether the pretrained variants ran with identical budget flags (read back from their commands)."""
     budgets = {v: e["budget"] for v, e in pretrain.items() if e is not None and e.get("budget")}
@@ -696,26 +787,30 @@ def budget_line(pretrain: dict) -> str:
 
 
 def plot(runs: list[dict], path: Path, title: str) -> None:
-    """Grouped bars: one group per task, one bar per variant, error bars = std over seeds."""
+    """Grouped bars, one panel per fine-tuning setting that has runs: one group per task, one bar
+    per variant, error bars = std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = table_rows(runs)
-    variants = [v for v in VARIANTS if v in rows]
-    width = 0.8 / max(1, len(variants))
-    fig, ax = plt.subplots(figsize=(10, 4.5))
-    x = np.arange(len(TASKS))
-    for k, variant in enumerate(variants):
-        cells = [rows[variant].get(t.name) for t in TASKS]
-        means = [c[0] if c else np.nan for c in cells]
-        stds = [c[1] if c else 0.0 for c in cells]
-        ax.bar(x + (k - (len(variants) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=LABELS[variant])
-    ax.set_xticks(x, [t.title for t in TASKS])
-    ax.set_ylabel("test metric (%)")
-    ax.set_title(title)
-    ax.legend(fontsize=8, ncols=3)
+    panels = [st for st in SETTINGS if any(r.get("setting", "standard") == st for r in runs)] or ["standard"]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 4.5 * len(panels)), squeeze=False)
+    for ax, setting in zip(axes[:, 0], panels):
+        rows = table_rows(runs, setting)
+        tasks = [t for t in TASKS if any(t.name in cells for cells in rows.values())] or list(TASKS)
+        variants = [v for v in VARIANTS if v in rows]
+        width = 0.8 / max(1, len(variants))
+        x = np.arange(len(tasks))
+        for k, variant in enumerate(variants):
+            cells = [rows[variant].get(t.name) for t in tasks]
+            means = [c[0] if c else np.nan for c in cells]
+            stds = [c[1] if c else 0.0 for c in cells]
+            ax.bar(x + (k - (len(variants) - 1) / 2) * width, means, width, yerr=stds, capsize=2, label=LABELS[variant])
+        ax.set_xticks(x, [t.title for t in tasks])
+        ax.set_ylabel("test metric (%)")
+        ax.set_title(f"{title}: {SETTING_TITLES[setting]}")
+        ax.legend(fontsize=8, ncols=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -759,13 +854,22 @@ def report(study: Study, command: str) -> Path:
         "`mean` averages the four tasks. Pretraining cost: optimizer steps, real (non-pad) tokens seen, wall "
         "seconds of the process (for (f): teacher cache + student; the teacher's own pretraining is not counted).",
         "", markdown_table(runs, pretrain), "",
-        "Whole-word vs character masking ((c) − (b)), per task:", "",
-        *[f"- {line}" for line in compare(runs, "wwm", "char_mlm")], "",
-        "Pretrained vs random init ((c) − (a)), per task:", "",
-        *[f"- {line}" for line in compare(runs, "wwm", "random")], "",
+        *comparisons(runs, "standard"),
         budget_line(pretrain), "",
         f"Distillation teacher (best mean of {', '.join(LABELS[v] for v in TEACHER_CANDIDATES)}): "
         f"{LABELS.get(results['teacher'], 'not chosen yet')}.", "",
+    ]
+    low = {t: b.low_train for t, b in f.tasks.items() if b.low_train is not None}
+    if low:
+        lines += [
+            "## Low-resource fine-tuning", "",
+            "The same pretrained models and fine-tuning hyperparameters, trained on the first "
+            + ", ".join(f"{n} {'questions' if t == 'cmrc2018' else 'examples'} of {t}" for t, n in low.items())
+            + " (a prefix of the train split above); same select and test splits.", "",
+            markdown_table(runs, None, "low"), "",
+            *comparisons(runs, "low"),
+        ]
+    lines += [
         "## Setup", "",
         f"- Model (every variant): {m.layers} layers, hidden {m.hidden}, {m.heads} heads, feed-forward "
         f"{m.intermediate}, embeddings {m.hidden} wide, {m.max_positions} positions, vocabulary "
