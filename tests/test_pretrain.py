@@ -525,6 +525,34 @@ def test_model_initializer_range_sets_the_initial_weight_std_and_reaches_the_exp
         ModelSection(size="tiny", initializer_range=0.0)
 
 
+@pytest.mark.parametrize("recipe", ["roberta", "bert", "electra"])
+def test_model_neighbour_heads_start_layer_0_on_the_neighbours(recipe):
+    from lub_fast.models.local_init import neighbour_attention
+    from lub_fast.recipes import ModelSection, PretrainConfig, build_objective
+
+    shares = {}
+    for on in (False, True):
+        wide = {"embedding_size": 128} if recipe == "electra" else {}  # its tiny preset factorizes embeddings
+        cfg = PretrainConfig(recipe=recipe, model=ModelSection(size="tiny", neighbour_heads=on, initializer_range=0.05, **wide))
+        torch.manual_seed(0)
+        objective, _ = build_objective(cfg, 500, {"pad": 0})
+        model = objective.pair.discriminator if recipe == "electra" else objective.model
+        shares[on] = neighbour_attention(model.encoder)
+    assert max(shares[False]) < 0.1 and min(shares[True]) > 0.75, shares
+
+
+def test_model_neighbour_heads_refused_where_they_do_not_apply():
+    from lub_fast.config_cli import ConfigError
+    from lub_fast.recipes import ModelSection, PretrainConfig
+
+    with pytest.raises(ConfigError, match="neighbour_heads.*as wide as the hidden size"):
+        PretrainConfig(recipe="albert", model=ModelSection(size="tiny", neighbour_heads=True))
+    with pytest.raises(ConfigError, match="neighbour_heads.*2\\+ heads"):
+        PretrainConfig(recipe="roberta", model=ModelSection(size="tiny", num_attention_heads=1, neighbour_heads=True))
+    with pytest.raises(ConfigError, match="neighbour_heads initialises a fresh model.*--init-from"):
+        PretrainConfig(recipe="roberta", init_from="some/hf_dir", model=ModelSection(neighbour_heads=True))
+
+
 def test_pretrain_demo_exports_a_model_transformers_loads(tmp_path, monkeypatch, capsys):
     import transformers
 
