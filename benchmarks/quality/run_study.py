@@ -873,7 +873,9 @@ def report(study: Study, command: str) -> Path:
         "## Setup", "",
         f"- Model (every variant): {m.layers} layers, hidden {m.hidden}, {m.heads} heads, feed-forward "
         f"{m.intermediate}, embeddings {m.hidden} wide, {m.max_positions} positions, vocabulary "
-        f"{p.vocab_size} WordPiece built on the corpus.",
+        f"{p.vocab_size} WordPiece built on the corpus; initial weights N(0, {m.init_std:g}), "
+        + (f"dropout {m.dropout:g} (also in fine-tuning: it is in the exported config)." if m.dropout is not None
+           else "dropout 0.1."),
         f"- Pretraining (every variant): {p.steps} steps x {p.batch_size} sequences of {p.max_seq_len} tokens, AdamW "
         f"lr {p.lr:g}, {p.warmup_steps} warmup steps then linear decay, weight decay 0.01, clip 1.0, "
         f"{scale.precision}, 15% masking; corpus: {', '.join(prepare.get('sources', []))} "
