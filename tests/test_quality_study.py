@@ -121,7 +121,11 @@ def test_quality_study_low_resource_split_is_a_prefix_of_train(study, task, tmp_
     low_cmd = study.finetune_command(task, scale, tmp_path, tmp_path, tmp_path / "o", 0, "low")
     std_cmd = study.finetune_command(task, scale, tmp_path, tmp_path, tmp_path / "o", 0)
     differing = [(a, b) for a, b in zip(low_cmd, std_cmd) if a != b]
-    assert differing == [(f"--data.train={tmp_path / f'train-low.{suffix}'}", f"--data.train={tmp_path / f'train.{suffix}'}")], differing
+    expected = [(f"--data.train={tmp_path / f'train-low.{suffix}'}", f"--data.train={tmp_path / f'train.{suffix}'}")]
+    t = scale.finetune.tasks[task]
+    if t.low_epochs:
+        expected.append((f"--finetune.epochs={t.low_epochs}", f"--finetune.epochs={t.epochs}"))
+    assert differing == expected, differing
 
 
 def test_quality_study_cpu_scale_has_a_low_resource_setting(study):
@@ -247,7 +251,7 @@ def test_quality_study_report_has_the_low_resource_table(study, tmp_path):
     assert "| variant | ChnSentiCorp acc | PD NER F1 | mean |" in low_part, low_part
     assert "| (c) whole-word MLM | 71.0 ± 1.0 | 21.0 ± 1.0 | 46.0 |" in low_part, low_part
     assert "ChnSentiCorp acc: +20.0" in low_part and "better" in low_part, low_part
-    assert "first 500 examples of chnsenticorp" in low_part, low_part
+    assert "first 500 examples of chnsenticorp" in low_part and "epochs chnsenticorp 3, lcqmc 3, ner 10." in low_part, low_part
     assert "| 0.300 |" in standard, "held-out masked-token accuracy of pretraining"
     results = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     assert sum(r["setting"] == "low" for r in results["finetune"]) == 12, results["finetune"]
