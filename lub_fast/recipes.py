@@ -49,7 +49,7 @@ class ModelSection(ShapeSection):
     size: Literal["tiny", "small", "base", "large"] = option("base", "size preset of the recipe's family")
     max_position_embeddings: int | None = option(None, "override the preset's maximum positions", ge=1)
     neighbour_heads: bool = option(
-        False, "a fresh model starts with layer 0's heads 0 and 1 attending to the next and previous token "
+        False, "a fresh model starts with layer 0's heads 0-3 attending to the tokens 1 and 2 to either side "
         "(lub_fast.models.local_init; still a plain BERT checkpoint; the demo uses it)"
     )
 
@@ -240,10 +240,7 @@ def _neighbour_heads(cfg: PretrainConfig, encoder) -> None:
     if cfg.model.neighbour_heads:
         from lub_fast.models.local_init import neighbour_heads
 
-        try:
-            neighbour_heads(encoder)
-        except ValueError as error:
-            raise PretrainError(f"--model.neighbour_heads: {error}") from None
+        neighbour_heads(encoder)  # the shape was checked with the config (PretrainConfig._check_model)
 
 
 def check_before_training(cfg: PretrainConfig, config, vocab_size: int) -> None:

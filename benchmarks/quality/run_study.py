@@ -118,6 +118,13 @@ class TaskBudget:
     low_train: int | None = None
     low_epochs: int | None = None  # epochs of the low-resource runs (None: ``epochs``)
 
+    def epochs_for(self, setting: str) -> int:
+        return self.low_epochs if setting == "low" and self.low_epochs else self.epochs
+
+    def low_prefix(self, items: list) -> list | None:
+        """The low-resource training examples: the first ``low_train`` of ``items`` (None: no low setting)."""
+        return None if self.low_train is None else items[:self.low_train]
+
 
 @dataclass(frozen=True)
 class FinetuneBudget:
@@ -297,6 +304,9 @@ def budget_of(argv: list[str]) -> dict:
     return found
 
 
+_SUFFIX = {"chnsenticorp": "tsv", "lcqmc": "txt", "cmrc2018": "json", "ner": "txt"}
+
+
 def finetune_command(task: str, scale: Scale, model: Path, split_dir: Path, out: Path, seed: int,
                      setting: str = "standard") -> list[str]:
     """``python -m lub_fast.finetune`` argv of one (variant, task, seed) run of ``setting``
@@ -309,15 +319,12 @@ def finetune_command(task: str, scale: Scale, model: Path, split_dir: Path, out:
         f"--data.train={split_dir / train}", f"--data.dev={split_dir / f'select.{suffix}'}",
         f"--data.test={split_dir / f'test.{suffix}'}", "--output", str(out),
         f"--train.seed={seed}", f"--train.lr={f.lr}",
-        f"--finetune.epochs={t.low_epochs if setting == 'low' and t.low_epochs else t.epochs}",
+        f"--finetune.epochs={t.epochs_for(setting)}",
         f"--finetune.batch_size={f.batch_size}", f"--finetune.max_seq_len={t.max_seq_len}",
         "--finetune.warmup_ratio=0.1", "--train.save_every=0", "--train.keep_last=1",
         f"--train.device={scale.device}", f"--train.precision={scale.precision}",
     ] + ([f"--finetune.doc_stride={t.max_seq_len // 2}", f"--finetune.max_query_len={t.max_seq_len // 4}"]
          if task == "cmrc2018" else [])
-
-
-_SUFFIX = {"chnsenticorp": "tsv", "lcqmc": "txt", "cmrc2018": "json", "ner": "txt"}
 
 
 def settings(scale: Scale, task: str) -> tuple[str, ...]:
@@ -408,13 +415,26 @@ def _write_lines(path: Path, lines: list[str]) -> None:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
+def _whole_documents(questions: list[int], limit: int | None) -> int:
+    """How many leading documents (with ``questions`` each) it takes to reach ``limit`` questions
+    (None: all of them)."""
+    if limit is None:
+        return len(questions)
+    total = 0
+    for count, n in enumerate(questions):
+        if total >= limit:
+            return count
+        total += n
+    return len(questions)
+
+
 def build_task_splits(task: str, budget: TaskBudget, out: Path) -> dict:
     """Write ``out/{train,select,test}.*`` for ``task`` from ``<repo>/../shared/data``; returns the
     example counts. Splits are seeded permutations, so every run and variant sees the same files."""
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     if task in ("chnsenticorp", "lcqmc"):
-        suffix = "tsv" if task == "chnsenticorp" else "txt"
+        suffix = _SUFFIX[task]
         if task == "chnsenticorp":
             head, pool = _read_rows(SHARED / "chnsenticorp" / "train.tsv", header=True)
             test_head, dev = _read_rows(SHARED / "chnsenticorp" / "dev.tsv", header=True)  # qid, label, text_a
@@ -427,7 +447,7 @@ def build_task_splits(task: str, budget: TaskBudget, out: Path) -> dict:
         order = _permutation(len(pool), task)
         select, start = _take(pool, order, start, budget.select)
         train, _ = _take(pool, order, start, budget.train)
-        low = train[:budget.low_train] if budget.low_train is not None else None
+        low = budget.low_prefix(train)
         for split, header, rows in (("train", head, train), ("select", head, select), ("test", test_head, test),
                                     ("train-low", head, low)):
             if rows is not None:
@@ -440,20 +460,9 @@ def build_task_splits(task: str, budget: TaskBudget, out: Path) -> dict:
         questions = [sum(len(p["qas"]) for p in docs[i]["paragraphs"]) for i in order]
         cut = int(np.searchsorted(np.cumsum(questions), budget.select)) + 1  # whole documents
         select = [docs[i] for i in order[:cut]]
-        train, total = [], 0
-        for i, n in zip(order[cut:], questions[cut:]):
-            if budget.train is not None and total >= budget.train:
-                break
-            train.append(docs[i])
-            total += n
-        low = None
-        if budget.low_train is not None:
-            low, total = [], 0
-            for doc in train:
-                if total >= budget.low_train:
-                    break
-                low.append(doc)
-                total += sum(len(p["qas"]) for p in doc["paragraphs"])
+        train = [docs[i] for i in order[cut:][:_whole_documents(questions[cut:], budget.train)]]
+        low = (None if budget.low_train is None
+               else train[:_whole_documents(questions[cut:], budget.low_train)])
         for split, part in (("train", train), ("select", select), ("train-low", low)):
             if part is None:
                 continue
@@ -470,7 +479,7 @@ def build_task_splits(task: str, budget: TaskBudget, out: Path) -> dict:
         test, start = _take(sentences, order, 0, budget.test)
         select, start = _take(sentences, order, start, budget.select)
         train, _ = _take(sentences, order, start, budget.train)
-        low = train[:budget.low_train] if budget.low_train is not None else None
+        low = budget.low_prefix(train)
         for split, part in (("train", train), ("select", select), ("test", test), ("train-low", low)):
             if part is None:
                 continue
@@ -699,6 +708,11 @@ def table_rows(runs: list[dict], setting: str = "standard") -> dict:
     return rows
 
 
+def _row_tasks(rows: dict) -> list:
+    """The tasks ``table_rows`` has a value for (all of ``TASKS`` when it has none)."""
+    return [t for t in TASKS if any(t.name in cells for cells in rows.values())] or list(TASKS)
+
+
 def _cell(value) -> str:
     if value is None:
         return "n/a"
@@ -709,8 +723,7 @@ def _cell(value) -> str:
 def _heldout_cell(entry: dict) -> str:
     """Held-out masked-token accuracy and loss of a pretraining run (ELECTRA: its generator's)."""
     heldout = entry.get("heldout") or {}
-    acc = next((heldout[k] for k in ("mlm_acc", "gen_acc") if k in heldout), None)
-    loss = next((heldout[k] for k in ("mlm_loss", "gen_loss") if k in heldout), None)
+    acc, loss = heldout.get("mlm_acc"), heldout.get("mlm_loss", heldout.get("gen_loss"))
     if acc is None:
         return "n/a"
     return f"{acc:.3f}" + (f" / {loss:.2f}" if loss is not None else "")
@@ -721,7 +734,7 @@ def markdown_table(runs: list[dict], pretrain: dict | None, setting: str = "stan
     percent), their mean, and with ``pretrain`` the pretraining cost (steps, real tokens, wall
     seconds) and held-out masked-token accuracy / loss."""
     rows = table_rows(runs, setting)
-    tasks = [t for t in TASKS if any(t.name in cells for cells in rows.values())] or list(TASKS)
+    tasks = _row_tasks(rows)
     head = ["variant"] + [t.title for t in tasks] + ["mean"]
     if pretrain is not None:
         head += ["pretrain steps", "tokens", "wall s", "held-out MLM acc / loss"]
@@ -803,7 +816,7 @@ def plot(runs: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 4.5 * len(panels)), squeeze=False)
     for ax, setting in zip(axes[:, 0], panels):
         rows = table_rows(runs, setting)
-        tasks = [t for t in TASKS if any(t.name in cells for cells in rows.values())] or list(TASKS)
+        tasks = _row_tasks(rows)
         variants = [v for v in VARIANTS if v in rows]
         width = 0.8 / max(1, len(variants))
         x = np.arange(len(tasks))
@@ -871,7 +884,7 @@ def report(study: Study, command: str) -> Path:
             "The same pretrained models and fine-tuning hyperparameters, trained on the first "
             + ", ".join(f"{n} {'questions' if t == 'cmrc2018' else 'examples'} of {t}" for t, n in low.items())
             + " (a prefix of the train split above); same select and test splits; epochs "
-            + ", ".join(f"{t} {f.tasks[t].low_epochs or f.tasks[t].epochs}" for t in low) + ".", "",
+            + ", ".join(f"{t} {f.tasks[t].epochs_for('low')}" for t in low) + ".", "",
             markdown_table(runs, None, "low"), "",
             *comparisons(runs, "low"),
         ]
